@@ -1,0 +1,203 @@
+"""The signed record of one finished segment or one stated gap (PRODUCT.md, Segment manifest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from .canonical import canonical_bytes, format_time, parse_time, sha256_hex
+
+MANIFEST_VERSION = 1
+RoomKind = Literal["theory", "practical"]
+RecordKind = Literal["segment", "gap"]
+ROOM_KINDS: tuple[str, ...] = ("theory", "practical")
+GAP_CAUSES: tuple[str, ...] = (
+    "camera_unreachable",
+    "recorder_crashed",
+    "corrupt_segment",
+    "disk_full",
+    "agent_stopped",
+)
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    codec: str
+    width: int
+    height: int
+    fps: float
+    container: str = "mpegts"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codec": self.codec, "width": self.width, "height": self.height,
+                "fps": self.fps, "container": self.container}
+
+
+@dataclass(frozen=True)
+class ClockInfo:
+    """Measured offset of the agent clock to the collector (collector minus agent)."""
+
+    offset_ms: float | None = None
+    synced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset_ms": self.offset_ms, "synced": self.synced}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: RecordKind
+    agent: str
+    institution: str
+    venue: str
+    room: str
+    room_kind: RoomKind
+    camera: str
+    seq: int
+    start: datetime
+    end: datetime
+    duration: float
+    size: int
+    sha256: str | None
+    prev: str | None
+    video: VideoInfo | None = None
+    clock: ClockInfo = field(default_factory=ClockInfo)
+    health: tuple[str, ...] = ()
+    cause: str | None = None  # gap records only: one of GAP_CAUSES
+    detail: str | None = None  # free text for a gap (e.g. ffmpeg's last error line)
+    v: int = MANIFEST_VERSION
+
+    @property
+    def file_id(self) -> str:
+        return file_id_for(self.camera, self.seq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "kind": self.kind,
+            "agent": self.agent,
+            "institution": self.institution,
+            "venue": self.venue,
+            "room": self.room,
+            "room_kind": self.room_kind,
+            "camera": self.camera,
+            "seq": self.seq,
+            "start": format_time(self.start),
+            "end": format_time(self.end),
+            "duration": self.duration,
+            "size": self.size,
+            "sha256": self.sha256,
+            "prev": self.prev,
+            "video": self.video.to_dict() if self.video else None,
+            "clock": self.clock.to_dict(),
+            "health": list(self.health),
+            "cause": self.cause,
+            "detail": self.detail,
+        }
+
+    def canonical(self) -> bytes:
+        return canonical_bytes(self.to_dict())
+
+    def record_hash(self) -> str:
+        """What the next record of this camera carries as `prev`."""
+        return sha256_hex(self.canonical())
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Manifest":
+        """Validate a received manifest. Verify signatures over `canonical_bytes(raw)`, not over
+        a re-serialisation, so unknown extra fields from a newer agent still verify."""
+        if not isinstance(raw, dict):
+            raise ManifestError("manifest: expected a JSON object")
+        kind = _req(raw, "kind", str)
+        if kind not in ("segment", "gap"):
+            raise ManifestError(f"manifest.kind: {kind!r} is not 'segment' or 'gap'")
+        room_kind = _req(raw, "room_kind", str)
+        if room_kind not in ROOM_KINDS:
+            raise ManifestError(f"manifest.room_kind: {room_kind!r} is not 'theory' or 'practical'")
+        seq = _req(raw, "seq", int)
+        if isinstance(seq, bool) or seq < 1:
+            raise ManifestError("manifest.seq: must be an integer >= 1")
+        start = _time(raw, "start")
+        end = _time(raw, "end")
+        if end < start:
+            raise ManifestError("manifest.end: earlier than start")
+        duration = _req(raw, "duration", (int, float))
+        size = _req(raw, "size", int)
+        if size < 0:
+            raise ManifestError("manifest.size: negative")
+        sha = raw.get("sha256")
+        prev = raw.get("prev")
+        for name, value in (("sha256", sha), ("prev", prev)):
+            if value is not None and not _is_hex64(value):
+                raise ManifestError(f"manifest.{name}: not 64 lowercase hex characters")
+        if kind == "segment" and sha is None:
+            raise ManifestError("manifest.sha256: required for a segment")
+        if seq == 1 and prev is not None:
+            raise ManifestError("manifest.prev: must be null for seq 1")
+        if seq > 1 and prev is None:
+            raise ManifestError("manifest.prev: null but seq > 1")
+        cause = raw.get("cause")
+        if kind == "gap" and cause not in GAP_CAUSES:
+            raise ManifestError(f"manifest.cause: {cause!r} is not one of {', '.join(GAP_CAUSES)}")
+        video_raw = raw.get("video")
+        video = None
+        if video_raw is not None:
+            if not isinstance(video_raw, dict):
+                raise ManifestError("manifest.video: expected an object")
+            try:
+                video = VideoInfo(codec=str(video_raw["codec"]), width=int(video_raw["width"]),
+                                  height=int(video_raw["height"]), fps=float(video_raw["fps"]),
+                                  container=str(video_raw.get("container", "mpegts")))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ManifestError(f"manifest.video: {exc}") from exc
+        clock_raw = raw.get("clock") or {}
+        if not isinstance(clock_raw, dict):
+            raise ManifestError("manifest.clock: expected an object")
+        clock = ClockInfo(offset_ms=clock_raw.get("offset_ms"), synced=bool(clock_raw.get("synced", False)))
+        health = raw.get("health") or []
+        if not isinstance(health, list) or not all(isinstance(h, str) for h in health):
+            raise ManifestError("manifest.health: expected a list of strings")
+        return cls(
+            kind=kind, agent=_req(raw, "agent", str), institution=_req(raw, "institution", str),
+            venue=_req(raw, "venue", str), room=_req(raw, "room", str), room_kind=room_kind,
+            camera=_req(raw, "camera", str), seq=seq, start=start, end=end,
+            duration=float(duration), size=size, sha256=sha, prev=prev, video=video, clock=clock,
+            health=tuple(health), cause=cause, detail=raw.get("detail"), v=int(raw.get("v", 1)),
+        )
+
+
+def file_id_for(camera: str, seq: int) -> str:
+    return f"{camera}-{seq}"
+
+
+def segment_file_name(camera: str, start: datetime, extension: str = "ts") -> str:
+    """`<camera>@<UTC start>`, e.g. `t101-front@20261126T172206.120Z.ts`."""
+    stamp = format_time(start).replace("-", "").replace(":", "")
+    return f"{camera}@{stamp}.{extension}"
+
+
+def _req(raw: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in raw:
+        raise ManifestError(f"manifest.{key}: missing")
+    value = raw[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"manifest.{key}: wrong type {type(value).__name__}")
+    if isinstance(value, str) and not value:
+        raise ManifestError(f"manifest.{key}: empty")
+    return value
+
+
+def _time(raw: dict[str, Any], key: str) -> datetime:
+    try:
+        return parse_time(_req(raw, key, str))
+    except ValueError as exc:
+        raise ManifestError(f"manifest.{key}: {exc}") from exc
+
+
+def _is_hex64(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
