@@ -54,7 +54,10 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
-            f"{self.extra_config}\n")
+            # Started as root, mosquitto switches to the `mosquitto` user, which cannot enter pytest's
+            # 0700 tmp folders: it then silently writes neither its log nor its persistence file.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"{self.extra_config}\n")
         return config
 
     def start(self) -> None:

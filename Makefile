@@ -1,0 +1,66 @@
+# exam-footage: developer entry points (GNU make).
+#   make demo    record 60 s from two synthetic cameras, upload, verify (installs what is missing)
+#   make test    the whole test suite against real mosquitto, ffmpeg, SQLite and PostgreSQL
+#   make bench   throughput benchmarks (see docs/benchmarks.md)
+#   make clean   remove demo-data/ (nothing else)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+STAMP := $(VENV)/.installed-from-pyproject
+PYTEST_ARGS ?=
+DEMO_SECONDS ?= 60
+BENCH_MIB ?= 256
+
+# The first python3 >= 3.11 on PATH (python3.13, 3.12, 3.11, then python3).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
+
+.PHONY: help venv deps test demo bench clean
+
+help:
+	@echo "make demo   - record $(DEMO_SECONDS) s from two synthetic cameras, upload, verify (DEMO_SECONDS=N)"
+	@echo "make test   - run the test suite (PYTEST_ARGS='...' to pass options)"
+	@echo "make bench  - MQTT throughput baseline (BENCH_MIB=N), see docs/benchmarks.md"
+	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
+	@echo "make deps   - apt-get install ffmpeg and mosquitto when missing"
+	@echo "make clean  - remove demo-data/"
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	@test -n "$(PYTHON)" || { echo "make: error: no python3 >= 3.11 on PATH; install it (apt-get install python3 python3-venv)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { echo "make: error: '$(PYTHON) -m venv' failed; on Debian install python3-venv" >&2; rm -rf $(VENV); exit 1; }
+
+# Re-installs only when pyproject.toml changes (or the stamp is missing).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "make: error: $(VENV) has Python < 3.11; remove it (rm -rf $(VENV)) and run make again" >&2; exit 1; }
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	@touch $@
+
+deps:
+	@missing=""; \
+	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		echo "installing$$missing with apt-get"; \
+		$$sudo apt-get update && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+test: deps venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: deps venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m demo --seconds $(DEMO_SECONDS)
+
+bench: deps venv
+	$(VENV)/bin/python -m bench.mqtt_baseline --mib $(BENCH_MIB)
+	@if [ -f bench/ingest.py ]; then $(VENV)/bin/python -m bench.ingest; fi
+
+clean:
+	rm -rf demo-data

@@ -1,0 +1,1 @@
+"""Central collector: MQTT ingest of signed segments, storage, database, inspection CLI."""

@@ -1,0 +1,193 @@
+"""Collector TOML config (PRODUCT.md, Collector config) as frozen dataclasses."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """The config is unusable; the message names the TOML key and the fix."""
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str = "exam-collector-1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class CoverageConfig:
+    pre_margin_minutes: int = 15
+    post_margin_minutes: int = 15
+    gap_tolerance_seconds: float = 2
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    margin_days: int = 7
+    unlinked_retention_days: int | None = None
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    data_dir: Path
+    database_url: str
+    storage_dir: Path
+    key_file: Path
+    mqtt: MqttConfig
+    http: HttpConfig
+    coverage: CoverageConfig
+    retention: RetentionConfig
+    workers: int = 2
+    queue_size: int = 2000
+    source: Path | None = None
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.storage_dir / "staging"
+
+
+def parse_mqtt_url(url: str, key: str = "[mqtt] url") -> tuple[str, int, bool]:
+    """(host, port, tls) of `mqtt://host[:port]` or `mqtts://host[:port]`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{key} = {url!r} is not a valid URL ({exc}): use mqtt://host:1883 or mqtts://host:8883") from exc
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"{key} = {url!r} is not an MQTT URL: use mqtt://host:1883 or mqtts://host:8883")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, port or (8883 if tls else 1883), tls
+
+
+def load_config(path: Path | str) -> CollectorConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist: create it with `exam-collector init` "
+                          "or pass --config PATH") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from exc
+    return config_from_dict(raw, base=path.parent, source=path)
+
+
+def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> CollectorConfig:
+    section = _table(raw, "collector", required=True)
+    data_dir = _path(section, "collector", "data_dir", base, required=True)
+    assert data_dir is not None
+    storage_dir = _path(section, "collector", "storage_dir", base) or data_dir / "storage"
+    key_file = _path(section, "collector", "key_file", base) or data_dir / "collector.key"
+    database_url = _str(section, "collector", "database_url") or f"sqlite:///{data_dir / 'collector.db'}"
+    if not (database_url.startswith("sqlite:") or database_url.startswith("postgresql")):
+        raise ConfigError(f"[collector] database_url = {database_url!r} is not supported: use "
+                          "sqlite:////path/collector.db or postgresql+psycopg://user@host/db")
+    workers = _int(section, "collector", "workers", 2, 1, 64)
+    queue_size = _int(section, "collector", "queue_size", 2000, 10, 1_000_000)
+
+    mqtt_raw = _table(raw, "mqtt", required=True)
+    url = _str(mqtt_raw, "mqtt", "url", required=True)
+    assert url is not None
+    host, port, tls = parse_mqtt_url(url)
+    mqtt = MqttConfig(
+        url=url, host=host, port=port, tls=tls,
+        username=_str(mqtt_raw, "mqtt", "username"),
+        password_file=_path(mqtt_raw, "mqtt", "password_file", base),
+        ca_file=_path(mqtt_raw, "mqtt", "ca_file", base),
+        cert_file=_path(mqtt_raw, "mqtt", "cert_file", base),
+        key_file=_path(mqtt_raw, "mqtt", "key_file", base),
+        client_id=_str(mqtt_raw, "mqtt", "client_id") or f"exam-collector-{_str(mqtt_raw, 'mqtt', 'username') or '1'}",
+    )
+    if (mqtt.cert_file is None) != (mqtt.key_file is None):
+        raise ConfigError("[mqtt] cert_file and key_file go together: set both or neither")
+
+    http_raw = _table(raw, "http")
+    http = HttpConfig(listen=_str(http_raw, "http", "listen") or "127.0.0.1:8080")
+    cov_raw = _table(raw, "coverage")
+    coverage = CoverageConfig(
+        pre_margin_minutes=_int(cov_raw, "coverage", "pre_margin_minutes", 15, 0, 24 * 60),
+        post_margin_minutes=_int(cov_raw, "coverage", "post_margin_minutes", 15, 0, 24 * 60),
+        gap_tolerance_seconds=_num(cov_raw, "coverage", "gap_tolerance_seconds", 2, 0, 3600),
+    )
+    ret_raw = _table(raw, "retention")
+    unlinked = None
+    if "unlinked_retention_days" in ret_raw:
+        unlinked = _int(ret_raw, "retention", "unlinked_retention_days", 0, 1, 100 * 366)
+    retention = RetentionConfig(margin_days=_int(ret_raw, "retention", "margin_days", 7, 0, 3660),
+                                unlinked_retention_days=unlinked)
+    return CollectorConfig(data_dir=data_dir, database_url=database_url, storage_dir=storage_dir,
+                           key_file=key_file, mqtt=mqtt, http=http, coverage=coverage,
+                           retention=retention, workers=workers, queue_size=queue_size, source=source)
+
+
+def _table(raw: dict[str, Any], name: str, required: bool = False) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{name}] table is missing: add a [{name}] section (see `exam-collector init`)")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table, not {type(value).__name__}: write it as a [{name}] section")
+    return value
+
+
+def _str(table: dict[str, Any], section: str, key: str, required: bool = False) -> str | None:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{section}] {key} is missing: set {key} = \"...\" in the [{section}] table")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a non-empty string: quote it")
+    return value.strip()
+
+
+def _path(table: dict[str, Any], section: str, key: str, base: Path, required: bool = False) -> Path | None:
+    value = _str(table, section, key, required)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _int(table: dict[str, Any], section: str, key: str, default: int, low: int, high: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be an integer: set a whole number between {low} and {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} and {high}")
+    return value
+
+
+def _num(table: dict[str, Any], section: str, key: str, default: float, low: float, high: float) -> float:
+    value = table.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a number: set a value between {low} and {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} and {high}")
+    return float(value)

@@ -1,0 +1,203 @@
+"""MQTT side of the collector: subscribe to protocol v1 segment topics, hand work to ingest workers, reply.
+
+paho's network thread only parses topics and queues work; hashing, fsync and database writes run on
+worker threads. Messages of one file always go to the same worker, so a file's init, chunks and fin
+are handled in order. Queues are bounded: when they are full the network thread waits, which
+pushes back on the broker instead of holding unbounded payloads in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import traceback
+import zlib
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from exam_contract.protocol import Reply
+from exam_contract.topics import COLLECTOR_SUBSCRIPTION, SegmentTopic, TopicError, parse_segment_topic, reply_topic
+
+from .config import MqttConfig
+from .ingest import Ingest
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+
+
+class BrokerUnavailable(Exception):
+    """The MQTT broker cannot be reached; the message names host:port."""
+
+
+@dataclass(frozen=True)
+class Work:
+    topic: SegmentTopic
+    payload: bytes
+
+
+class _Worker(threading.Thread):
+    """One ingest worker: takes work from its own bounded queue until it gets None."""
+
+    def __init__(self, index: int, service: "CollectorService", size: int) -> None:
+        super().__init__(name=f"ingest-{index}", daemon=True)
+        self.queue: queue.Queue[Work | None] = queue.Queue(maxsize=size)
+        self.service = service
+
+    def run(self) -> None:
+        while True:
+            work = self.queue.get()
+            if work is None:
+                return
+            self.service.handle(work)
+
+
+class CollectorService:
+    """Runs MQTT ingest until `stop()` (or the duration given to `run`)."""
+
+    def __init__(self, mqtt_config: MqttConfig, ingest: Ingest, workers: int = 2, queue_size: int = 2000) -> None:
+        self.config = mqtt_config
+        self.ingest = ingest
+        self._stop = threading.Event()
+        self._workers = [_Worker(i, self, max(1, queue_size // max(1, workers))) for i in range(max(1, workers))]
+        self.connected = threading.Event()
+        self.connect_count = 0
+        self.handled = 0
+        self.errors = 0
+        self.client = self._make_client()
+
+    # ------------------------------------------------------------------ paho
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
+                             protocol=mqtt.MQTTv5)
+        if self.config.username:
+            password = None
+            if self.config.password_file is not None:
+                password = self.config.password_file.read_text(encoding="utf-8").strip()
+            client.username_pw_set(self.config.username, password)
+        if self.config.tls:
+            client.tls_set(ca_certs=str(self.config.ca_file) if self.config.ca_file else None,
+                           certfile=str(self.config.cert_file) if self.config.cert_file else None,
+                           keyfile=str(self.config.key_file) if self.config.key_file else None,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(min_delay=1, max_delay=15)
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.error("MQTT broker %s refused the connection: %s", self.config.address, reason_code)
+            return
+        self.connect_count += 1
+        log.info("connected to MQTT broker %s (session present: %s)", self.config.address,
+                 flags.session_present)
+        client.subscribe(COLLECTOR_SUBSCRIPTION, qos=1)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from MQTT broker %s (%s); reconnecting", self.config.address, reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        try:
+            topic = parse_segment_topic(message.topic)
+        except TopicError as exc:
+            log.warning("ignored message: %s", exc)
+            return
+        work = Work(topic, bytes(message.payload))
+        worker = self._workers[zlib.crc32(f"{topic.agent}/{topic.file_id}".encode()) % len(self._workers)]
+        while not self._stop.is_set():
+            try:
+                worker.queue.put(work, timeout=0.5)
+                return
+            except queue.Full:
+                log.debug("worker %s queue full, waiting", worker.name)
+
+    # ------------------------------------------------------------------ work
+
+    def handle(self, work: Work) -> None:
+        """Run one message through ingest; never raises."""
+        topic = work.topic
+        try:
+            reply: Reply | None
+            if topic.part == "init":
+                reply = self.ingest.on_init(topic.agent, topic.file_id, work.payload)
+            elif topic.part == "chunk":
+                assert topic.chunk_index is not None
+                self.ingest.on_chunk(topic.agent, topic.file_id, topic.chunk_index, work.payload)
+                reply = None
+            else:
+                reply = self.ingest.on_fin(topic.agent, topic.file_id)
+            if reply is not None:
+                self.publish_reply(topic.agent, reply)
+            self.handled += 1
+        except Exception as exc:  # noqa: BLE001 - a bad message must never stop the service
+            self.errors += 1
+            log.exception("agent %s file %s: %s handler failed", topic.agent, topic.file_id, topic.part)
+            self.ingest.record_handler_error(
+                topic.agent, topic.file_id,
+                f"{topic.part} handler failed: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+
+    def publish_reply(self, agent: str, reply: Reply) -> None:
+        info = self.client.publish(reply_topic(agent), reply.encode(), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            log.warning("agent %s file %s: reply %s not queued (rc %s)", agent, reply.file_id, reply.state, info.rc)
+        else:
+            log.debug("agent %s file %s: replied %s", agent, reply.file_id, reply.state)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect (raises BrokerUnavailable naming host:port) and start the network loop and workers."""
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        try:
+            self.client.connect(self.config.host, self.config.port, keepalive=30, clean_start=False,
+                                properties=properties)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnavailable(f"MQTT broker {self.config.address} is unreachable "
+                                    f"({exc.strerror or exc if isinstance(exc, OSError) else exc}): start it "
+                                    "or fix [mqtt] url") from exc
+        for worker in self._workers:
+            worker.start()
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, duration: float | None = None) -> bool:
+        """Block until `stop()` or `duration` seconds; True if stopped."""
+        return self._stop.wait(duration)
+
+    def run(self, duration: float | None = None) -> None:
+        self.start()
+        try:
+            self.wait(duration)
+        finally:
+            self.shutdown()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            if worker.is_alive():
+                try:
+                    worker.queue.put(None, timeout=timeout)
+                except queue.Full:
+                    log.warning("worker %s did not drain in %ss", worker.name, timeout)
+        for worker in self._workers:
+            worker.join(timeout)
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()

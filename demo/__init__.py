@@ -1,0 +1,1 @@
+"""`python -m demo`: a whole pipeline on one machine, from two synthetic cameras to verified storage."""

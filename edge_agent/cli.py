@@ -1,0 +1,236 @@
+"""`exam-edge`: init, pubkey, run, status."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from exam_contract.signing import KeyFileError, generate_private_key, load_private_key, public_key_b64
+
+from .config import ConfigError, EdgeConfig, load_config, parse_config
+
+EXIT_OK, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    click.echo(f"exam-edge: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _config_path(ctx: click.Context) -> Path:
+    path = ctx.obj.get("config")
+    if not path:
+        fail("no config file given: pass --config PATH or set EXAM_EDGE_CONFIG")
+    return Path(path)
+
+
+def _load(ctx: click.Context) -> EdgeConfig:
+    try:
+        return load_config(_config_path(ctx))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="EXAM_EDGE_CONFIG",
+              help="Edge config file (TOML). Env: EXAM_EDGE_CONFIG.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
+    """Edge agent: records exam-room cameras, signs segments, uploads them to the collector."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+CONFIG_TEMPLATE = """\
+# exam-edge configuration (written by `exam-edge init`). See PRODUCT.md, "Edge config".
+
+[agent]
+id = {agent}                     # unique; also the MQTT username
+institution = {institution}      # 机构代码
+venue = {venue}                  # 备案场所
+data_dir = {data_dir}            # recording/, spool/, journal.sqlite
+key_file = {key_file}            # Ed25519 signing key (PKCS#8 PEM, 0600); `exam-edge pubkey` prints its public key
+local_keep_days = 7              # acknowledged footage kept locally this long
+
+[mqtt]
+url = {broker}                   # mqtts://host:8883, or mqtt:// for a loopback broker
+username = {agent}
+# password_file = "/etc/exam-edge/mqtt.pass"
+# TLS client certificate instead of a password:
+# cert_file = "/etc/exam-edge/client.crt"
+# key_file = "/etc/exam-edge/client.key"
+# ca_file = "/etc/exam-edge/ca.crt"
+
+[recording]
+segment_seconds = 60             # 10..300
+
+# Add one [[camera]] table per camera; `source` is rtsp://..., /dev/videoN, a video file or lavfi:FILTER.
+# [[camera]]
+# id = "t101-front"
+# room = "T101"
+# room_kind = "theory"           # theory (理论知识考场) or practical (操作技能考场)
+# source = "rtsp://192.168.1.64:554/Streaming/Channels/101"
+"""
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@cli.command()
+@click.option("--agent", required=True, help="Agent id (unique, also its MQTT username).")
+@click.option("--institution", required=True, help="Institution code, e.g. JL2201001.")
+@click.option("--venue", required=True, help="Venue code, e.g. JL2201001-01.")
+@click.option("--broker", required=True, help="Broker URL, e.g. mqtts://collector.example.cn:8883.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory [default: data/ next to the config].")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="Key file [default: agent.key next to the config].")
+@click.pass_context
+def init(ctx: click.Context, agent: str, institution: str, venue: str, broker: str, data_dir: str | None,
+         key_file: str | None) -> None:
+    """Write a commented config (no active camera) and a new Ed25519 key."""
+    path = _config_path(ctx)
+    base = path.resolve().parent
+    data = Path(data_dir).resolve() if data_dir else base / "data"
+    key = Path(key_file).resolve() if key_file else base / "agent.key"
+    if path.exists():
+        fail(f"config file {path} already exists: remove it or choose another --config")
+    if key.exists():
+        fail(f"key file {key} already exists: remove it or pass another --key-file")
+    text = CONFIG_TEMPLATE.format(agent=_toml_str(agent), institution=_toml_str(institution),
+                                  venue=_toml_str(venue), data_dir=_toml_str(str(data)),
+                                  key_file=_toml_str(str(key)), broker=_toml_str(broker))
+    try:
+        parse_config(tomllib.loads(text), base_dir=base, path=path)
+    except ConfigError as exc:
+        fail(f"{exc} (given on the command line)")
+    try:
+        generate_private_key(key)
+    except OSError as exc:
+        fail(f"cannot write key file {key} ({exc.strerror or exc}): pass a writable --key-file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        fail(f"cannot write config file {path} ({exc.strerror or exc}): choose a writable --config")
+    click.echo(f"wrote {path} and key {key}; add [[camera]] tables, then enroll the agent with:")
+    click.echo(f"  exam-collector enroll --agent {agent} --venue {venue} --pubkey {public_key_b64(load_private_key(key))}")
+
+
+@cli.command()
+@click.pass_context
+def pubkey(ctx: click.Context) -> None:
+    """Print the agent's public key (base64 of the raw 32 bytes)."""
+    config = _load(ctx)
+    try:
+        key = load_private_key(config.agent.key_file)
+    except KeyFileError as exc:
+        fail(f"[agent] key_file: {exc}; fix the path or create a key with `exam-edge init`")
+    click.echo(public_key_b64(key))
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+@click.option("--drain-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On stop, wait this long for the collector to acknowledge pending segments.")
+@click.pass_context
+def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> None:
+    """Record every camera, seal and upload segments until SIGTERM/SIGINT (or --duration)."""
+    from .agent import Agent
+    from .spool import JournalError
+    from .uploader import BrokerRefused, BrokerUnreachable
+
+    config = _load(ctx)
+    if not config.cameras:
+        fail(f"{config.path} has no [[camera]] table: add one (id, room, room_kind, source)")
+    try:
+        key = load_private_key(config.agent.key_file)
+    except KeyFileError as exc:
+        fail(f"[agent] key_file: {exc}; fix the path or create a key with `exam-edge init`")
+    for tool in ("ffmpeg", "ffprobe"):
+        if shutil.which(tool) is None:
+            fail(f"{tool} is not on PATH: install ffmpeg (e.g. apt install ffmpeg)")
+    try:
+        agent = Agent(config, key, drain_seconds=drain_seconds)
+    except ConfigError as exc:
+        fail(str(exc))
+    except (OSError, JournalError) as exc:
+        fail(f"[agent] data_dir = {str(config.agent.data_dir)!r} is unusable ({exc}): fix its path or permissions")
+    try:
+        agent.connect()
+    except BrokerUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except BrokerRefused as exc:
+        fail(str(exc))
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    agent.start()
+    stop.wait(duration)
+    agent.stop()
+    sys.exit(EXIT_OK)
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Spool backlog and last acknowledged segment per camera (from the journal)."""
+    from .spool import Journal, JournalError
+
+    config = _load(ctx)
+    if not config.agent.journal_path.exists():
+        click.echo(f"no journal yet at {config.agent.journal_path} (the agent has not run)")
+        return
+    try:
+        journal = Journal(config.agent.journal_path)
+        rows = journal.status()
+        journal.close()
+    except JournalError as exc:
+        fail(str(exc))
+    configured = {cam.id for cam in config.cameras}
+    click.echo(f"{'camera':<20} {'last seq':>8} {'last stored':>11} {'pending':>7} {'pending MB':>10} {'rejected':>8}")
+    seen = set()
+    for row in rows:
+        seen.add(row.camera)
+        stored = "-" if row.last_stored_seq is None else str(row.last_stored_seq)
+        click.echo(f"{row.camera:<20} {row.last_seq:>8} {stored:>11} {row.pending:>7} "
+                   f"{row.pending_bytes / 1e6:>10.1f} {row.rejected:>8}")
+    for cam in sorted(configured - seen):
+        click.echo(f"{cam:<20} {0:>8} {'-':>11} {0:>7} {0.0:>10.1f} {0:>8}")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: click usage errors become one line and exit 1 (exit 2 means an unreachable service)."""
+    try:
+        cli.main(args=argv, prog_name="exam-edge", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()}; see exam-edge --help")
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except click.Abort:
+        fail("aborted")
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(EXIT_OK)

@@ -1,0 +1,285 @@
+"""The edge config (TOML, PRODUCT.md "Edge config") as frozen dataclasses."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from exam_contract.manifest import ROOM_KINDS
+
+SEGMENT_SECONDS_DEFAULT = 60
+SEGMENT_SECONDS_RANGE = (10, 300)
+LOCAL_KEEP_DAYS_DEFAULT = 7
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+# Camera and agent ids end up in file names and MQTT topics: no '/', '+', '#', '@' or spaces.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(Exception):
+    """The config is unusable; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    id: str
+    institution: str
+    venue: str
+    data_dir: Path
+    key_file: Path
+    local_keep_days: int = LOCAL_KEEP_DAYS_DEFAULT
+
+    @property
+    def recording_dir(self) -> Path:
+        return self.data_dir / "recording"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.data_dir / "corrupt"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / "journal.sqlite"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[mqtt] password_file = {str(self.password_file)!r} cannot be read "
+                              f"({exc.strerror or exc}): create it or fix the path") from exc
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    segment_seconds: int = SEGMENT_SECONDS_DEFAULT
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    id: str
+    room: str
+    room_kind: str
+    source: str
+
+    @property
+    def source_kind(self) -> str:
+        return source_kind(self.source)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    path: Path
+    agent: AgentConfig
+    mqtt: MqttConfig
+    recording: RecordingConfig
+    cameras: tuple[CameraConfig, ...]
+
+    def camera(self, camera_id: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.id == camera_id:
+                return cam
+        raise KeyError(camera_id)
+
+
+def source_kind(source: str) -> str:
+    """`rtsp`, `v4l2`, `lavfi` or `file`; raises ConfigError for anything else."""
+    if source.startswith(("rtsp://", "rtsps://")):
+        return "rtsp"
+    if source.startswith("lavfi:") and len(source) > len("lavfi:"):
+        return "lavfi"
+    if re.fullmatch(r"/dev/video\d+", source):
+        return "v4l2"
+    if source and Path(source).is_file():
+        return "file"
+    raise ValueError(source)
+
+
+def load_config(path: Path | str) -> EdgeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist: create it with `exam-edge --config {path} init ...` "
+                          "or pass --config / EXAM_EDGE_CONFIG") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc}): fix its permissions or encoding") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from exc
+    return parse_config(raw, base_dir=path.resolve().parent, path=path)
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
+    known = {"agent", "mqtt", "recording", "camera"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"[{key}] is not a known section: remove it (known: agent, mqtt, recording, camera)")
+    agent = _agent(_table(raw, "agent"), base_dir)
+    mqtt = _mqtt(_table(raw, "mqtt"), base_dir)
+    recording = _recording(_table(raw, "recording", required=False))
+    cams_raw = raw.get("camera", [])
+    if not isinstance(cams_raw, list):
+        raise ConfigError("[[camera]] must be an array of tables: write each camera as a [[camera]] table")
+    cameras: list[CameraConfig] = []
+    seen: set[str] = set()
+    for index, table in enumerate(cams_raw):
+        cam = _camera(table, index, base_dir)
+        if cam.id in seen:
+            raise ConfigError(f"[[camera]] id = {cam.id!r} is used twice: give every camera a unique id")
+        seen.add(cam.id)
+        cameras.append(cam)
+    return EdgeConfig(path=path, agent=agent, mqtt=mqtt, recording=recording, cameras=tuple(cameras))
+
+
+def _table(raw: dict[str, Any], name: str, required: bool = True) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{name}] section is missing: add it (see `exam-edge init`)")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table: write it as [{name}] with keys below it")
+    return value
+
+
+def _str(table: dict[str, Any], section: str, key: str, required: bool = True) -> str | None:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{section}] {key} is missing: add {key} = \"...\"")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a non-empty string: quote it")
+    return value.strip()
+
+
+def _ident(table: dict[str, Any], section: str, key: str) -> str:
+    value = _str(table, section, key)
+    assert value is not None
+    if not _ID_RE.match(value):
+        raise ConfigError(f"[{section}] {key} = {value!r} has characters other than letters, digits, "
+                          "'.', '_' and '-': use only those")
+    return value
+
+
+def _path(table: dict[str, Any], section: str, key: str, base_dir: Path, required: bool = True) -> Path | None:
+    value = _str(table, section, key, required)
+    if value is None:
+        return None
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else (base_dir / candidate)
+
+
+def _unknown_keys(table: dict[str, Any], section: str, known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"[{section}] {key} is not a known key: remove it (known: {', '.join(sorted(known))})")
+
+
+def _agent(table: dict[str, Any], base_dir: Path) -> AgentConfig:
+    _unknown_keys(table, "agent", {"id", "institution", "venue", "data_dir", "key_file", "local_keep_days"})
+    keep = table.get("local_keep_days", LOCAL_KEEP_DAYS_DEFAULT)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise ConfigError(f"[agent] local_keep_days = {keep!r} must be a whole number of days >= 0: fix it")
+    data_dir = _path(table, "agent", "data_dir", base_dir)
+    key_file = _path(table, "agent", "key_file", base_dir)
+    assert data_dir is not None and key_file is not None
+    return AgentConfig(id=_ident(table, "agent", "id"), institution=_ident(table, "agent", "institution"),
+                       venue=_ident(table, "agent", "venue"), data_dir=data_dir, key_file=key_file,
+                       local_keep_days=keep)
+
+
+def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
+    _unknown_keys(table, "mqtt", {"url", "username", "password_file", "cert_file", "key_file", "ca_file"})
+    url = _str(table, "mqtt", "url")
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"[mqtt] url = {url!r} must start with mqtt:// or mqtts://: fix the scheme")
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise ConfigError(f"[mqtt] url = {url!r} has an invalid port: use host:port with port 1..65535") from exc
+    if not parts.hostname:
+        raise ConfigError(f"[mqtt] url = {url!r} has no host: write it as mqtt://HOST:PORT")
+    tls = parts.scheme == "mqtts"
+    files = {}
+    for key in ("password_file", "cert_file", "key_file", "ca_file"):
+        files[key] = _path(table, "mqtt", key, base_dir, required=False)
+        if files[key] is not None and not files[key].is_file():
+            raise ConfigError(f"[mqtt] {key} = {str(files[key])!r} does not exist: create it or fix the path")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError("[mqtt] cert_file and key_file must be set together: add the missing one")
+    if not tls and any(files[k] for k in ("cert_file", "key_file", "ca_file")):
+        raise ConfigError(f"[mqtt] url = {url!r} is plain mqtt:// but TLS files are set: use mqtts:// "
+                          "or remove cert_file/key_file/ca_file")
+    return MqttConfig(url=url, host=parts.hostname, port=port, tls=tls,
+                      username=_str(table, "mqtt", "username", required=False), **files)
+
+
+def _recording(table: dict[str, Any]) -> RecordingConfig:
+    _unknown_keys(table, "recording", {"segment_seconds"})
+    seconds = table.get("segment_seconds", SEGMENT_SECONDS_DEFAULT)
+    low, high = SEGMENT_SECONDS_RANGE
+    if not isinstance(seconds, int) or isinstance(seconds, bool):
+        raise ConfigError(f"[recording] segment_seconds = {seconds!r} is not a whole number: "
+                          f"set a value between {low} and {high}")
+    if not low <= seconds <= high:
+        raise ConfigError(f"[recording] segment_seconds = {seconds} is out of range {low}..{high}: "
+                          f"set a value between {low} and {high}")
+    return RecordingConfig(segment_seconds=seconds)
+
+
+def _camera(table: Any, index: int, base_dir: Path) -> CameraConfig:
+    section = f"camera #{index + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"[[camera]] #{index + 1} must be a table: write it as [[camera]] with keys below it")
+    _unknown_keys(table, section, {"id", "room", "room_kind", "source"})
+    cam_id = _ident(table, section, "id")
+    section = f"camera {cam_id}"
+    room = _ident(table, section, "room")
+    room_kind = _str(table, section, "room_kind")
+    if room_kind not in ROOM_KINDS:
+        raise ConfigError(f"[camera {cam_id}] room_kind = {room_kind!r} is unknown: use \"theory\" or \"practical\"")
+    source = _str(table, section, "source")
+    assert source is not None
+    if not source.startswith(("rtsp://", "rtsps://", "lavfi:", "/dev/")):
+        candidate = Path(source).expanduser()
+        if not candidate.is_absolute():
+            candidate = base_dir / candidate
+        if candidate.is_file():
+            source = str(candidate)
+    try:
+        source_kind(source)
+    except ValueError:
+        raise ConfigError(f"[camera {cam_id}] source = {source!r} is not a camera source: use rtsp://..., "
+                          "rtsps://..., /dev/videoN, lavfi:FILTER or the path of an existing video file") from None
+    return CameraConfig(id=cam_id, room=room, room_kind=room_kind, source=source)

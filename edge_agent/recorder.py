@@ -1,0 +1,320 @@
+"""One ffmpeg per camera, writing MPEG-TS segments into recording/{camera}/, and its supervisor.
+
+Segment times. Each ffmpeg run gets a run id (its UTC launch time). ffmpeg reports its progress
+(`-progress pipe:1`): `out_time_us`, the position on the run's output timeline. The run's *anchor* is the
+wall-clock time of that timeline's zero, estimated as min(wall time at report - out_time) over the first
+reports, then frozen and journaled. A segment's start/end are anchor + its start/end on the timeline
+from ffmpeg's CSV segment list, so consecutive segments of one run are contiguous and do not drift.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import ffmpeg
+
+from .config import CameraConfig, source_kind
+from .spool import Journal, Sealer, recording_name, segment_list_name
+
+log = logging.getLogger(__name__)
+UTC = timezone.utc
+
+BACKOFF_START = 1.0
+BACKOFF_CAP = 30.0
+ANCHOR_SAMPLES = 4
+STOP_TIMEOUT = 15.0
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
+
+
+def build_command(camera: CameraConfig, segment_seconds: int, out_dir: Path, run_id: str,
+                  binary: str = "ffmpeg") -> list[str]:
+    """The ffmpeg command line of one run (built with ffmpeg-python)."""
+    kind = source_kind(camera.source)
+    source = camera.source
+    in_opts: dict[str, object] = {}
+    if kind == "rtsp":
+        in_opts = {"rtsp_transport": "tcp", "timeout": "10000000"}
+    elif kind == "v4l2":
+        in_opts = {"f": "v4l2"}
+    elif kind == "lavfi":
+        source = camera.source[len("lavfi:"):]
+        in_opts = {"f": "lavfi", "re": None}  # lavfi is not live-paced by itself
+    elif kind == "file":
+        in_opts = {"re": None, "stream_loop": "-1"}
+    out_opts: dict[str, object]
+    if kind in ("rtsp", "file"):
+        out_opts = {"c": "copy"}
+    else:
+        out_opts = {"c:v": "libx264", "preset": "ultrafast" if kind == "lavfi" else "veryfast",
+                    "tune": "zerolatency", "pix_fmt": "yuv420p",
+                    "force_key_frames": f"expr:gte(t,n_forced*{segment_seconds})"}
+    escaped_dir = str(out_dir).replace("%", "%%")
+    out_opts.update({"f": "segment", "segment_time": str(segment_seconds), "segment_format": "mpegts",
+                     # flush every packet so a killed ffmpeg leaves everything it had on disk
+                     "segment_format_options": "flush_packets=1",
+                     "segment_list": str(out_dir / segment_list_name(run_id)), "segment_list_type": "csv"})
+    cmd = (ffmpeg.input(source, **in_opts)
+           .output(f"{escaped_dir}/{recording_name(run_id)}", **out_opts)
+           .compile(cmd=binary))
+    cmd[1:1] = ["-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning",
+                "-progress", "pipe:1", "-stats_period", "0.5"]
+    return cmd
+
+
+@dataclass
+class FfmpegRun:
+    """One ffmpeg process and what it reported."""
+
+    camera: str
+    run_id: str
+    proc: subprocess.Popen
+    journal: Journal
+    started: float = field(default_factory=time.monotonic)
+    stderr_tail: deque = field(default_factory=lambda: deque(maxlen=20))
+    _samples: int = 0
+    _best: datetime | None = None
+    _anchor: datetime | None = None
+    _max_out_us: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list = field(default_factory=list)
+
+    def start_readers(self) -> None:
+        for target in (self._read_progress, self._read_stderr):
+            thread = threading.Thread(target=target, name=f"ffmpeg-{self.camera}-{target.__name__}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _read_progress(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("out_time_us="):
+                wall = datetime.now(UTC)
+                try:
+                    out_us = int(line.split("=", 1)[1])
+                except ValueError:
+                    continue  # N/A before the first packet
+                if out_us < 0:
+                    continue
+                with self._lock:
+                    self._max_out_us = max(self._max_out_us, out_us)
+                    if self._anchor is not None:
+                        continue
+                    candidate = wall - timedelta(microseconds=out_us)
+                    self._best = candidate if self._best is None else min(self._best, candidate)
+                    self._samples += 1
+                if self._samples >= ANCHOR_SAMPLES:
+                    self.freeze_anchor()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").strip()
+            if line:
+                self.stderr_tail.append(line)
+                log.debug("ffmpeg %s: %s", self.camera, line)
+
+    def freeze_anchor(self) -> datetime | None:
+        """Fix the run's anchor (once) and journal it; None if ffmpeg never reported a position."""
+        with self._lock:
+            if self._anchor is None and self._best is not None:
+                self._anchor = self._best
+                self.journal.set_run_anchor(self.camera, self.run_id, self._anchor)
+                log.info("camera %s run %s anchored at %s", self.camera, self.run_id, self._anchor.isoformat())
+            return self._anchor
+
+    @property
+    def produced(self) -> bool:
+        with self._lock:
+            return self._max_out_us > 0
+
+    @property
+    def last_error(self) -> str | None:
+        return self.stderr_tail[-1] if self.stderr_tail else None
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join_readers(self, timeout: float = 5) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+class CameraRecorder:
+    """Supervises the ffmpeg of one camera: starts it, restarts it with exponential backoff when it dies,
+    reports the lost interval to the sealer, and stops it gracefully."""
+
+    def __init__(self, camera: CameraConfig, segment_seconds: int, recording_dir: Path, journal: Journal,
+                 sealer: Sealer, binary: str = "ffmpeg", poll_interval: float = 0.2,
+                 on_state: Callable[[str, str], None] | None = None):
+        self.camera = camera
+        self.segment_seconds = segment_seconds
+        self.out_dir = recording_dir / camera.id
+        self.journal = journal
+        self.sealer = sealer
+        self.binary = binary
+        self.poll_interval = poll_interval
+        self._on_state = on_state
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._run: FfmpegRun | None = None
+        self._run_lock = threading.Lock()
+        self.state = "stopped"
+        self.restarts = 0
+
+    # --- what the sealer asks ---
+    def current_run(self) -> FfmpegRun | None:
+        with self._run_lock:
+            return self._run
+
+    def pid(self) -> int | None:
+        run = self.current_run()
+        return run.proc.pid if run and run.is_alive() else None
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"recorder-{self.camera.id}", daemon=True)
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self, timeout: float = STOP_TIMEOUT + 10) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self._on_state:
+            self._on_state(self.camera.id, state)
+
+    def _launch(self) -> FfmpegRun | None:
+        run_id = new_run_id()
+        cmd = build_command(self.camera, self.segment_seconds, self.out_dir, run_id, self.binary)
+        log.info("camera %s starting ffmpeg run %s", self.camera.id, run_id)
+        log.debug("camera %s: %s", self.camera.id, " ".join(cmd))
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env={**os.environ, "TZ": "UTC"}, start_new_session=True,
+                                    preexec_fn=_pdeathsig)
+        except OSError as exc:
+            log.error("camera %s: cannot start %s: %s", self.camera.id, self.binary, exc)
+            return None
+        run = FfmpegRun(self.camera.id, run_id, proc, self.journal)
+        run.start_readers()
+        with self._run_lock:
+            self._run = run
+        return run
+
+    def _loop(self) -> None:
+        delay = BACKOFF_START
+        while not self._stop.is_set():
+            self._set_state("starting")
+            run = self._launch()
+            if run is None:
+                self.sealer.submit_outage(self.camera.id, "camera_unreachable", f"cannot start {self.binary}")
+            else:
+                while not self._stop.wait(self.poll_interval):
+                    if not run.is_alive():
+                        break
+                    if self.state != "recording" and run.produced:
+                        self._set_state("recording")
+                if self._stop.is_set() and run.is_alive():
+                    self._graceful_stop(run)
+                run.proc.wait()
+                run.join_readers()
+                run.freeze_anchor()
+                self.sealer.submit_run_finished(self.camera.id, run.run_id)
+                if self._stop.is_set():
+                    break
+                cause = "recorder_crashed" if run.produced else "camera_unreachable"
+                code = run.proc.returncode
+                detail = run.last_error or (f"ffmpeg killed by signal {signal.Signals(-code).name}" if code < 0
+                                            else f"ffmpeg exited with code {code}")
+                log.error("camera %s: ffmpeg run %s exited with code %s (%s): %s", self.camera.id, run.run_id,
+                          run.proc.returncode, cause, detail)
+                self.sealer.submit_outage(self.camera.id, cause, detail)
+                if run.produced and time.monotonic() - run.started > BACKOFF_CAP:
+                    delay = BACKOFF_START
+            self.restarts += 1
+            self._set_state("restarting")
+            log.info("camera %s: restarting ffmpeg in %.0f s", self.camera.id, delay)
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, BACKOFF_CAP)
+        self._set_state("stopped")
+
+    def _graceful_stop(self, run: FfmpegRun) -> None:
+        """SIGINT makes ffmpeg close its current segment properly (same as pressing q)."""
+        log.info("camera %s: stopping ffmpeg run %s", self.camera.id, run.run_id)
+        try:
+            run.proc.send_signal(signal.SIGINT)
+            run.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("camera %s: ffmpeg did not stop in %.0f s; killing it", self.camera.id, STOP_TIMEOUT)
+            run.proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+class Recorders:
+    """All camera recorders; answers the sealer's questions about runs (implements spool.RunInfo)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+        self.by_camera: dict[str, CameraRecorder] = {}
+
+    def add(self, recorder: CameraRecorder) -> None:
+        self.by_camera[recorder.camera.id] = recorder
+
+    def anchor(self, camera: str, run_id: str) -> datetime | None:
+        recorder = self.by_camera.get(camera)
+        run = recorder.current_run() if recorder else None
+        if run is not None and run.run_id == run_id:
+            anchor = run.freeze_anchor()
+            if anchor is not None:
+                return anchor
+        return self.journal.run_anchor(camera, run_id)
+
+    def is_live(self, camera: str, run_id: str) -> bool:
+        recorder = self.by_camera.get(camera)
+        run = recorder.current_run() if recorder else None
+        return run is not None and run.run_id == run_id and run.is_alive()
+
+    def start(self) -> None:
+        for recorder in self.by_camera.values():
+            recorder.start()
+
+    def stop(self) -> None:
+        for recorder in self.by_camera.values():
+            recorder.request_stop()
+        for recorder in self.by_camera.values():
+            recorder.stop()
+
+    def states(self) -> dict[str, str]:
+        return {cam: rec.state for cam, rec in self.by_camera.items()}

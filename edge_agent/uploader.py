@@ -1,0 +1,414 @@
+"""Uploads journaled records to the collector over MQTT (protocol v1) and journals the collector's replies.
+
+A PUBACK only means the broker took a message; a record is `stored` only on the collector's `stored` reply.
+Bytes published but not yet PUBACKed are bounded (paho keeps queued payloads in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from exam_contract.canonical import canonical_bytes, format_time
+from exam_contract.chunks import chunk_count, chunk_span, expand_ranges
+from exam_contract.manifest import ClockInfo, Manifest, ManifestError
+from exam_contract.protocol import InitMessage, ProtocolError, Reply
+from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic, status_topic
+
+from .config import EdgeConfig, MqttConfig
+from .spool import Journal, Record
+
+log = logging.getLogger(__name__)
+UTC = timezone.utc
+
+MAX_INFLIGHT_BYTES = 8 * 1024 * 1024
+MAX_ACTIVE_FILES = 4
+REPLY_TIMEOUT = 10.0
+REPLY_TIMEOUT_CAP = 120.0
+SESSION_EXPIRY = 7 * 24 * 3600
+SYNC_LIMIT_MS = 2000.0
+INIT_MISSING = "init_missing"
+
+
+class BrokerUnreachable(Exception):
+    """The MQTT broker cannot be reached; the message names host:port."""
+
+
+class BrokerRefused(Exception):
+    """The broker refused the connection (credentials, client id); the message names host:port."""
+
+
+class ClockEstimator:
+    """NTP-style offset of the collector's clock to ours from replies' `collector_time`:
+    offset = collector_time - midpoint(request sent, reply received); the sample with the shortest
+    round trip among the recent ones wins."""
+
+    def __init__(self, window: int = 16):
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def add(self, sent: datetime, received: datetime, collector_time: datetime) -> None:
+        rtt = (received - sent).total_seconds()
+        if rtt < 0:
+            return
+        midpoint = sent + (received - sent) / 2
+        offset_ms = (collector_time - midpoint).total_seconds() * 1000
+        with self._lock:
+            self._samples.append((rtt, offset_ms))
+
+    def current(self) -> ClockInfo:
+        with self._lock:
+            if not self._samples:
+                return ClockInfo(offset_ms=None, synced=False)
+            _, offset = min(self._samples)
+        offset = round(offset, 1)
+        return ClockInfo(offset_ms=offset, synced=abs(offset) <= SYNC_LIMIT_MS)
+
+
+@dataclass
+class Transfer:
+    record: Record
+    init_payload: bytes
+    chunk_size: int
+    chunks: int
+    fd: int | None = None
+    to_send: deque[int] = field(default_factory=deque)
+    init_needed: bool = True
+    fin_needed: bool = True
+    fin_sent: datetime | None = None
+    deadline: float | None = None
+    asks: int = 0
+
+    @property
+    def file_id(self) -> str:
+        return self.record.file_id
+
+    def queue_all(self) -> None:
+        self.to_send = deque(range(self.chunks))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _init_payload(record: Record, chunk_size: int) -> tuple[bytes, int]:
+    raw = record.manifest_raw
+    try:
+        message = InitMessage.build(Manifest.from_dict(raw), record.signature, chunk_size)
+        if canonical_bytes(message.manifest_raw) != record.manifest_json.encode("utf-8"):
+            raise ManifestError("re-serialised manifest differs")
+    except ManifestError:
+        chunks = chunk_count(record.size, chunk_size) if record.kind == "segment" else 0
+        message = InitMessage(raw, record.signature, chunk_size, chunks)
+    return message.encode(), message.chunks
+
+
+class Uploader:
+    def __init__(self, config: EdgeConfig, journal: Journal, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, max_active: int = MAX_ACTIVE_FILES,
+                 reply_timeout: float = REPLY_TIMEOUT):
+        self.config = config
+        self.agent = config.agent.id
+        self.mqtt: MqttConfig = config.mqtt
+        self.journal = journal
+        self.chunk_size = chunk_size
+        self.max_inflight_bytes = max_inflight_bytes
+        self.max_active = max_active
+        self.reply_timeout = reply_timeout
+        self.clock = ClockEstimator()
+        self._replies: queue.Queue[tuple[Reply, datetime]] = queue.Queue()
+        self._active: dict[str, Transfer] = {}
+        self._broken: set[int] = set()
+        self._inflight: dict[int, int] = {}
+        self._early_acks: set[int] = set()
+        self._uncounted: set[int] = set()
+        self._inflight_bytes = 0
+        self.peak_inflight_bytes = 0
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._connect_result: Any = None
+        self._connect_done = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._status: dict[str, Any] = {}
+        self.client = self._make_client()
+
+    # --- paho client ---
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.agent, protocol=mqtt.MQTTv5)
+        password = self.mqtt.password()
+        username = self.mqtt.username or (self.agent if password is not None else None)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if self.mqtt.tls:
+            client.tls_set(ca_certs=str(self.mqtt.ca_file) if self.mqtt.ca_file else None,
+                           certfile=str(self.mqtt.cert_file) if self.mqtt.cert_file else None,
+                           keyfile=str(self.mqtt.key_file) if self.mqtt.key_file else None)
+        client.will_set(status_topic(self.agent), json.dumps({"agent": self.agent, "state": "offline"}),
+                        qos=1, retain=True)
+        client.max_inflight_messages_set(64)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect once (before cameras start); raises BrokerUnreachable or BrokerRefused naming host:port."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY
+        self.client.connect_timeout = min(timeout, 5.0)
+        try:
+            self.client.connect(self.mqtt.host, self.mqtt.port, keepalive=30, clean_start=False, properties=props)
+        except (OSError, ValueError) as exc:
+            raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.mqtt.address} ({exc}): check "
+                                    "[mqtt] url and that the broker is running") from exc
+        self.client.loop_start()
+        if not self._connect_done.wait(timeout):
+            self.client.loop_stop()
+            raise BrokerUnreachable(f"the MQTT broker at {self.mqtt.address} did not answer in {timeout:.0f} s: "
+                                    "check [mqtt] url and the broker")
+        code = self._connect_result
+        if code is not None and getattr(code, "is_failure", False):
+            self.client.disconnect()
+            self.client.loop_stop()
+            raise BrokerRefused(f"the MQTT broker at {self.mqtt.address} refused the connection ({code}): check "
+                                "[mqtt] username and password_file (or cert_file/key_file)")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connect_result = reason_code
+        self._connect_done.set()
+        if reason_code.is_failure:
+            log.error("MQTT broker %s refused the connection: %s", self.mqtt.address, reason_code)
+            return
+        log.info("connected to MQTT broker %s (session present: %s)", self.mqtt.address, flags.session_present)
+        client.subscribe(reply_topic(self.agent), qos=1)
+        self._connected.set()
+        self._publish_status()
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("lost connection to MQTT broker %s (%s); reconnecting", self.mqtt.address, reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            log.error("broker %s refused a publish (%s): check the broker ACL for agent %s",
+                      self.mqtt.address, reason_code, self.agent)
+        with self._lock:
+            if mid in self._uncounted:
+                self._uncounted.discard(mid)
+                return
+            size = self._inflight.pop(mid, None)
+            if size is None:
+                self._early_acks.add(mid)
+            else:
+                self._inflight_bytes -= size
+        self._wake.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        received = datetime.now(UTC)
+        try:
+            reply = Reply.decode(message.payload)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed reply on %s: %s", message.topic, exc)
+            return
+        self._replies.put((reply, received))
+        self._wake.set()
+
+    def _publish(self, topic: str, payload: bytes | str, retain: bool = False, count: bool = True) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        size = len(payload) if count else 0
+        with self._lock:
+            if not count:
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)
+                else:
+                    self._uncounted.add(info.mid)
+            elif info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+            else:
+                self._inflight[info.mid] = size
+                self._inflight_bytes += size
+                self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
+
+    @property
+    def inflight_bytes(self) -> int:
+        with self._lock:
+            return self._inflight_bytes
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # --- status ---
+    def set_status(self, **fields: Any) -> None:
+        self._status.update(fields)
+        if self._connected.is_set():
+            self._publish_status()
+
+    def _publish_status(self, state: str = "online") -> None:
+        body = {"agent": self.agent, "state": state, "time": format_time(datetime.now(UTC)), **self._status}
+        self._publish(status_topic(self.agent), json.dumps(body, ensure_ascii=False), retain=True, count=False)
+
+    # --- the send loop ---
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="uploader", daemon=True)
+        self._thread.start()
+
+    def wake(self, *_: Any) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.25)
+            self._wake.clear()
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - keep uploading whatever happens to one file
+                log.exception("uploader step failed")
+
+    def _step(self) -> None:
+        while True:
+            try:
+                reply, received = self._replies.get_nowait()
+            except queue.Empty:
+                break
+            self._handle_reply(reply, received)
+        if not self._connected.is_set():
+            return
+        self._fill()
+        now = time.monotonic()
+        for transfer in list(self._active.values()):
+            if self.inflight_bytes >= self.max_inflight_bytes:
+                break
+            self._advance(transfer, now)
+
+    def _fill(self) -> None:
+        free = self.max_active - len(self._active)
+        if free <= 0:
+            return
+        busy = {t.record.id for t in self._active.values()} | self._broken
+        for record in self.journal.pending(free, exclude=busy):
+            payload, chunks = _init_payload(record, self.chunk_size)
+            transfer = Transfer(record=record, init_payload=payload, chunk_size=self.chunk_size, chunks=chunks)
+            if chunks:
+                try:
+                    assert record.path is not None
+                    transfer.fd = os.open(record.path, os.O_RDONLY)
+                except (OSError, AssertionError) as exc:
+                    log.error("camera %s seq %s: cannot read %s (%s); not uploading it", record.camera,
+                              record.seq, record.path, exc)
+                    self._broken.add(record.id)
+                    continue
+            transfer.queue_all()
+            self._active[record.file_id] = transfer
+            log.debug("camera %s seq %s: upload started (%s chunks)", record.camera, record.seq, chunks)
+
+    def _advance(self, transfer: Transfer, now: float) -> None:
+        if transfer.init_needed:
+            self._publish(init_topic(self.agent, transfer.file_id), transfer.init_payload)
+            transfer.init_needed = False
+        while transfer.to_send and self.inflight_bytes < self.max_inflight_bytes:
+            index = transfer.to_send.popleft()
+            offset, length = chunk_span(index, transfer.record.size, transfer.chunk_size)
+            assert transfer.fd is not None
+            data = os.pread(transfer.fd, length, offset)
+            self._publish(chunk_topic(self.agent, transfer.file_id, index), data)
+        if transfer.to_send:
+            return
+        if transfer.fin_needed or (transfer.deadline is not None and now >= transfer.deadline):
+            if not transfer.fin_needed:
+                log.info("camera %s seq %s: no reply yet, asking again", transfer.record.camera,
+                         transfer.record.seq)
+            self._publish(fin_topic(self.agent, transfer.file_id), b"")
+            transfer.fin_needed = False
+            transfer.fin_sent = datetime.now(UTC)
+            wait = min(self.reply_timeout * (2 ** transfer.asks), REPLY_TIMEOUT_CAP)
+            transfer.asks += 1
+            transfer.deadline = now + wait
+
+    def _handle_reply(self, reply: Reply, received: datetime) -> None:
+        transfer = self._active.get(reply.file_id)
+        if transfer is not None and transfer.fin_sent is not None:
+            self.clock.add(transfer.fin_sent, received, reply.collector_time)
+        camera, _, seq_text = reply.file_id.rpartition("-")
+        if not seq_text.isdigit():
+            log.warning("reply for unknown file %s ignored", reply.file_id)
+            return
+        seq = int(seq_text)
+        if reply.state == "stored":
+            self.journal.mark_stored(camera, seq)
+            log.info("camera %s seq %s stored by the collector", camera, seq)
+            self._finish(reply.file_id)
+        elif reply.state == "rejected":
+            if self.journal.mark_rejected(camera, seq, reply.reason):
+                log.error("camera %s seq %s rejected by the collector: %s (file kept)", camera, seq, reply.reason)
+            self._finish(reply.file_id)
+        elif transfer is not None:  # missing
+            if not reply.missing or (reply.reason or "").startswith(INIT_MISSING):
+                transfer.init_needed = True
+                transfer.queue_all()
+            else:
+                queued = set(transfer.to_send)
+                for index in expand_ranges(reply.missing):
+                    if 0 <= index < transfer.chunks and index not in queued:
+                        transfer.to_send.append(index)
+                        queued.add(index)
+            log.info("camera %s seq %s: collector misses %s; resending", camera, seq,
+                     reply.missing or reply.reason)
+            transfer.fin_needed = True
+            transfer.deadline = None
+
+    def _finish(self, file_id: str) -> None:
+        transfer = self._active.pop(file_id, None)
+        if transfer is not None:
+            transfer.close()
+
+    # --- shutdown ---
+    def backlog(self) -> int:
+        return self.journal.pending_count()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every journaled record has a final reply, or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self.backlog() == 0:
+                return True
+            time.sleep(0.2)
+        return self.backlog() == 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        for transfer in list(self._active.values()):
+            transfer.close()
+        self._active.clear()
+        if self._connected.is_set():
+            try:
+                self._publish_status("offline")
+            except Exception:  # noqa: BLE001
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()

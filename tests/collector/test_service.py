@@ -1,0 +1,148 @@
+"""The MQTT service over a real mosquitto: a plain paho client uploads, the service verifies and replies."""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector.config import MqttConfig
+from collector.db import make_engine, session_factory, upgrade
+from collector.admin import enroll
+from collector.ingest import Ingest
+from collector.service import BrokerUnavailable, CollectorService
+from exam_contract.chunks import chunk_count
+from exam_contract.protocol import Reply
+from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
+from tests.support.services import free_port
+
+from .conftest import AGENT, INSTITUTION, VENUE, Harness, SigningAgent, payload_bytes
+
+pytestmark = pytest.mark.mosquitto
+
+
+class Uploader:
+    """What an edge agent does on the wire, with nothing but paho."""
+
+    def __init__(self, port: int) -> None:
+        self.replies: queue.Queue[Reply] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-agent-{uuid.uuid4().hex[:6]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, msg: self.replies.put(Reply.decode(msg.payload))
+        subscribed = queue.Queue()
+        self.client.on_subscribe = lambda *a: subscribed.put(True)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(reply_topic(AGENT), qos=1)
+        subscribed.get(timeout=10)
+
+    def upload(self, agent: SigningAgent, manifest, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reply:
+        fid = manifest.file_id
+        infos = [self.client.publish(init_topic(AGENT, fid), agent.init_payload(manifest, chunk_size), qos=1)]
+        for i in range(chunk_count(len(data), chunk_size)):
+            infos.append(self.client.publish(chunk_topic(AGENT, fid, i), data[i * chunk_size:(i + 1) * chunk_size], qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.client.publish(fin_topic(AGENT, fid), b"", qos=1)
+            try:
+                while True:
+                    reply = self.replies.get(timeout=2)
+                    if reply.file_id == fid and reply.state != "missing":
+                        return reply
+            except queue.Empty:
+                continue
+        raise AssertionError(f"no final reply for {fid}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class ExplodingIngest(Ingest):
+    def on_init(self, agent, file_id, payload):  # noqa: ANN001
+        if file_id.startswith("boom"):
+            raise RuntimeError("simulated handler bug")
+        return super().on_init(agent, file_id, payload)
+
+
+@pytest.fixture
+def service_harness(tmp_path: Path, test_agent: SigningAgent, mosquitto):
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    upgrade(engine)
+    enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
+    ingest = ExplodingIngest(engine, tmp_path / "storage")
+    cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
+                     client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
+    service = CollectorService(cfg, ingest, workers=2, queue_size=100)
+    service.start()
+    assert service.connected.wait(10)
+    yield service, Harness(ingest, engine, tmp_path / "storage", test_agent)
+    service.shutdown()
+    engine.dispose()
+
+
+def test_upload_over_mqtt_is_stored_byte_identical(service_harness, mosquitto) -> None:
+    service, h = service_harness
+    up = Uploader(mosquitto.port)
+    try:
+        data = payload_bytes(1, 700_000)  # 3 chunks of 256 KiB
+        m = h.agent.manifest(1, data, None)
+        reply = up.upload(h.agent, m, data)
+        assert reply.state == "stored", reply
+        [row] = h.records()
+        assert (h.storage / row.storage_path).read_bytes() == data
+
+        # a handler exception is logged and recorded; the service keeps serving
+        boom = h.agent.manifest(2, payload_bytes(2), m.record_hash(), camera="boom")
+        up.client.publish(init_topic(AGENT, boom.file_id), h.agent.init_payload(boom), qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 20
+        while not h.events("handler_error") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [err] = h.events("handler_error")
+        assert "simulated handler bug" in err.detail and err.file_id == "boom-2"
+
+        data2 = payload_bytes(2, 300_000)
+        m2 = h.agent.manifest(2, data2, m.record_hash())
+        assert up.upload(h.agent, m2, data2).state == "stored"
+    finally:
+        up.close()
+
+
+def test_broker_restart_does_not_kill_the_service(service_harness, mosquitto) -> None:
+    service, h = service_harness
+    up = Uploader(mosquitto.port)
+    data = payload_bytes(1, 100_000)
+    m = h.agent.manifest(1, data, None)
+    assert up.upload(h.agent, m, data).state == "stored"
+    up.close()
+    mosquitto.stop()
+    deadline = time.monotonic() + 20
+    while service.connected.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mosquitto.start()
+    assert service.connected.wait(60), "service did not reconnect"
+    assert service.connect_count >= 2
+    up = Uploader(mosquitto.port)
+    try:
+        data2 = payload_bytes(2, 100_000)
+        m2 = h.agent.manifest(2, data2, m.record_hash())
+        assert up.upload(h.agent, m2, data2).state == "stored"
+        assert [r.seq for r in h.records()] == [1, 2]
+    finally:
+        up.close()
+
+
+def test_unreachable_broker_names_host_and_port(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    port = free_port()
+    cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", host="127.0.0.1", port=port, tls=False)
+    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage"))
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+        service.start()

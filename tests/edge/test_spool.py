@@ -1,0 +1,106 @@
+"""Sealing and the journal: exact times from the run anchor, corrupt files, crash recovery, chain rules."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import load_config
+from edge_agent.spool import Journal, JournalError, Sealer, segment_list_name
+from exam_contract.manifest import Manifest, segment_file_name
+from exam_contract.signing import load_private_key
+from tests.edge.conftest import write_config
+
+pytestmark = pytest.mark.ffmpeg
+CAM = "t101-front"
+ANCHOR = datetime(2026, 11, 26, 8, 0, 0, 123456, tzinfo=timezone.utc)
+RUN = "20261126T080000000000"
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    config = load_config(write_config(tmp_path))
+    journal = Journal(config.agent.journal_path)
+    sealer = Sealer(config, journal, load_private_key(config.agent.key_file))
+    yield config, journal, sealer
+    journal.close()
+
+
+def place(config, sample: Path, index: int, run: str = RUN) -> Path:
+    target = config.agent.recording_dir / CAM / f"{run}-{index:06d}.ts"
+    shutil.copyfile(sample, target)
+    return target
+
+
+def test_times_come_from_anchor_and_segment_list(stack, sample_ts: Path) -> None:
+    config, journal, sealer = stack
+    journal.set_run_anchor(CAM, RUN, ANCHOR)
+    (config.agent.recording_dir / CAM / segment_list_name(RUN)).write_text(
+        f"{RUN}-000000.ts,0.000000,4.000000\n{RUN}-000001.ts,4.000000,8.000000\n")
+    first = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    second = sealer.seal_file(CAM, place(config, sample_ts, 1))
+    third = sealer.seal_file(CAM, place(config, sample_ts, 2))  # not listed: a partial last segment
+    m1, m2, m3 = (Manifest.from_dict(r.manifest_raw) for r in (first, second, third))
+    assert m1.start == datetime(2026, 11, 26, 8, 0, 0, 123000, tzinfo=timezone.utc)
+    assert m1.end == m2.start == m1.start + timedelta(seconds=4)
+    assert m3.start == m2.end and m3.end == m3.start + timedelta(seconds=m3.duration)
+    assert first.path.name == segment_file_name(CAM, m1.start)
+    assert [m.seq for m in (m1, m2, m3)] == [1, 2, 3]
+    assert m2.prev == first.record_hash and m3.prev == second.record_hash
+    assert sealer.seal_file(CAM, first.path) is None  # already journaled: never sealed twice
+
+
+def test_unreadable_segment_becomes_gap_and_is_kept(stack, sample_ts: Path) -> None:
+    config, journal, sealer = stack
+    journal.set_run_anchor(CAM, RUN, ANCHOR)
+    (config.agent.recording_dir / CAM / segment_list_name(RUN)).write_text(
+        f"{RUN}-000000.ts,0.000000,4.000000\n{RUN}-000001.ts,4.000000,8.000000\n")
+    sealer.seal_file(CAM, place(config, sample_ts, 0))
+    bad = config.agent.recording_dir / CAM / f"{RUN}-000001.ts"
+    bad.write_bytes(b"this is not video" * 100)
+    record = sealer.seal_file(CAM, bad)
+    gap = Manifest.from_dict(record.manifest_raw)
+    assert gap.kind == "gap" and gap.cause == "corrupt_segment" and gap.seq == 2
+    assert gap.start == ANCHOR.replace(microsecond=123000) + timedelta(seconds=4)
+    assert (config.agent.corrupt_dir / CAM / bad.name).read_bytes() == b"this is not video" * 100
+
+
+def test_journal_refuses_reused_or_skipped_seq(stack, sample_ts: Path) -> None:
+    config, journal, sealer = stack
+    record = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    manifest = Manifest.from_dict(record.manifest_raw)
+    with pytest.raises(JournalError):
+        journal.append(manifest, record.signature, None, None)  # seq 1 again
+    with pytest.raises(JournalError):
+        journal.append(replace(manifest, seq=3, prev=record.record_hash), record.signature, None, None)
+    assert [r.seq for r in journal.records(CAM)] == [1]
+
+
+def test_restart_recovers_interrupted_move_and_leftovers(tmp_path: Path, sample_ts: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    key = load_private_key(config.agent.key_file)
+    journal = Journal(config.agent.journal_path)
+    sealer = Sealer(config, journal, key)
+    sealed = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    # as if the agent died after the journal commit but before the rename
+    src = config.agent.recording_dir / CAM / f"{RUN}-000000.ts"
+    sealed.path.rename(src)
+    journal._db.execute("update records set moved = 0 where id = ?", (sealed.id,))
+    leftover = place(config, sample_ts, 1)            # a finished file nobody sealed
+    still_open = place(config, sample_ts, 0, run="20261126T090000000000")
+    journal.close()
+
+    journal = Journal(config.agent.journal_path)
+    with open(still_open, "ab"):                      # a writer still holds it: not sealed
+        Sealer(config, journal, key).recover()
+    records = journal.records(CAM)
+    assert [r.seq for r in records] == [1, 2]
+    assert sealed.path.exists() and not src.exists()
+    assert not leftover.exists() and records[1].path.exists()
+    assert Manifest.from_dict(records[1].manifest_raw).prev == records[0].record_hash
+    assert still_open.exists()
+    journal.close()
