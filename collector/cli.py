@@ -135,6 +135,8 @@ def init(obj: Obj, data_dir: Path | None, broker: str, database_url: str | None)
         generate_private_key(key_file)
         with open(config_path, "x", encoding="utf-8") as handle:
             handle.write(text)
+    except KeyFileError as exc:
+        raise Fail(f"{exc}; or choose another --data-dir")
     except OSError as exc:
         raise Fail(f"cannot write {exc.filename}: {exc.strerror}; choose a writable --data-dir/--config")
     click.echo(f"wrote {config_path} and key {key_file}; next: {PROG} --config {config_path} db upgrade")

@@ -81,20 +81,23 @@ def alembic_config(engine: Engine):  # -> alembic.config.Config
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "heads") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(engine), revision)
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The database's schema revisions, comma-joined and sorted (several while migration branches are unmerged)."""
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        heads = MigrationContext.configure(conn).get_current_heads()
+    return ",".join(sorted(heads)) or None
 
 
 def head_revision() -> str | None:
+    """The code's newest schema revisions, in the same form as `current_revision`."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    return ",".join(sorted(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())) or None

@@ -118,6 +118,8 @@ def init(ctx: click.Context, agent: str, institution: str, venue: str, broker: s
         fail(f"{exc} (given on the command line)")
     try:
         generate_private_key(key)
+    except KeyFileError as exc:
+        fail(f"{exc}; or pass another --key-file")
     except OSError as exc:
         fail(f"cannot write key file {key} ({exc.strerror or exc}): pass a writable --key-file")
     try:

@@ -32,12 +32,18 @@ def parse_time(text: str) -> datetime:
     """Inverse of `format_time`; raises ValueError naming the expected format."""
     if not isinstance(text, str) or len(text) != 24 or not text.endswith("Z") or text[19] != ".":
         raise ValueError(f"time {text!r} is not in the form {TIME_FORMAT_HINT}")
+    digits = text[20:23]
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"time {text!r} is not in the form {TIME_FORMAT_HINT}")
     try:
         base = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
-        millis = int(text[20:23])
     except ValueError as exc:
         raise ValueError(f"time {text!r} is not in the form {TIME_FORMAT_HINT}") from exc
-    return base.replace(tzinfo=timezone.utc) + timedelta(milliseconds=millis)
+    moment = base.replace(tzinfo=timezone.utc) + timedelta(milliseconds=int(digits))
+    # strptime tolerates single-digit fields and spaces; only the exact canonical spelling is one time.
+    if format_time(moment) != text:
+        raise ValueError(f"time {text!r} is not in the form {TIME_FORMAT_HINT}")
+    return moment
 
 
 def truncate_to_millis(moment: datetime) -> datetime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -127,6 +128,8 @@ class Manifest:
         if end < start:
             raise ManifestError("manifest.end: earlier than start")
         duration = _req(raw, "duration", (int, float))
+        if isinstance(duration, bool) or not math.isfinite(duration) or duration < 0:
+            raise ManifestError("manifest.duration: must be a finite number of seconds >= 0")
         size = _req(raw, "size", int)
         if size < 0:
             raise ManifestError("manifest.size: negative")
@@ -158,7 +161,14 @@ class Manifest:
         clock_raw = raw.get("clock") or {}
         if not isinstance(clock_raw, dict):
             raise ManifestError("manifest.clock: expected an object")
-        clock = ClockInfo(offset_ms=clock_raw.get("offset_ms"), synced=bool(clock_raw.get("synced", False)))
+        offset_ms = clock_raw.get("offset_ms")
+        if offset_ms is not None and (isinstance(offset_ms, bool) or not isinstance(offset_ms, (int, float))
+                                      or not math.isfinite(offset_ms)):
+            raise ManifestError("manifest.clock.offset_ms: must be null or a finite number")
+        synced = clock_raw.get("synced", False)
+        if not isinstance(synced, bool):
+            raise ManifestError("manifest.clock.synced: must be true or false")
+        clock = ClockInfo(offset_ms=offset_ms, synced=synced)
         health = raw.get("health") or []
         if not isinstance(health, list) or not all(isinstance(h, str) for h in health):
             raise ManifestError("manifest.health: expected a list of strings")
@@ -166,7 +176,7 @@ class Manifest:
             kind=kind, agent=_req(raw, "agent", str), institution=_req(raw, "institution", str),
             venue=_req(raw, "venue", str), room=_req(raw, "room", str), room_kind=room_kind,
             camera=_req(raw, "camera", str), seq=seq, start=start, end=end,
-            duration=float(duration), size=size, sha256=sha, prev=prev, video=video, clock=clock,
+            duration=duration, size=size, sha256=sha, prev=prev, video=video, clock=clock,
             health=tuple(health), cause=cause, detail=raw.get("detail"), v=int(raw.get("v", 1)),
         )
 

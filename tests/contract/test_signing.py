@@ -33,7 +33,7 @@ def test_generate_writes_pkcs8_pem_mode_0600(tmp_path):
 def test_generate_refuses_to_overwrite(tmp_path):
     path = tmp_path / "agent.key"
     path.write_bytes(b"keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(KeyFileError, match="already exists"):
         generate_private_key(path)
     assert path.read_bytes() == b"keep me"
 

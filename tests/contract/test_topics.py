@@ -55,8 +55,7 @@ def test_parse_refuses_other_topics(topic):
         parse_segment_topic(topic)
 
 
-@pytest.mark.xfail(strict=True, reason="exam_contract/topics.py:56 str.isdigit() accepts non-ASCII digits: "
-                                       "reported to the lead")
+
 @pytest.mark.parametrize("index", ["²", "٣"])
 def test_parse_refuses_non_ascii_digits(index):
     with pytest.raises(TopicError):
