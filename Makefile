@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
 DEMO_SECONDS ?= 60
 BENCH_MIB ?= 256
+# GStreamer's RTSP server (run by Debian's python3) stands in for IP cameras in tests and bench/agent_cpu.py.
+GST_PACKAGES := gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-ugly gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-base
 
 # The first python3 >= 3.11 on PATH (python3.13, 3.12, 3.11, then python3).
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
@@ -25,7 +28,7 @@ help:
 	@echo "make test   - run the test suite (PYTEST_ARGS='...' to pass options)"
 	@echo "make bench  - MQTT throughput baseline (BENCH_MIB=N), see docs/benchmarks.md"
 	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
-	@echo "make deps   - apt-get install ffmpeg and mosquitto when missing"
+	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, openssl, systemd, GStreamer RTSP)"
 	@echo "make clean  - remove demo-data/"
 
 venv: $(STAMP)
@@ -45,6 +48,12 @@ deps:
 	@missing=""; \
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	for pkg in $(GST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
 		echo "installing$$missing with apt-get"; \

@@ -60,6 +60,10 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
             what = f"re-enrolled agent {agent} for venue {venue} (replaced)"
         session.add(IngestEvent(at=now, agent_id=agent, venue=venue, event=EVENT_ENROLLED, reason=None,
                                 detail=f"{what}; key {key}"))
+        from . import audit
+
+        audit.record(session, audit.ACTION_ENROLL, actor=audit.local_actor(), target=agent,
+                     detail={"venue": venue, "institution": institution, "public_key": key, "replaced": replace})
     return what
 
 

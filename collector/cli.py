@@ -79,6 +79,7 @@ storage_dir = {storage_dir}
 key_file = {key_file}
 # workers = 2          # ingest worker threads
 # queue_size = 2000    # messages waiting for the workers, in total
+# staging_ttl_hours = 48  # staging of transfers without init or fin for this long is removed
 
 [mqtt]
 url = {broker}
@@ -88,12 +89,18 @@ url = {broker}
 # client_id = "exam-collector-1"             # stable per instance: the broker keeps its session
 
 [http]
-listen = "127.0.0.1:8080"   # not served yet (HTTP API is a later issue)
+listen = "127.0.0.1:8080"   # HTTP API and web portal (create accounts with `exam-collector users add`)
 
 [coverage]
 pre_margin_minutes = 15
 post_margin_minutes = 15
 gap_tolerance_seconds = 2
+
+[alerts]
+# While a batch part runs, a camera of its room without a segment for 2x its segment length (or with a
+# gap record) is alerted on MQTT exam/v1/alerts/{{venue}}/{{camera}} (retained), in the log and here:
+# webhook_url = "https://ops.example.cn/hooks/exam-footage"
+# interval_seconds = 5
 
 [retention]
 margin_days = 7
@@ -212,7 +219,9 @@ def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str | Non
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_obj
 def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
-    """Run MQTT ingest (HTTP is a later issue)."""
+    """Run MQTT ingest, and the HTTP API and web portal on [http] listen."""
+    from datetime import timedelta
+
     from .ingest import Ingest
     from .service import CollectorService
 
@@ -223,9 +232,23 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     cfg = obj.config()
     engine = _engine(cfg)
     ingest = Ingest(engine, cfg.storage_dir)
-    service = CollectorService(cfg.mqtt, ingest, workers=cfg.workers, queue_size=cfg.queue_size)
+    service = CollectorService(cfg.mqtt, ingest, workers=cfg.workers, queue_size=cfg.queue_size,
+                               staging_ttl=timedelta(hours=cfg.staging_ttl_hours))
+    from exam_contract.signing import load_private_key
+    from .audit import CheckpointLoop
+
+    checkpoints = CheckpointLoop(ingest.sessions, load_private_key(cfg.key_file))  # signed audit checkpoints
+    from .alerts import AlertLoop
+
+    alerts = AlertLoop(ingest.sessions, lambda topic, payload, retain: service.client.publish(
+        topic, payload, qos=1, retain=retain), cfg.alerts.webhook_url, cfg.alerts.interval_seconds)  # issue 4
     log = logging.getLogger("collector")
-    log.info("[http] listen %s is not served yet (HTTP API comes in a later issue)", cfg.http.listen)
+    from .web import HttpServer, ListenError, Portal  # issue 6
+
+    try:
+        http = HttpServer(Portal(cfg, ingest.sessions, checkpoints.key), cfg.http.listen)
+    except ListenError as exc:
+        raise Fail(str(exc))
 
     def _stop(signum: int, _frame) -> None:  # noqa: ANN001
         log.info("signal %s: stopping", signum)
@@ -234,12 +257,22 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     service.start()
+    checkpoints.start()
+    try:
+        http.start()
+    except ListenError as exc:
+        # Ingest of evidence must not stop because the portal's port is taken: say so loudly and go on.
+        log.error("HTTP API and portal not served: %s", exc)
+    alerts.start()
     log.info("collector %s serving MQTT ingest from %s, storage %s", ingest.instance_id, cfg.mqtt.address,
              cfg.storage_dir)
     try:
         service.wait(duration)
     finally:
         service.shutdown()
+        http.stop()
+        checkpoints.stop()
+        alerts.stop()
     log.info("stopped; %s messages handled, %s handler errors", service.handled, service.errors)
 
 
@@ -315,6 +348,290 @@ def events(obj: Obj, as_json: bool, limit: int) -> None:
         reason = f" {r['reason']}" if r["reason"] else ""
         click.echo(f"{r['at']} {r['event']}{reason} agent={r['agent'] or '-'} {where} "
                    f"file={r['file_id'] or '-'}: {r['detail'] or ''}".rstrip())
+
+
+# ---------------------------------------------------------------------------- holds (issue 5)
+
+@cli.group()
+def hold() -> None:
+    """Legal holds: footage under an active hold is never deleted."""
+
+
+@hold.command("add")
+@click.option("--batch", "batch_id", default=None, help="Hold every camera and window of this batch.")
+@click.option("--camera", default=None, help="Hold this camera's footage between --from and --to.")
+@click.option("--venue", default=None, help="Venue of --camera (camera ids are unique within a venue only).")
+@click.option("--from", "from_text", default=None, help="Start, ISO 8601 (no offset: Asia/Shanghai).")
+@click.option("--to", "to_text", default=None, help="End, ISO 8601 (no offset: Asia/Shanghai).")
+@click.option("--reason", required=True, help="Why the footage must be kept.")
+@click.option("--case", "case_ref", required=True, help="Case reference (complaint, investigation).")
+@click.pass_obj
+def hold_add(obj: Obj, batch_id: str | None, camera: str | None, venue: str | None, from_text: str | None,
+             to_text: str | None, reason: str, case_ref: str) -> None:
+    """Place a hold by batch, or by camera and time range."""
+    from .audit import local_actor
+    from .db import session_factory
+    from .holds import HoldError, add_hold, parse_moment
+
+    try:
+        from_at = parse_moment(from_text, "--from") if from_text else None
+        to_at = parse_moment(to_text, "--to") if to_text else None
+        view = add_hold(session_factory(_engine(obj.config())), batch_id=batch_id, venue=venue, camera=camera,
+                        from_at=from_at, to_at=to_at, reason=reason, case_ref=case_ref, actor=local_actor())
+    except HoldError as exc:
+        raise Fail(str(exc))
+    if camera is not None and venue is None:
+        click.echo(f"note: no --venue given, hold {view.id} covers camera {camera} in every venue", err=True)
+    if batch_id is not None:
+        from .holds import batch_known
+
+        with session_factory(_engine(obj.config()))() as session:
+            if not batch_known(session, batch_id):
+                click.echo(f"note: batch {batch_id} is not imported; until it is, hold {view.id} keeps ALL footage "
+                           "from deletion", err=True)
+    click.echo(f"hold {view.id} placed on {view.scope()} (case {view.case_ref})")
+
+
+@hold.command("release")
+@click.argument("hold_id", type=int)
+@click.option("--reason", required=True, help="Why the hold ends (e.g. case closed).")
+@click.pass_obj
+def hold_release(obj: Obj, hold_id: int, reason: str) -> None:
+    """Release a hold (needs a reason; logged)."""
+    from .audit import local_actor
+    from .db import session_factory
+    from .holds import HoldError, release_hold
+
+    try:
+        view = release_hold(session_factory(_engine(obj.config())), hold_id, reason=reason, actor=local_actor())
+    except HoldError as exc:
+        raise Fail(str(exc))
+    click.echo(f"hold {view.id} on {view.scope()} released")
+
+
+@hold.command("list")
+@click.option("--all", "include_released", is_flag=True, help="Also released holds.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def hold_list(obj: Obj, include_released: bool, as_json: bool) -> None:
+    """Active holds (or all with --all)."""
+    from exam_contract.canonical import format_time
+    from .db import session_factory
+    from .holds import list_holds
+
+    with session_factory(_engine(obj.config()))() as session:
+        views = list_holds(session, include_released)
+    if as_json:
+        def t(m):  # noqa: ANN001, ANN202
+            return format_time(m) if m else None
+        click.echo(json.dumps([{"id": v.id, "active": v.active, "batch": v.batch_id, "venue": v.venue,
+                                "camera": v.camera, "from": t(v.from_at), "to": t(v.to_at), "reason": v.reason,
+                                "case": v.case_ref, "created_at": t(v.created_at), "created_by": v.created_by,
+                                "released_at": t(v.released_at), "released_by": v.released_by,
+                                "release_reason": v.release_reason} for v in views], ensure_ascii=False, indent=2))
+        return
+    if not views:
+        click.echo("no holds" if include_released else "no active holds")
+    for v in views:
+        state = "active" if v.active else f"released {format_time(v.released_at)} by {v.released_by}: {v.release_reason}"
+        click.echo(f"{v.id}  {v.scope()}  case {v.case_ref}  by {v.created_by} {format_time(v.created_at)}  "
+                   f"[{state}]  {v.reason}")
+
+
+# ---------------------------------------------------------------------------- batches (issue 4)
+
+@cli.group()
+def batches() -> None:
+    """Exam batches (批次): import, list, coverage report."""
+
+
+@batches.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--actor", default=None, help="Who imports (for the audit log; default: the OS user).")
+@click.option("--allow-room-change", is_flag=True, help="Accept a re-import that moves a part to other rooms.")
+@click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
+@click.pass_obj
+def batches_import(obj: Obj, file: Path, actor: str | None, allow_room_change: bool, lang: str) -> None:
+    """Import batch parts from CSV or JSON (batch_id,institution,venue,occupation,level,part,room,start,end)."""
+    from .audit import local_actor
+    from .batch_view import render_import
+    from .batches import BatchImportError, import_file
+    from .db import session_factory
+
+    if not file.is_file():
+        raise Fail(f"batch file {file} does not exist: give the path of the CSV or JSON export")
+    sessions = session_factory(_engine(obj.config()))
+    try:
+        result = import_file(sessions, file, actor=actor or local_actor(), allow_room_change=allow_room_change)
+    except BatchImportError as exc:
+        for error in exc.errors:
+            click.echo(f"{file}: {error}", err=True)
+        raise Fail(f"{file}: {len(exc.errors)} problem(s), nothing imported; fix the rows listed above and "
+                   "import the file again")
+    click.echo(render_import(result, lang))
+
+
+@batches.command("show")
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (times in UTC and Asia/Shanghai).")
+@click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
+@click.pass_obj
+def batches_show(obj: Obj, batch_id: str, as_json: bool, lang: str) -> None:
+    """Coverage of every part and camera of a batch; exit 3 when a finished part has gaps or no footage."""
+    from .batch_view import render_report
+    from .batches import STATUS_GAPS, STATUS_NO_FOOTAGE, BatchNotFound, batch_report, report_json
+    from .db import session_factory
+
+    cfg = obj.config()
+    sessions = session_factory(_engine(cfg))
+    try:
+        with sessions() as session:
+            report = batch_report(session, batch_id, tolerance_seconds=cfg.coverage.gap_tolerance_seconds,
+                                  pre_margin_minutes=cfg.coverage.pre_margin_minutes,
+                                  post_margin_minutes=cfg.coverage.post_margin_minutes,
+                                  staging_dir=cfg.staging_dir)
+    except BatchNotFound as exc:
+        raise Fail(str(exc))
+    click.echo(json.dumps(report_json(report), ensure_ascii=False, indent=2) if as_json else render_report(report, lang))
+    if any(p.status in (STATUS_GAPS, STATUS_NO_FOOTAGE) for p in report.parts):
+        raise SystemExit(EXIT_GAPS)
+
+
+@batches.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
+@click.pass_obj
+def batches_list(obj: Obj, as_json: bool, lang: str) -> None:
+    """Imported batches, oldest first."""
+    from exam_contract.canonical import format_time
+
+    from .batch_view import render_list
+    from .batches import list_batches
+    from .db import session_factory
+
+    with session_factory(_engine(obj.config()))() as session:
+        items = list_batches(session)
+    if as_json:
+        click.echo(json.dumps([{"batch_id": b.batch_id, "institution": b.institution, "occupation": b.occupation,
+                                "level": b.level, "parts": b.parts,
+                                "start": format_time(b.first_start) if b.first_start else None,
+                                "end": format_time(b.last_end) if b.last_end else None} for b in items],
+                              ensure_ascii=False, indent=2))
+    else:
+        click.echo(render_list(items, lang))
+
+
+# ---------------------------------------------------------------------------- evidence export (issue 6)
+
+@cli.command("export")
+@click.argument("batch_id")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="New folder for the package (with --zip: OUT.zip).")
+@click.option("--zip", "make_zip", is_flag=True, help="Write one zip file instead of a folder.")
+@click.option("--reason", required=True, help="Why the footage is exported (audit log).")
+@click.option("--actor", default=None, help="Who exports (for the audit log; default: the OS user).")
+@click.option("--no-viewing", is_flag=True, help="Skip the per-camera viewing MP4s.")
+@click.pass_obj
+def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, actor: str | None,
+               no_viewing: bool) -> None:
+    """Write a batch's verifiable evidence package (segments, signed package.json, keys, verify.py)."""
+    from exam_contract.signing import load_private_key
+
+    from .audit import local_actor
+    from .batches import BatchNotFound
+    from .db import session_factory
+    from .export import ExportError, ExportSettings, ProgressBar, export_batch
+
+    cfg = obj.config()
+    key = load_private_key(cfg.key_file)
+    settings = ExportSettings(tolerance_seconds=cfg.coverage.gap_tolerance_seconds,
+                              pre_margin_minutes=cfg.coverage.pre_margin_minutes,
+                              post_margin_minutes=cfg.coverage.post_margin_minutes,
+                              viewing=not no_viewing, make_zip=make_zip)
+    bar = ProgressBar(sys.stderr)
+    try:
+        result = export_batch(session_factory(_engine(cfg)), storage_dir=cfg.storage_dir, key=key,
+                              batch_id=batch_id, out=out, actor=actor or local_actor(), reason=reason,
+                              settings=settings, staging_dir=cfg.staging_dir, progress=bar.update)
+    except (ExportError, BatchNotFound) as exc:
+        raise Fail(str(exc))
+    finally:
+        bar.close()
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"batch {batch_id}: {result.segments} segments ({result.bytes} bytes), {len(result.clips)} viewing "
+               f"MP4s, {len(result.gaps)} coverage gap(s) written to {result.path} (audit entry {result.audit_seq})")
+    for gap in result.gaps:
+        click.echo(f"  覆盖缺口 {gap['part']} {gap['room']} {gap['camera'] or '-'}: {gap['start_local']} – "
+                   f"{gap['end_local']} ({gap['seconds']} s; {', '.join(gap['causes'])})")
+    if result.source_problems:
+        for problem in result.source_problems:
+            click.echo(f"integrity: {problem}", err=True)
+        raise Fail(f"{len(result.source_problems)} stored file(s) are missing or altered; the package records "
+                   f"them and will verify NOT_OK: run `{PROG} summary --verify` to see the damage", EXIT_INTEGRITY)
+    click.echo(f"check it with: {PROG} verify-package {result.path}  (or: python3 verify.py in the package)")
+
+
+@cli.command("verify-package")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--collector-key", default=None, help="Expected collector public key (base64).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify_package_cmd(package: Path, collector_key: str | None, as_json: bool) -> None:
+    """Verify an evidence package: OK (exit 0), OK_WITH_GAPS (exit 3) or NOT_OK (exit 4)."""
+    from .evidence_verify import PackageUnreadable, verify_package
+
+    try:
+        result = verify_package(package, collector_key)
+    except PackageUnreadable as exc:
+        raise Fail(str(exc))
+    click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if as_json else result.render())
+    if result.exit_code:
+        raise SystemExit(result.exit_code)
+
+
+# ---------------------------------------------------------------------------- portal users (issue 6)
+
+@cli.group()
+def users() -> None:
+    """Accounts of the HTTP API and web portal."""
+
+
+@users.command("add")
+@click.argument("username")
+@click.option("--role", type=click.Choice(["inspector", "admin"]), required=True)
+@click.option("--institution", "institutions", multiple=True, help="Institution code (机构代码) an inspector sees; repeat.")
+@click.pass_obj
+def users_add(obj: Obj, username: str, role: str, institutions: tuple[str, ...]) -> None:
+    """Create an account (password hashed with scrypt): prompted for twice, or one line on stdin when piped."""
+    from .audit import local_actor
+    from .db import session_factory
+    from .users import UserError, add_user
+
+    if role == "inspector" and not any(c.strip() for c in institutions):
+        raise Fail("an inspector needs at least one --institution CODE (机构代码), e.g. JL2201001")
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        user = add_user(session_factory(_engine(obj.config())), username, password, role, institutions,
+                        actor=local_actor())
+    except UserError as exc:
+        raise Fail(str(exc))
+    scope = "all institutions" if user.is_admin else ", ".join(user.institutions)
+    click.echo(f"user {user.username} ({user.role}) created; sees {scope}")
+
+
+@users.command("list")
+@click.pass_obj
+def users_list(obj: Obj) -> None:
+    """Accounts, their roles and institutions."""
+    from .db import session_factory
+    from .users import list_users
+
+    with session_factory(_engine(obj.config()))() as session:
+        for user in list_users(session):
+            click.echo(f"{user.username}  {user.role}  {','.join(user.institutions) or '*'}")
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -44,6 +44,14 @@ class CoverageConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Live coverage alerts while a batch part runs (issue 4)."""
+
+    webhook_url: str | None = None
+    interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     margin_days: int = 7
     unlinked_retention_days: int | None = None
@@ -62,6 +70,8 @@ class CollectorConfig:
     workers: int = 2
     queue_size: int = 2000
     source: Path | None = None
+    staging_ttl_hours: float = 48.0  # abandoned transfers' staging is removed after this (issue 3)
+    alerts: AlertsConfig = AlertsConfig()
 
     @property
     def staging_dir(self) -> Path:
@@ -109,6 +119,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
                           "sqlite:////path/collector.db or postgresql+psycopg://user@host/db")
     workers = _int(section, "collector", "workers", 2, 1, 64)
     queue_size = _int(section, "collector", "queue_size", 2000, 10, 1_000_000)
+    staging_ttl_hours = _num(section, "collector", "staging_ttl_hours", 48, 1, 24 * 365)
 
     mqtt_raw = _table(raw, "mqtt", required=True)
     url = _str(mqtt_raw, "mqtt", "url", required=True)
@@ -140,9 +151,16 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
         unlinked = _int(ret_raw, "retention", "unlinked_retention_days", 0, 1, 100 * 366)
     retention = RetentionConfig(margin_days=_int(ret_raw, "retention", "margin_days", 7, 0, 3660),
                                 unlinked_retention_days=unlinked)
+    alerts_raw = _table(raw, "alerts")
+    webhook = _str(alerts_raw, "alerts", "webhook_url")
+    if webhook is not None and not webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"[alerts] webhook_url = {webhook!r} is not an http(s) URL: use https://host/path")
+    alerts = AlertsConfig(webhook_url=webhook,
+                          interval_seconds=_num(alerts_raw, "alerts", "interval_seconds", 5, 1, 60))
     return CollectorConfig(data_dir=data_dir, database_url=database_url, storage_dir=storage_dir,
                            key_file=key_file, mqtt=mqtt, http=http, coverage=coverage,
-                           retention=retention, workers=workers, queue_size=queue_size, source=source)
+                           retention=retention, workers=workers, queue_size=queue_size, source=source,
+                           staging_ttl_hours=staging_ttl_hours, alerts=alerts)
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = False) -> dict[str, Any]:

@@ -7,14 +7,22 @@ message of a file: staging lives on the volume, not in memory.
 Staging of one file, `storage_dir/staging/{agent}/{file_id}/`:
   init.json            the init payload exactly as received
   data                 the file being reassembled, chunk i written with pwrite at i * chunk_size
-  got/{i}              receipt marker of chunk i (written after its bytes)
   early/{i}            a chunk that arrived before any instance had stored the init
-  claim.{instance}     `data` renamed by the instance that finishes the file (only one can)
+  claim.{instance}     `data` renamed by the instance that finishes the file
   rejected.json        the reply of a rejected init, repeated on fin, then staging is removed
+
+Receipts are durable and shared (issue 3): chunk i's bytes are written and fdatasync'ed first, then a
+`chunk_receipt` row is committed, so whichever instance gets a repeated `fin` answers `missing` from the
+database. The `chunk_transfer` row of a file is its finishing claim: an instance finishes a file only while
+holding that row's lock (PostgreSQL `FOR UPDATE SKIP LOCKED`), so two instances never finish one file, and a
+claim left by an instance that died mid-finish is taken over at once (its lock died with its connection).
+`Ingest.sweep_staging` removes transfers that saw no init or fin for the staging TTL, recording each.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,13 +30,13 @@ import os
 import re
 import shutil
 import socket
-import time
+import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,14 +50,16 @@ from exam_contract.signing import PublicKeyError, parse_public_key, verify
 
 from .db import session_factory
 from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EVENT_CHAIN_LINKED,
-                     EVENT_HANDLER_ERROR, EVENT_REJECTED, Agent, IngestEvent, SegmentRecord)
+                     EVENT_HANDLER_ERROR, EVENT_REJECTED, Agent, ChunkReceipt, ChunkTransfer, IngestEvent,
+                     SegmentRecord)
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,159}$")
-STALE_CLAIM_SECONDS = 120.0
 READ_BLOCK = 1 << 20
 REASON_INIT_MISSING = "init_missing"
+EVENT_STAGING_EXPIRED = "staging_expired"
+DEFAULT_STAGING_TTL = timedelta(hours=48)
 
 
 def utcnow() -> datetime:
@@ -82,6 +92,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _insert_ignore(session: Session, model: type, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on PostgreSQL and SQLite."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(model).values(rows).on_conflict_do_nothing())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -120,6 +139,7 @@ class Ingest:
         self.staging_dir = self.storage_dir / "staging"
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self.instance_id = instance_id or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self._held = threading.local()  # the (agent, file_id) whose transfer row this thread has locked
 
     # ------------------------------------------------------------------ messages
 
@@ -153,12 +173,12 @@ class Ingest:
             previous = None
         if previous is not None and previous != payload:
             log.warning("agent %s file %s: init changed, restarting its staging", agent, file_id)
-            for name in ("data", "got"):
-                self._remove(directory / name)
-        (directory / "got").mkdir(exist_ok=True)
+            self._remove(directory / "data")
+            self._delete_receipts(agent, file_id)
         if previous != payload:
             _write_atomic(init_path, payload)
-        self._fold_early(directory, staged.message)
+        self._touch_transfer(agent, file_id, staged.message, payload)
+        self._fold_early(agent, file_id, directory, staged.message)
         log.debug("agent %s file %s: init staged (%s chunks)", agent, file_id, staged.message.chunks)
         return None
 
@@ -183,7 +203,7 @@ class Ingest:
             log.warning("agent %s file %s: chunk %s dropped, init announced %s chunks",
                         agent, file_id, index, message.chunks)
             return
-        self._write_chunk(directory, message.chunk_size, index, payload)
+        self._write_chunk(agent, file_id, directory, message.chunk_size, index, payload)
 
     def on_fin(self, agent: str, file_id: str) -> Reply | None:
         """Finish a file: `missing`, `stored` or `rejected`.
@@ -202,7 +222,7 @@ class Ingest:
                 reply = self._reply(file_id, "rejected", reason=raw.get("reason"))
             except (OSError, ValueError):
                 reply = None
-            self._remove(directory)
+            self._remove_staging(agent, file_id)
             if reply is not None:
                 return reply
         try:
@@ -219,26 +239,144 @@ class Ingest:
         if existing is not None:
             return self._existing(agent, file_id, staged, existing)
         message = staged.message
+        if message.chunks:
+            self._fold_early(agent, file_id, directory, message)
+        if self.engine.dialect.name == "sqlite":
+            # SQLite has no row locks: instances on one host (SQLite means one host) exclude each other
+            # with a flock on the staging folder, released by the kernel if the holder dies.
+            guard = _FolderLock(directory / ".finish.lock")
+            if not guard.acquire():
+                log.info("agent %s file %s: another instance is finishing it", agent, file_id)
+                return None
+            try:
+                return self._fin_with_row_lock(agent, file_id, staged, directory, payload)
+            finally:
+                guard.release()
+        return self._fin_with_row_lock(agent, file_id, staged, directory, payload)
+
+    def _fin_with_row_lock(self, agent: str, file_id: str, staged: Staged, directory: Path,
+                           payload: bytes) -> Reply | None:
+        message = staged.message
+        for attempt in range(2):
+            # The lock session writes only at its very end: on SQLite an earlier write would hold the
+            # database lock while _finish writes through other sessions.
+            with self.sessions() as lock_session, lock_session.begin():
+                transfer = lock_session.scalars(select(ChunkTransfer).where(
+                    ChunkTransfer.agent_id == agent, ChunkTransfer.file_id == file_id)
+                    .with_for_update(skip_locked=True)).first()
+                if transfer is not None:
+                    self._held.key = (agent, file_id)
+                    try:
+                        reply = self._fin_locked(lock_session, agent, file_id, staged, directory)
+                    finally:
+                        self._held.key = None
+                    if reply.state == "missing":
+                        transfer.updated_at = utcnow()
+                    else:
+                        lock_session.execute(delete(ChunkReceipt).where(
+                            ChunkReceipt.agent_id == agent, ChunkReceipt.file_id == file_id))
+                        lock_session.delete(transfer)
+                    return reply
+                busy = bool(lock_session.scalar(select(func.count()).select_from(ChunkTransfer).where(
+                    ChunkTransfer.agent_id == agent, ChunkTransfer.file_id == file_id)))
+            if busy:
+                log.info("agent %s file %s: another instance is finishing it", agent, file_id)
+                return None
+            # staged before its transfer row existed (e.g. the database failed at init): make the row
+            self._touch_transfer(agent, file_id, message, payload)
+        return None
+
+    def _fin_locked(self, session: Session, agent: str, file_id: str, staged: Staged, directory: Path) -> Reply:
+        """The finishing step, run while this instance holds the file's transfer row lock."""
+        message = staged.message
         claim: Path | None = None
         if message.chunks:
-            self._fold_early(directory, message)
-            received = self._received(directory)
+            received = set(session.scalars(select(ChunkReceipt.idx).where(
+                ChunkReceipt.agent_id == agent, ChunkReceipt.file_id == file_id)))
             gaps = missing_ranges(received, message.chunks)
             if gaps:
                 log.info("agent %s file %s: %s of %s chunks missing", agent, file_id,
                          message.chunks - len(received & set(range(message.chunks))), message.chunks)
                 return self._reply(file_id, "missing", missing=gaps)
-            claim, busy = self._claim(directory)
-            if busy:
-                log.info("agent %s file %s: another instance is finishing it", agent, file_id)
-                return None
+            claim = self._claim(directory)
             if claim is None:
                 log.warning("agent %s file %s: receipts without data, asking for every chunk", agent, file_id)
+                session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,
+                                                           ChunkReceipt.file_id == file_id))
                 return self._reply(file_id, "missing", missing=missing_ranges((), message.chunks))
         try:
             return self._finish(agent, file_id, staged, claim)
         except Rejection as rej:
-            return self._reject(agent, file_id, manifest, rej.code, rej.detail)
+            return self._reject(agent, file_id, staged.manifest, rej.code, rej.detail)
+
+    # ------------------------------------------------------------------ staging TTL
+
+    def sweep_staging(self, ttl: timedelta = DEFAULT_STAGING_TTL, limit: int = 500) -> int:
+        """Remove transfers without an init or fin for `ttl` (and staging folders without a transfer that
+        are older than `ttl`); each removal is recorded as a `staging_expired` event. Returns how many."""
+        cutoff = utcnow() - ttl
+        removed = 0
+        with self.sessions() as session:
+            stale = session.execute(select(ChunkTransfer.agent_id, ChunkTransfer.file_id).where(
+                ChunkTransfer.updated_at < cutoff).limit(limit)).all()
+        for agent, file_id in stale:
+            with self.sessions() as session, session.begin():
+                row = session.scalars(select(ChunkTransfer).where(
+                    ChunkTransfer.agent_id == agent, ChunkTransfer.file_id == file_id,
+                    ChunkTransfer.updated_at < cutoff).with_for_update(skip_locked=True)).first()
+                if row is None:
+                    continue
+                chunks = row.chunks
+                already = self._stored_row_for(agent, file_id) is not None
+                got = session.scalar(select(func.count()).select_from(ChunkReceipt).where(
+                    ChunkReceipt.agent_id == agent, ChunkReceipt.file_id == file_id))
+                self._remove(self._dir(agent, file_id))
+                session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,
+                                                           ChunkReceipt.file_id == file_id))
+                session.delete(row)
+            removed += 1
+            if already:  # a late init re-created the row after another instance had stored the file
+                log.info("agent %s file %s: leftover staging of a stored file removed", agent, file_id)
+                continue
+            log.warning("agent %s file %s: abandoned transfer expired (%s of %s chunks, no init or fin for %s); "
+                        "staging removed", agent, file_id, got, chunks, ttl)
+            self.record_event(agent, file_id, EVENT_STAGING_EXPIRED, None,
+                              f"abandoned transfer: {got} of {chunks} chunks received, no init or fin since "
+                              f"{cutoff.isoformat()}; staging removed, the agent resends it in full if it asks")
+        removed += self._sweep_orphan_folders(cutoff)
+        return removed
+
+    def _sweep_orphan_folders(self, cutoff: datetime) -> int:
+        removed = 0
+        try:
+            agents = list(self.staging_dir.iterdir())
+        except FileNotFoundError:
+            return 0
+        for agent_dir in agents:
+            if not agent_dir.is_dir():
+                continue
+            for directory in list(agent_dir.iterdir()):
+                try:
+                    mtime = datetime.fromtimestamp(directory.stat().st_mtime, timezone.utc)
+                except FileNotFoundError:
+                    continue
+                if mtime >= cutoff:
+                    continue
+                agent, file_id = agent_dir.name, directory.name
+                with self.sessions() as session:
+                    if session.get(ChunkTransfer, (agent, file_id)) is not None:
+                        continue
+                self._remove(directory)
+                removed += 1
+                log.warning("agent %s file %s: stale staging folder without a transfer removed", agent, file_id)
+                self.record_event(agent, file_id, EVENT_STAGING_EXPIRED, None,
+                                  "stale staging folder (early chunks or a rejection marker) without an init "
+                                  f"or fin since {cutoff.isoformat()}; removed")
+        with self.sessions.begin() as session:
+            session.execute(delete(ChunkReceipt).where(~select(ChunkTransfer.agent_id).where(
+                ChunkTransfer.agent_id == ChunkReceipt.agent_id,
+                ChunkTransfer.file_id == ChunkReceipt.file_id).exists()))
+        return removed
 
     # ------------------------------------------------------------------ checks
 
@@ -338,9 +476,9 @@ class Ingest:
                 (self.storage_dir / relpath).unlink(missing_ok=True)
             if winner is None:
                 raise
-            self._remove(directory)
+            self._remove_staging(agent, file_id)
             return self._existing(agent, file_id, staged, winner)
-        self._remove(directory)
+        self._remove_staging(agent, file_id)
         log.info("camera %s seq %s stored (%s, chain %s)", manifest.camera, manifest.seq, manifest.kind,
                  row.chain_status)
         return self._reply(file_id, "stored")
@@ -404,7 +542,7 @@ class Ingest:
         if existing.record_hash == staged.record_hash:
             log.info("camera %s seq %s: duplicate of the stored record, nothing stored", existing.camera,
                      existing.seq)
-            self._remove(self._dir(agent, file_id))
+            self._remove_staging(agent, file_id)
             return self._reply(file_id, "stored")
         return self._reject(agent, file_id, staged.manifest, P.REJECT_SEQ_REPLAYED,
                             f"seq {existing.seq} of camera {existing.camera} is already stored with "
@@ -440,17 +578,53 @@ class Ingest:
         except ProtocolError:
             return None
 
-    def _write_chunk(self, directory: Path, chunk_size: int, index: int, payload: bytes) -> None:
+    def _write_chunk(self, agent: str, file_id: str, directory: Path, chunk_size: int, index: int,
+                     payload: bytes) -> None:
+        """Bytes first (written and fdatasync'ed), then the durable receipt row."""
         fd = os.open(directory / "data", os.O_WRONLY | os.O_CREAT, 0o640)
         try:
-            os.pwrite(fd, payload, index * chunk_size)
+            view, offset = memoryview(payload), index * chunk_size
+            while view:  # a short write (e.g. the volume filling up) must not pass for a whole chunk
+                written = os.pwrite(fd, view, offset)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, f"short write to {directory / 'data'}")
+                view, offset = view[written:], offset + written
+            os.fdatasync(fd)
         finally:
             os.close(fd)
-        got = directory / "got"
-        got.mkdir(exist_ok=True)
-        (got / str(index)).touch()
+        with self.sessions.begin() as session:
+            _insert_ignore(session, ChunkReceipt, [{"agent_id": agent, "file_id": file_id, "idx": index}])
 
-    def _fold_early(self, directory: Path, message: InitMessage) -> None:
+    def _touch_transfer(self, agent: str, file_id: str, message: InitMessage, payload: bytes) -> None:
+        """Create or refresh the file's transfer row (its TTL clock and finishing claim)."""
+        now = utcnow()
+        digest = sha256_hex(payload)
+        with self.sessions.begin() as session:
+            _insert_ignore(session, ChunkTransfer, [{
+                "agent_id": agent, "file_id": file_id, "chunks": message.chunks, "chunk_size": message.chunk_size,
+                "init_sha256": digest, "created_at": now, "updated_at": now}])
+            # a plain UPDATE: another instance may finish the file and delete the row at any moment
+            session.execute(update(ChunkTransfer).where(
+                ChunkTransfer.agent_id == agent, ChunkTransfer.file_id == file_id).values(
+                init_sha256=digest, chunks=message.chunks, chunk_size=message.chunk_size, updated_at=now))
+
+    def _delete_receipts(self, agent: str, file_id: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,
+                                                       ChunkReceipt.file_id == file_id))
+
+    def _remove_staging(self, agent: str, file_id: str) -> None:
+        """Staging folder, receipts and transfer row of a decided file. The transfer row a finishing thread
+        holds locked is deleted by that thread's own locking session instead."""
+        self._remove(self._dir(agent, file_id))
+        with self.sessions.begin() as session:
+            session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,
+                                                       ChunkReceipt.file_id == file_id))
+            if getattr(self._held, "key", None) != (agent, file_id):
+                session.execute(delete(ChunkTransfer).where(ChunkTransfer.agent_id == agent,
+                                                            ChunkTransfer.file_id == file_id))
+
+    def _fold_early(self, agent: str, file_id: str, directory: Path, message: InitMessage) -> None:
         early = directory / "early"
         try:
             names = os.listdir(early)
@@ -466,38 +640,28 @@ class Ingest:
             except FileNotFoundError:
                 continue
             if index < message.chunks:
-                self._write_chunk(directory, message.chunk_size, index, payload)
+                self._write_chunk(agent, file_id, directory, message.chunk_size, index, payload)
             path.unlink(missing_ok=True)
 
-    def _received(self, directory: Path) -> set[int]:
-        try:
-            return {int(name) for name in os.listdir(directory / "got") if name.isdigit()}
-        except FileNotFoundError:
-            return set()
-
-    def _claim(self, directory: Path) -> tuple[Path | None, bool]:
-        """Take `data` for finishing: (claimed path, False), or (None, True) while another instance
-        holds a fresh claim, or (None, False) when the bytes are gone (receipts are then reset)."""
+    def _claim(self, directory: Path) -> Path | None:
+        """Take the complete bytes for finishing (caller holds the transfer row lock): a claim left by an
+        earlier attempt (this or a dead instance; it holds every receipted chunk) wins over `data`, which may
+        then only hold late duplicates. None when the bytes are gone."""
         mine = directory / f"claim.{self.instance_id}"
         if mine.exists():
-            return mine, False
-        try:
-            os.rename(directory / "data", mine)
-            return mine, False
-        except FileNotFoundError:
-            pass
-        for other in directory.glob("claim.*"):
+            return mine
+        for other in sorted(directory.glob("claim.*")):
             try:
-                age = time.time() - other.stat().st_mtime
-                if age > STALE_CLAIM_SECONDS:
-                    os.rename(other, mine)
-                    log.warning("took over stale claim %s", other)
-                    return mine, False
+                os.rename(other, mine)
             except FileNotFoundError:
                 continue
-            return None, True
-        shutil.rmtree(directory / "got", ignore_errors=True)
-        return None, False
+            log.warning("took over the claim %s left by an earlier finishing attempt", other.name)
+            return mine
+        try:
+            os.rename(directory / "data", mine)
+            return mine
+        except FileNotFoundError:
+            return None
 
     def _remove(self, path: Path) -> None:
         if path.is_dir():
@@ -533,6 +697,14 @@ class Ingest:
         try:
             with self.sessions.begin() as session:
                 session.add(self._event(agent, manifest, file_id, event, reason, detail))
+                if event == EVENT_REJECTED:
+                    from . import audit  # every rejection also goes to the audit log (issue 5)
+
+                    audit.record(session, audit.ACTION_INGEST_REJECT, actor=f"agent:{agent}",
+                                 target=f"{manifest.venue}/{manifest.camera}/{manifest.seq}" if manifest
+                                 else f"{agent}/{file_id}", reason=reason,
+                                 detail={"agent": agent, "file_id": file_id, "detail": detail,
+                                         "collector": self.instance_id})
         except Exception:  # noqa: BLE001 - the ingest path must survive a failing event write
             log.exception("could not record %s event for agent %s file %s", event, agent, file_id)
 
@@ -546,11 +718,37 @@ class Ingest:
         reason = f"{code}: {detail}"
         if stage:
             directory = self._dir(agent, file_id)
-            self._remove(directory)
+            self._remove_staging(agent, file_id)
             if marker:
                 directory.mkdir(parents=True, exist_ok=True)
                 _write_atomic(directory / "rejected.json", json.dumps({"reason": reason}).encode("utf-8"))
         return self._reply(file_id, "rejected", reason=reason)
+
+
+class _FolderLock:
+    """A non-blocking exclusive flock on a file (created if needed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        except FileNotFoundError:  # the staging folder is gone: nothing to finish here
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _manifest_or_none(payload: bytes) -> Manifest | None:

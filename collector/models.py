@@ -101,6 +101,10 @@ class SegmentRecord(Base):
     storage_path: Mapped[str | None] = mapped_column(String(1024))  # relative to storage_dir; None for gaps
     chain_status: Mapped[str] = mapped_column(String(16))  # first | linked | hole
     stored_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Retention (issue 5, migration 0003_audit): set by `exam-retention enforce` after the file is unlinked;
+    # the row itself is never erased. `deleted_entry` is the seq of the tombstone in the audit log.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_entry: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class IngestEvent(Base):
@@ -119,3 +123,199 @@ class IngestEvent(Base):
     event: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+# ============================================================================ audit log, holds, scrub (issue 5)
+# Migration 0003_audit. Written by collector/audit.py, collector/holds.py and retention/.
+
+class AuditHead(Base):
+    """The single row (id 1) every append locks: the newest entry's seq and hash."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    head_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditEntry(Base):
+    """Append-only, hash-chained: `entry_hash` = SHA-256 of the canonical JSON of the fields and `prev_hash`."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (Index("ix_audit_entry_action_target", "action", "target"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(512))
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text)          # canonical JSON object
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """(entry count, head hash, time) signed with the collector key."""
+
+    __tablename__ = "audit_checkpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    entry_count: Mapped[int] = mapped_column(BigInteger)
+    head_hash: Mapped[str | None] = mapped_column(String(64))
+    occasion: Mapped[str] = mapped_column(String(32))    # schedule | export | manual
+    public_key: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class LegalHold(Base):
+    """A hold by batch, or by camera (within a venue) and time range; blocks deletion until released."""
+
+    __tablename__ = "legal_hold"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str | None] = mapped_column(String(128))
+    venue: Mapped[str | None] = mapped_column(String(64))
+    camera: Mapped[str | None] = mapped_column(String(128))
+    from_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    to_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(Text)
+    case_ref: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_by: Mapped[str] = mapped_column(String(256))
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    released_by: Mapped[str | None] = mapped_column(String(256))
+    release_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ScrubRun(Base):
+    """One `exam-retention scrub`: what was checked and every problem found (JSON list)."""
+
+    __tablename__ = "scrub_run"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sample: Mapped[float] = mapped_column(Float)
+    files_checked: Mapped[int] = mapped_column(Integer)
+    bytes_checked: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
+    problem_count: Mapped[int] = mapped_column(Integer)
+    problems: Mapped[str] = mapped_column(Text)
+# ============================================================================ end of issue 5 section
+
+
+# ============================================================================ chunk receipts (issue 3)
+# Migration 0004_receipts. Written by collector/ingest.py; any collector instance sharing the database answers
+# a repeated `fin` from these rows.
+
+class ChunkTransfer(Base):
+    """A file being reassembled in staging: created by its `init`, touched by each `fin`, removed after the
+    store or when the staging TTL expires. Its row lock is the finishing claim among collector instances."""
+
+    __tablename__ = "chunk_transfer"
+    __table_args__ = (Index("ix_chunk_transfer_updated_at", "updated_at"),)
+
+    agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    chunks: Mapped[int] = mapped_column(Integer)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    init_sha256: Mapped[str] = mapped_column(String(64))  # of the init payload, to notice a changed init
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ChunkReceipt(Base):
+    """Chunk `idx` of a staged file is on the storage volume and fsynced (written only after the bytes)."""
+
+    __tablename__ = "chunk_receipt"
+
+    agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+
+
+# ============================================================================ exam batches (issue 4)
+# Migration 0002_batches. Written by collector/batches.py. Footage is linked to a part by query (venue, room
+# and time overlap), not by a link table, so links never go stale whichever arrives first.
+
+class ExamBatch(Base):
+    """One exam batch (批次) as the exam-affairs system names it."""
+
+    __tablename__ = "exam_batch"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    institution: Mapped[str] = mapped_column(String(64))
+    occupation: Mapped[str] = mapped_column(String(128))
+    level: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ExamBatchPart(Base):
+    """A part (theory or practical) of a batch in one room, with its exam window in UTC."""
+
+    __tablename__ = "exam_batch_part"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "part", "room"),
+        Index("ix_exam_batch_part_venue_room_time", "venue", "room", "start_at", "end_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(String(128), ForeignKey("exam_batch.id"))
+    part: Mapped[str] = mapped_column(String(16))      # theory | practical
+    venue: Mapped[str] = mapped_column(String(64))
+    room: Mapped[str] = mapped_column(String(64))
+    start_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    end_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BatchImport(Base):
+    """Every accepted import: who, from which file, and what it created or changed (JSON)."""
+
+    __tablename__ = "batch_import"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    changes: Mapped[str] = mapped_column(Text)
+
+
+# The cameras of a room are found by skipping through this index (one seek per camera), which stays fast
+# however many segments a room has.
+Index("ix_segment_record_venue_room_camera", SegmentRecord.venue, SegmentRecord.room, SegmentRecord.camera)
+# ============================================================================ end of issue 4 section
+
+
+# ============================================================================ portal users and sessions (issue 6)
+# Migration 0005_users. Written by collector/users.py (`exam-collector users add`, the HTTP API's login).
+
+class PortalUser(Base):
+    """An inspector or admin of the HTTP API and web portal; inspectors see only their institutions."""
+
+    __tablename__ = "portal_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))   # scrypt$n$r$p$salt$hash
+    role: Mapped[str] = mapped_column(String(16))             # inspector | admin
+    institutions: Mapped[str] = mapped_column(Text)           # JSON list of institution codes
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class PortalSession(Base):
+    """A login: only the SHA-256 of its bearer token is stored; it stops working at `expires_at`."""
+
+    __tablename__ = "portal_session"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("portal_user.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+# ============================================================================ end of issue 6 section

@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .config import EdgeConfig
+from .diskkeeper import DiskKeeper
 from .recorder import CameraRecorder, Recorders
 from .spool import Journal, Sealer
+from .status import StatusReporter
 from .uploader import Uploader
 from .watcher import SegmentWatcher
 
 log = logging.getLogger(__name__)
+
+
+class AlreadyRunning(Exception):
+    """Another exam-edge process holds this data_dir; the message names it."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """An exclusive flock on {data_dir}/agent.lock for the life of the process (the kernel drops it when the
+    process dies, even by SIGKILL), so two agents never share one spool and journal."""
+    path = data_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another exam-edge is already running on data_dir {data_dir} (lock {path}): "
+                             "stop it first, or give this agent its own [agent] data_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 class Agent:
@@ -23,22 +48,50 @@ class Agent:
         self.drain_seconds = drain_seconds
         for directory in (config.agent.data_dir, config.agent.recording_dir, config.agent.spool_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_data_dir(config.agent.data_dir)
         self.journal = Journal(config.agent.journal_path)
         self.uploader = Uploader(config, self.journal)
         self.recorders = Recorders(self.journal)
         self.sealer = Sealer(config, self.journal, key, clock=self.uploader.clock.current, runs=self.recorders,
                              on_sealed=self.uploader.wake)
+        health = None
+        if config.health.enabled:
+            from .health import HealthAnalyzer  # OpenCV is loaded only when the analysis is on
+
+            health = HealthAnalyzer(config, binary=ffmpeg_binary)
+            self.sealer.health_check = health.flags_for
         for cam in config.cameras:
             self.recorders.add(CameraRecorder(cam, config.recording.segment_seconds, config.agent.recording_dir,
                                               self.journal, self.sealer, binary=ffmpeg_binary,
                                               on_state=self._camera_state))
         self.watcher = SegmentWatcher(config.agent.recording_dir, self.sealer)
+        self.alarms: dict[str, str] = {}
+        self.disk = DiskKeeper(config, self.journal, self.recorders, on_alarm=self._alarm)
+        self.status = StatusReporter(config, self.journal, self.recorders.states, self.uploader.set_status,
+                                     alarms=lambda: dict(self.alarms),
+                                     health=(lambda: dict(health.last_flags)) if health else dict)
         self._started = False
         self._state_lock = threading.Lock()
+
+    def _alarm(self, code: str, detail: str | None) -> None:
+        """Raised (detail) or cleared (None); the retained status topic carries the active ones."""
+        with self._state_lock:
+            if detail is None:
+                self.alarms.pop(code, None)
+            else:
+                self.alarms[code] = detail
+            self.uploader.set_status(alarms=dict(self.alarms))
 
     def _camera_state(self, camera: str, state: str) -> None:
         with self._state_lock:
             self.uploader.set_status(cameras=self.recorders.states())
+
+    def has_history(self) -> bool:
+        """True once this data_dir has journaled a record (the agent reached its broker before)."""
+        return bool(self.journal.cameras())
+
+    def connect_later(self) -> None:
+        self.uploader.connect_later()
 
     def connect(self) -> None:
         """Reach the broker first (raises BrokerUnreachable / BrokerRefused) so a bad broker stops us early."""
@@ -52,7 +105,10 @@ class Agent:
                 self.sealer.note_outage(cam.id, "agent_stopped", "the edge agent was not recording")
         self.sealer.start()
         self.watcher.start()
+        self.disk.check()  # a full disk holds the cameras before their first ffmpeg
         self.recorders.start()
+        self.disk.start()
+        self.status.start()
         self._started = True
         log.info("agent %s running with %d camera(s)", self.config.agent.id, len(self.config.cameras))
 
@@ -61,6 +117,7 @@ class Agent:
         Returns True when everything sealed was acknowledged."""
         if self._started:
             log.info("stopping: closing the cameras' last segments")
+            self.disk.stop()
             self.recorders.stop()
             self.watcher.stop()
             self.sealer.stop()
@@ -75,6 +132,8 @@ class Agent:
                             self.uploader.backlog())
         else:
             drained = self.uploader.backlog() == 0
+        self.status.stop()
         self.uploader.stop()
         self.journal.close()
+        os.close(self._lock_fd)
         return drained

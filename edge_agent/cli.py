@@ -1,4 +1,4 @@
-"""`exam-edge`: init, pubkey, run, status."""
+"""`exam-edge`: init, pubkey, probe, run, status."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ venue = {venue}                  # 备案场所
 data_dir = {data_dir}            # recording/, spool/, journal.sqlite
 key_file = {key_file}            # Ed25519 signing key (PKCS#8 PEM, 0600); `exam-edge pubkey` prints its public key
 local_keep_days = 7              # acknowledged footage kept locally this long
+min_free_mb = 1024               # disk budget: below this, acknowledged footage goes early; below half, cameras stop
 
 [mqtt]
 url = {broker}                   # mqtts://host:8883, or mqtt:// for a loopback broker
@@ -151,7 +152,7 @@ def pubkey(ctx: click.Context) -> None:
 @click.pass_context
 def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> None:
     """Record every camera, seal and upload segments until SIGTERM/SIGINT (or --duration)."""
-    from .agent import Agent
+    from .agent import Agent, AlreadyRunning
     from .spool import JournalError
     from .uploader import BrokerRefused, BrokerUnreachable
 
@@ -167,14 +168,19 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> Non
             fail(f"{tool} is not on PATH: install ffmpeg (e.g. apt install ffmpeg)")
     try:
         agent = Agent(config, key, drain_seconds=drain_seconds)
-    except ConfigError as exc:
+    except (ConfigError, AlreadyRunning) as exc:
         fail(str(exc))
     except (OSError, JournalError) as exc:
         fail(f"[agent] data_dir = {str(config.agent.data_dir)!r} is unusable ({exc}): fix its path or permissions")
     try:
         agent.connect()
     except BrokerUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE)
+        if not agent.has_history():  # a first start: most likely a wrong [mqtt] url, say so now
+            fail(str(exc), EXIT_UNREACHABLE)
+        # A restart during a network outage: recording never waits for the network (store-and-forward).
+        logging.getLogger(__name__).warning("%s; recording anyway, the spool is uploaded once the broker "
+                                            "answers", exc)
+        agent.connect_later()
     except BrokerRefused as exc:
         fail(str(exc))
     stop = threading.Event()
@@ -192,10 +198,49 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> Non
 
 
 @cli.command()
+@click.option("--set-reference", is_flag=True,
+              help="Store each working camera's snapshot as its reference view (for the 'moved' health flag).")
+@click.option("--camera", "camera_ids", multiple=True, metavar="ID", help="Probe only this camera (repeatable).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True,
+              help="Seconds to wait for each camera.")
+@click.pass_context
+def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], timeout: float) -> None:
+    """Open each camera, print codec, resolution, fps and bitrate, save a snapshot; exit 1 if any fails."""
+    from .health import ReferenceError, save_reference
+    from .probe import format_table, probe_all
+
+    config = _load(ctx)
+    if not config.cameras:
+        fail(f"{config.path} has no [[camera]] table: add one (id, room, room_kind, source)")
+    for tool in ("ffmpeg", "ffprobe"):
+        if shutil.which(tool) is None:
+            fail(f"{tool} is not on PATH: install ffmpeg (e.g. apt install ffmpeg)")
+    known = {cam.id: cam for cam in config.cameras}
+    unknown = [cam for cam in camera_ids if cam not in known]
+    if unknown:
+        fail(f"--camera {unknown[0]} is not configured: use one of {', '.join(known)}")
+    results = probe_all(config, [known[cam] for cam in camera_ids] or None, timeout)
+    click.echo(format_table([probe for probe, _ in results]))
+    for probe_result, image in results:
+        if probe_result.snapshot is not None:
+            click.echo(f"snapshot {probe_result.camera}: {probe_result.snapshot}")
+        if set_reference and image is not None:
+            try:
+                click.echo(f"reference view {probe_result.camera}: {save_reference(config, probe_result.camera, image)}")
+            except ReferenceError as exc:
+                fail(str(exc))
+    failed = [probe_result.camera for probe_result, _ in results if not probe_result.ok]
+    if failed:
+        fail(f"{len(failed)} of {len(results)} camera(s) failed ({', '.join(failed)}): fix what the table says "
+             "and run `exam-edge probe` again")
+
+
+@cli.command()
 @click.pass_context
 def status(ctx: click.Context) -> None:
-    """Spool backlog and last acknowledged segment per camera (from the journal)."""
+    """Spool backlog, last acknowledged segment, camera states and health per camera."""
     from .spool import Journal, JournalError
+    from .status import StatusFileError, read_local_status
 
     config = _load(ctx)
     if not config.agent.journal_path.exists():
@@ -205,18 +250,29 @@ def status(ctx: click.Context) -> None:
         journal = Journal(config.agent.journal_path)
         rows = journal.status()
         journal.close()
-    except JournalError as exc:
+        local = read_local_status(config)
+    except (JournalError, StatusFileError) as exc:
         fail(str(exc))
+    if local is None:
+        click.echo("agent: no status reported yet (camera states unknown)")
+    else:
+        click.echo(f"agent: {'running' if local.running else 'NOT RUNNING'}, last report {local.time:%Y-%m-%d %H:%M:%S} UTC")
+        for code, detail in sorted(local.alarms.items()):
+            click.echo(f"ALARM {code}: {detail}")
+    states = local.cameras if local and local.running else {}
+    health = local.health if local else {}
     configured = {cam.id for cam in config.cameras}
-    click.echo(f"{'camera':<20} {'last seq':>8} {'last stored':>11} {'pending':>7} {'pending MB':>10} {'rejected':>8}")
+    click.echo(f"{'camera':<20} {'state':<12} {'last seq':>8} {'last stored':>11} {'pending':>7} {'pending MB':>10} "
+               f"{'rejected':>8}  health")
     seen = set()
     for row in rows:
         seen.add(row.camera)
         stored = "-" if row.last_stored_seq is None else str(row.last_stored_seq)
-        click.echo(f"{row.camera:<20} {row.last_seq:>8} {stored:>11} {row.pending:>7} "
-                   f"{row.pending_bytes / 1e6:>10.1f} {row.rejected:>8}")
+        click.echo(f"{row.camera:<20} {states.get(row.camera, '-'):<12} {row.last_seq:>8} {stored:>11} "
+                   f"{row.pending:>7} {row.pending_bytes / 1e6:>10.1f} {row.rejected:>8}  "
+                   f"{','.join(health.get(row.camera, [])) or '-'}")
     for cam in sorted(configured - seen):
-        click.echo(f"{cam:<20} {0:>8} {'-':>11} {0:>7} {0.0:>10.1f} {0:>8}")
+        click.echo(f"{cam:<20} {states.get(cam, '-'):<12} {0:>8} {'-':>11} {0:>7} {0.0:>10.1f} {0:>8}  -")
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

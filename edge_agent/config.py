@@ -14,6 +14,7 @@ from exam_contract.manifest import ROOM_KINDS
 SEGMENT_SECONDS_DEFAULT = 60
 SEGMENT_SECONDS_RANGE = (10, 300)
 LOCAL_KEEP_DAYS_DEFAULT = 7
+MIN_FREE_MB_DEFAULT = 1024
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # Camera and agent ids end up in file names and MQTT topics: no '/', '+', '#', '@' or spaces.
@@ -32,6 +33,9 @@ class AgentConfig:
     data_dir: Path
     key_file: Path
     local_keep_days: int = LOCAL_KEEP_DAYS_DEFAULT
+    # Disk budget (issue 3): below this much free space on data_dir's filesystem acknowledged footage is
+    # deleted oldest first, even within local_keep_days; below half of it the cameras stop (disk_full).
+    min_free_mb: int = MIN_FREE_MB_DEFAULT
 
     @property
     def recording_dir(self) -> Path:
@@ -48,6 +52,18 @@ class AgentConfig:
     @property
     def journal_path(self) -> Path:
         return self.data_dir / "journal.sqlite"
+
+    @property
+    def thumbnail_dir(self) -> Path:
+        return self.data_dir / "thumbnails"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.data_dir / "reference"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,13 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """[health]: keyframe analysis of each finished segment (flags in the manifest's `health`)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class RecordingConfig:
     segment_seconds: int = SEGMENT_SECONDS_DEFAULT
 
@@ -100,6 +123,7 @@ class EdgeConfig:
     mqtt: MqttConfig
     recording: RecordingConfig
     cameras: tuple[CameraConfig, ...]
+    health: HealthConfig = HealthConfig()
 
     def camera(self, camera_id: str) -> CameraConfig:
         for cam in self.cameras:
@@ -138,10 +162,10 @@ def load_config(path: Path | str) -> EdgeConfig:
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
-    known = {"agent", "mqtt", "recording", "camera"}
+    known = {"agent", "mqtt", "recording", "camera", "health"}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"[{key}] is not a known section: remove it (known: agent, mqtt, recording, camera)")
+            raise ConfigError(f"[{key}] is not a known section: remove it (known: agent, mqtt, recording, camera, health)")
     agent = _agent(_table(raw, "agent"), base_dir)
     mqtt = _mqtt(_table(raw, "mqtt"), base_dir)
     recording = _recording(_table(raw, "recording", required=False))
@@ -156,7 +180,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
             raise ConfigError(f"[[camera]] id = {cam.id!r} is used twice: give every camera a unique id")
         seen.add(cam.id)
         cameras.append(cam)
-    return EdgeConfig(path=path, agent=agent, mqtt=mqtt, recording=recording, cameras=tuple(cameras))
+    return EdgeConfig(path=path, agent=agent, mqtt=mqtt, recording=recording, cameras=tuple(cameras),
+                      health=_health(_table(raw, "health", required=False)))
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = True) -> dict[str, Any]:
@@ -205,7 +230,12 @@ def _unknown_keys(table: dict[str, Any], section: str, known: set[str]) -> None:
 
 
 def _agent(table: dict[str, Any], base_dir: Path) -> AgentConfig:
-    _unknown_keys(table, "agent", {"id", "institution", "venue", "data_dir", "key_file", "local_keep_days"})
+    _unknown_keys(table, "agent", {"id", "institution", "venue", "data_dir", "key_file", "local_keep_days",
+                                   "min_free_mb"})
+    min_free = table.get("min_free_mb", MIN_FREE_MB_DEFAULT)
+    if not isinstance(min_free, int) or isinstance(min_free, bool) or min_free < 1:
+        raise ConfigError(f"[agent] min_free_mb = {min_free!r} must be a whole number of MB >= 1: fix it "
+                          f"(default {MIN_FREE_MB_DEFAULT})")
     keep = table.get("local_keep_days", LOCAL_KEEP_DAYS_DEFAULT)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
         raise ConfigError(f"[agent] local_keep_days = {keep!r} must be a whole number of days >= 0: fix it")
@@ -214,7 +244,7 @@ def _agent(table: dict[str, Any], base_dir: Path) -> AgentConfig:
     assert data_dir is not None and key_file is not None
     return AgentConfig(id=_ident(table, "agent", "id"), institution=_ident(table, "agent", "institution"),
                        venue=_ident(table, "agent", "venue"), data_dir=data_dir, key_file=key_file,
-                       local_keep_days=keep)
+                       local_keep_days=keep, min_free_mb=min_free)
 
 
 def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
@@ -256,6 +286,14 @@ def _recording(table: dict[str, Any]) -> RecordingConfig:
         raise ConfigError(f"[recording] segment_seconds = {seconds} is out of range {low}..{high}: "
                           f"set a value between {low} and {high}")
     return RecordingConfig(segment_seconds=seconds)
+
+
+def _health(table: dict[str, Any]) -> HealthConfig:
+    _unknown_keys(table, "health", {"enabled"})
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"[health] enabled = {enabled!r} is not a boolean: write enabled = true or enabled = false")
+    return HealthConfig(enabled=enabled)
 
 
 def _camera(table: Any, index: int, base_dir: Path) -> CameraConfig:

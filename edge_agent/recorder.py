@@ -43,6 +43,24 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
+# How ffmpeg reports a live source that went away (a killed GStreamer RTSP server: exit 0 after EOF).
+_SOURCE_LOST = ("connection reset", "connection refused", "connection timed out", "operation timed out",
+                "broken pipe", "end of file", "no route to host", "network is unreachable",
+                "input/output error", "no such device")
+
+
+def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> str:
+    """Why a run ended by itself: `camera_unreachable` when the camera never delivered, or when a live camera
+    stopped delivering (the stream ended or the network failed); otherwise `recorder_crashed`."""
+    if not run.produced:
+        return "camera_unreachable"
+    if source_kind(camera.source) in ("rtsp", "v4l2"):
+        said = " ".join(run.stderr_tail).lower()
+        if run.proc.returncode == 0 or any(words in said for words in _SOURCE_LOST):
+            return "camera_unreachable"
+    return "recorder_crashed"
+
+
 def new_run_id(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
 
@@ -182,6 +200,14 @@ class CameraRecorder:
         self._run_lock = threading.Lock()
         self.state = "stopped"
         self.restarts = 0
+        self._hold: tuple[str, str] | None = None  # (cause, detail) while the camera must not record
+
+    def hold(self, cause: str, detail: str) -> None:
+        """Stop recording (gracefully) and stay stopped until `release()`; the sealer states the outage."""
+        self._hold = (cause, detail)
+
+    def release(self) -> None:
+        self._hold = None
 
     # --- what the sealer asks ---
     def current_run(self) -> FfmpegRun | None:
@@ -234,17 +260,29 @@ class CameraRecorder:
     def _loop(self) -> None:
         delay = BACKOFF_START
         while not self._stop.is_set():
+            held = self._hold
+            if held is not None:
+                self.sealer.submit_outage(self.camera.id, held[0], held[1])
+                log.warning("camera %s: not recording (%s): %s", self.camera.id, held[0], held[1])
+                self._set_state(held[0])
+                while self._hold is not None and not self._stop.wait(0.5):
+                    pass
+                if self._stop.is_set():
+                    break
+                log.info("camera %s: resuming after %s", self.camera.id, held[0])
+                delay = BACKOFF_START
+                continue
             self._set_state("starting")
             run = self._launch()
             if run is None:
                 self.sealer.submit_outage(self.camera.id, "camera_unreachable", f"cannot start {self.binary}")
             else:
                 while not self._stop.wait(self.poll_interval):
-                    if not run.is_alive():
+                    if not run.is_alive() or self._hold is not None:
                         break
                     if self.state != "recording" and run.produced:
                         self._set_state("recording")
-                if self._stop.is_set() and run.is_alive():
+                if (self._stop.is_set() or self._hold is not None) and run.is_alive():
                     self._graceful_stop(run)
                 run.proc.wait()
                 run.join_readers()
@@ -252,10 +290,14 @@ class CameraRecorder:
                 self.sealer.submit_run_finished(self.camera.id, run.run_id)
                 if self._stop.is_set():
                     break
-                cause = "recorder_crashed" if run.produced else "camera_unreachable"
+                if self._hold is not None:
+                    continue
+                cause = run_end_cause(self.camera, run)
                 code = run.proc.returncode
                 detail = run.last_error or (f"ffmpeg killed by signal {signal.Signals(-code).name}" if code < 0
                                             else f"ffmpeg exited with code {code}")
+                if cause == "camera_unreachable" and code == 0:
+                    detail = f"the camera ended the stream (ffmpeg's last message: {detail})"
                 log.error("camera %s: ffmpeg run %s exited with code %s (%s): %s", self.camera.id, run.run_id,
                           run.proc.returncode, cause, detail)
                 self.sealer.submit_outage(self.camera.id, cause, detail)
@@ -315,6 +357,14 @@ class Recorders:
             recorder.request_stop()
         for recorder in self.by_camera.values():
             recorder.stop()
+
+    def hold_all(self, cause: str, detail: str) -> None:
+        for recorder in self.by_camera.values():
+            recorder.hold(cause, detail)
+
+    def release_all(self) -> None:
+        for recorder in self.by_camera.values():
+            recorder.release()
 
     def states(self) -> dict[str, str]:
         return {cam: rec.state for cam, rec in self.by_camera.items()}

@@ -70,6 +70,11 @@ create table if not exists records (
 );
 create index if not exists records_state on records (state, id);
 create index if not exists records_src on records (src_path);
+create table if not exists pruned (
+    record_id integer primary key,
+    at text not null,
+    reason text not null
+);
 create table if not exists runs (
     camera text not null,
     run_id text not null,
@@ -249,6 +254,25 @@ class Journal:
                                    (reason, _utc_iso(_now()), camera, seq))
         return cur.rowcount > 0
 
+    # --- disk budget (edge_agent.diskkeeper) ------------------------------------------------------
+    def prunable(self, limit: int, created_before: datetime | None = None) -> list[Record]:
+        """Acknowledged (`stored`) segments whose local file is not yet deleted, oldest first. Pending and
+        rejected records are never returned: unacknowledged footage is never deleted."""
+        sql = (f"select {_RECORD_COLS} from records where state = 'stored' and kind = 'segment' "
+               "and path is not null and id not in (select record_id from pruned)")
+        args: list[Any] = []
+        if created_before is not None:
+            sql += " and created_at < ?"
+            args.append(_utc_iso(created_before))
+        with self._lock:
+            rows = self._db.execute(sql + " order by id limit ?", (*args, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def mark_pruned(self, rowid: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute("insert or ignore into pruned (record_id, at, reason) values (?,?,?)",
+                             (rowid, _utc_iso(_now()), reason))
+
     def status(self) -> list[CameraStatus]:
         with self._lock:
             rows = self._db.execute(
@@ -328,7 +352,9 @@ def probe_segment(path: Path, timeout: float = 60) -> ProbeResult:
                                        height=int(video["height"]), fps=fps))
 
 
-def hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
+    """(sha256 hex, size); with `fsync` the file's bytes are also made durable before the hash is trusted
+    (a record must never name bytes that a power loss could take back)."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
@@ -338,6 +364,8 @@ def hash_file(path: Path) -> tuple[str, int]:
                 break
             digest.update(block)
             size += len(block)
+        if fsync:
+            os.fsync(handle.fileno())
     return digest.hexdigest(), size
 
 
@@ -417,6 +445,20 @@ def open_by_any_process(path: Path) -> bool:
     return False
 
 
+ORPHAN_WAIT_SECONDS = 20.0
+
+
+def _wait_closed(path: Path, timeout: float) -> bool:
+    """After a SIGKILLed agent its ffmpeg gets SIGTERM (PDEATHSIG) and closes its last segment a moment
+    later: wait for that (bounded) so the segment is sealed before the new run's, in time order."""
+    deadline = time.monotonic() + timeout
+    while open_by_any_process(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 # --- the sealer ---------------------------------------------------------------------------------
 
 class RunInfo(Protocol):
@@ -463,6 +505,8 @@ class Sealer:
         self.runs: RunInfo = runs or JournalRuns(journal)
         self._on_sealed = on_sealed
         self._list_wait = list_wait
+        # Frame health flags for a segment's manifest (edge_agent.health); must not raise.
+        self.health_check: Callable[[CameraConfig, Path, datetime, VideoInfo], tuple[str, ...]] | None = None
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
         self._outages: dict[str, _Outage] = {}
         self._thread: threading.Thread | None = None
@@ -561,7 +605,7 @@ class Sealer:
                 if parsed is None:
                     continue
                 runs.add(parsed[0])
-                if open_by_any_process(path):
+                if not _wait_closed(path, ORPHAN_WAIT_SECONDS):
                     log.warning("camera %s: %s is still open by another process; not sealing it", cam.id, path.name)
                     continue
                 self.seal_file(cam.id, path)
@@ -684,11 +728,12 @@ class Sealer:
                 return None
         end = end or truncate_to_millis(start + timedelta(seconds=probe.duration))
         self._resolve_outage(cam, start)
-        digest, size = hash_file(path)
+        digest, size = hash_file(path, fsync=True)
         state = self.journal.camera_state(cam.id)
         manifest = Manifest(kind="segment", **self._base(cam), seq=state.last_seq + 1, start=start,
                             end=max(end, start), duration=probe.duration, size=size, sha256=digest,
-                            prev=state.last_hash, video=probe.video, clock=self._clock())
+                            prev=state.last_hash, video=probe.video, clock=self._clock(),
+                            health=self.health_check(cam, path, start, probe.video) if self.health_check else ())
         spool = self.config.agent.spool_dir / cam.id
         spool.mkdir(parents=True, exist_ok=True)
         final = spool / segment_file_name(cam.id, start)

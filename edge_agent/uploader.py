@@ -36,7 +36,7 @@ UTC = timezone.utc
 MAX_INFLIGHT_BYTES = 8 * 1024 * 1024
 MAX_ACTIVE_FILES = 4
 REPLY_TIMEOUT = 10.0
-REPLY_TIMEOUT_CAP = 120.0
+REPLY_TIMEOUT_CAP = 60.0
 SESSION_EXPIRY = 7 * 24 * 3600
 SYNC_LIMIT_MS = 2000.0
 INIT_MISSING = "init_missing"
@@ -90,6 +90,9 @@ class Transfer:
     fin_sent: datetime | None = None
     deadline: float | None = None
     asks: int = 0
+    fin_at: float | None = None          # a deferred fin (after a repeated, identical `missing`)
+    last_missing: tuple | None = None
+    repeats: int = 0
 
     @property
     def file_id(self) -> str:
@@ -139,6 +142,7 @@ class Uploader:
         self.peak_inflight_bytes = 0
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._reconnected = threading.Event()
         self._connect_result: Any = None
         self._connect_done = threading.Event()
         self._wake = threading.Event()
@@ -161,7 +165,7 @@ class Uploader:
         client.will_set(status_topic(self.agent), json.dumps({"agent": self.agent, "state": "offline"}),
                         qos=1, retain=True)
         client.max_inflight_messages_set(64)
-        client.reconnect_delay_set(1, 30)
+        client.reconnect_delay_set(1, 5)  # a venue uplink back after an outage is used within 5 s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -190,6 +194,15 @@ class Uploader:
             raise BrokerRefused(f"the MQTT broker at {self.mqtt.address} refused the connection ({code}): check "
                                 "[mqtt] username and password_file (or cert_file/key_file)")
 
+    def connect_later(self) -> None:
+        """Record now, upload later: paho keeps trying to reach the broker in the background (1 to 30 s
+        apart) and the uploader starts sending once it is connected."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY
+        self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=30, clean_start=False,
+                                  properties=props)
+        self.client.loop_start()
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connect_result = reason_code
         self._connect_done.set()
@@ -198,6 +211,7 @@ class Uploader:
             return
         log.info("connected to MQTT broker %s (session present: %s)", self.mqtt.address, flags.session_present)
         client.subscribe(reply_topic(self.agent), qos=1)
+        self._reconnected.set()
         self._connected.set()
         self._publish_status()
         self._wake.set()
@@ -294,6 +308,9 @@ class Uploader:
             self._handle_reply(reply, received)
         if not self._connected.is_set():
             return
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            self._ask_again()
         self._fill()
         now = time.monotonic()
         for transfer in list(self._active.values()):
@@ -334,6 +351,9 @@ class Uploader:
             self._publish(chunk_topic(self.agent, transfer.file_id, index), data)
         if transfer.to_send:
             return
+        if transfer.fin_at is not None and now >= transfer.fin_at:
+            transfer.fin_at = None
+            transfer.fin_needed = True
         if transfer.fin_needed or (transfer.deadline is not None and now >= transfer.deadline):
             if not transfer.fin_needed:
                 log.info("camera %s seq %s: no reply yet, asking again", transfer.record.camera,
@@ -344,6 +364,17 @@ class Uploader:
             wait = min(self.reply_timeout * (2 ** transfer.asks), REPLY_TIMEOUT_CAP)
             transfer.asks += 1
             transfer.deadline = now + wait
+
+    def _ask_again(self) -> None:
+        """After a (re)connect, chunks, fins and replies of the open transfers may have been lost: each one
+        sends what it still has queued, then repeats `fin` at once to ask the collector for its status."""
+        for transfer in self._active.values():
+            transfer.fin_needed = True
+            transfer.fin_at = None
+            transfer.deadline = None
+            transfer.asks = 0
+        if self._active:
+            log.info("connected again: asking the collector for the status of %d open upload(s)", len(self._active))
 
     def _handle_reply(self, reply: Reply, received: datetime) -> None:
         transfer = self._active.get(reply.file_id)
@@ -374,8 +405,19 @@ class Uploader:
                         queued.add(index)
             log.info("camera %s seq %s: collector misses %s; resending", camera, seq,
                      reply.missing or reply.reason)
-            transfer.fin_needed = True
+            answer = (tuple(map(tuple, reply.missing)), reply.reason)
+            transfer.repeats = transfer.repeats + 1 if answer == transfer.last_missing else 0
+            transfer.last_missing = answer
             transfer.deadline = None
+            transfer.asks = 0  # the collector answers: no backoff for the next question
+            if transfer.repeats:
+                # The same answer again: the resent chunks may still be on their way through another
+                # collector instance. Give them a moment (growing) before asking again.
+                transfer.fin_needed = False
+                transfer.fin_at = time.monotonic() + min(0.5 * 2 ** (transfer.repeats - 1), self.reply_timeout)
+            else:
+                transfer.fin_needed = True
+                transfer.fin_at = None
 
     def _finish(self, file_id: str) -> None:
         transfer = self._active.pop(file_id, None)

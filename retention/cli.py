@@ -1,27 +1,273 @@
-"""`exam-retention`: not built yet; every subcommand says so plainly and exits 1."""
+"""`exam-retention`: enforce the one-year floor and legal holds, scrub stored footage, audit coverage, verify the log.
+
+Reads the collector's TOML config (database_url, storage_dir, key_file, [retention], [coverage]).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
 import click
 
-NOT_YET = ("exam-retention {name}: not yet implemented (tracked in issue 5, retention job); "
-           "nothing was deleted or changed")
+from collector.config import CollectorConfig, ConfigError, load_config
+from exam_contract.signing import KeyFileError
+
+PROG = "exam-retention"
+DEFAULT_CONFIG = Path("/etc/exam-collector/collector.toml")
+EXIT_OK, EXIT_INPUT, EXIT_UNREACHABLE, EXIT_GAPS, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+
+
+class Fail(Exception):
+    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Obj:
+    def __init__(self, config_path: Path | None) -> None:
+        self.config_path = config_path
+        self._config: CollectorConfig | None = None
+
+    def config(self) -> CollectorConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path or DEFAULT_CONFIG)
+        return self._config
+
+    def sessions(self):  # -> sessionmaker[Session]
+        from collector.db import (DatabaseUrlError, check_connection, current_revision, describe_url,
+                                  head_revision, make_engine, session_factory)
+
+        cfg = self.config()
+        try:
+            engine = make_engine(cfg.database_url)
+        except DatabaseUrlError as exc:
+            raise Fail(f"[collector] database_url: {exc}")
+        check_connection(engine, cfg.database_url)
+        current, head = current_revision(engine), head_revision()
+        if current != head:
+            raise Fail(f"database {describe_url(cfg.database_url)} is at schema revision {current or 'none'}, "
+                       f"not {head}: run `exam-collector --config {self.config_path or DEFAULT_CONFIG} db upgrade`")
+        return session_factory(engine)
+
+    def signing_key(self):  # -> Ed25519PrivateKey
+        from exam_contract.signing import load_private_key
+
+        return load_private_key(self.config().key_file)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(), help="Collector config TOML.")
-def main(config_path: str | None) -> None:
-    """Enforce the one-year floor and legal holds, scrub and audit stored footage."""
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="EXAM_COLLECTOR_CONFIG", help=f"Collector config TOML (default {DEFAULT_CONFIG}).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what is done.")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """Enforce the one-year floor and legal holds, scrub and audit stored footage, verify the audit log."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("sqlalchemy", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.obj = Obj(config_path)
 
 
-def _not_yet(name: str) -> None:
-    @main.command(name=name, help=f"{name}: not yet implemented (issue 5).",
-                  context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        click.echo(NOT_YET.format(name=name), err=True)
-        raise SystemExit(1)
+# ---------------------------------------------------------------------------- verify-log
+
+@cli.command("verify-log")
+@click.option("--pubkey", default=None, help="Collector public key (base64) to check checkpoints with "
+                                             "(default: derived from [collector] key_file).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def verify_log(obj: Obj, pubkey: str | None, as_json: bool) -> None:
+    """Prove the audit log's hash chain and every signed checkpoint (exit 4 names the first bad entry)."""
+    from collector.audit import verify_log as verify
+    from exam_contract.signing import PublicKeyError, parse_public_key
+
+    if pubkey is not None:
+        try:
+            public = parse_public_key(pubkey)
+        except PublicKeyError as exc:
+            raise Fail(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes")
+    else:
+        public = obj.signing_key().public_key()
+    with obj.sessions()() as session:
+        report = verify(session, public)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
+                               "first_bad": report.first_bad.seq if report.first_bad else None,
+                               "problems": [{"entry": p.seq, "problem": p.what} for p in report.problems]},
+                              ensure_ascii=False, indent=2))
+    elif report.ok:
+        click.echo(f"audit log verified: {report.entries} entries chained, {report.checkpoints} signed "
+                   "checkpoints match")
+    else:
+        first = report.first_bad
+        assert first is not None
+        click.echo(f"audit log BROKEN: first bad entry {first.seq if first.seq is not None else '-'}: {first.what}")
+        for p in report.problems:
+            click.echo(f"  entry {p.seq if p.seq is not None else '-'}: {p.what}")
+    if not report.ok:
+        raise SystemExit(EXIT_INTEGRITY)
 
 
-for _name in ("enforce", "audit", "scrub", "verify-log"):
-    _not_yet(_name)
+# ---------------------------------------------------------------------------- enforce
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Print the plan and totals; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_obj
+def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
+    """Delete footage past its retention floor and not under hold (tombstone first, rows kept)."""
+    from collector import audit
+    from .enforce import ClockError, build_plan, execute, plan_lines
+    from .policy import PolicyError, RetentionPolicy
+
+    cfg = obj.config()
+    policy = RetentionPolicy(cfg.retention.margin_days, cfg.retention.unlinked_retention_days)
+    try:
+        policy.check()
+    except PolicyError as exc:
+        raise Fail(str(exc))
+    pre = timedelta(minutes=cfg.coverage.pre_margin_minutes)
+    post = timedelta(minutes=cfg.coverage.post_margin_minutes)
+    key = None if dry_run else obj.signing_key()  # a real run must be able to sign its checkpoint
+    sessions = obj.sessions()
+    now = datetime.now(timezone.utc)
+    try:
+        with sessions() as session:
+            plan = build_plan(session, policy, now, cfg.storage_dir, pre, post)
+    except ClockError as exc:
+        raise Fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(plan.as_json(), ensure_ascii=False, indent=2))
+    else:
+        for line in plan_lines(plan):
+            click.echo(line)
+    for alarm in plan.alarms:
+        click.echo(f"{PROG}: ALARM: {alarm}", err=True)
+    if dry_run:
+        if not as_json:
+            click.echo("dry run: nothing deleted")
+        return
+    actor = f"retention:{audit.local_actor()}"
+    result = execute(sessions, plan, cfg.storage_dir, policy, actor, pre, post)
+    with sessions.begin() as session:
+        audit.record(session, audit.ACTION_ENFORCE_RUN, actor=actor, target="storage",
+                     detail={"now": plan.now, "deleted_files": len(result.deleted),
+                             "deleted_bytes": sum(d.size for d in result.deleted), "skipped": result.skipped,
+                             "per_venue": {t.venue: [t.files, t.bytes] for t in plan.per_venue()},
+                             "alarms": list(plan.alarms)})
+        assert key is not None
+        audit.checkpoint(session, key, occasion="retention")
+    for line in result.skipped:
+        click.echo(f"skipped {line}", err=True)
+    if not as_json:
+        click.echo(f"deleted {len(result.deleted)} files, {sum(d.size for d in result.deleted)} bytes; "
+                   "tombstones are in the audit log")
+
+
+# ---------------------------------------------------------------------------- scrub
+
+@cli.command()
+@click.option("--sample", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Fraction of stored files to re-hash (chains and signatures are always checked in full).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a tty).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None:
+    """Re-hash stored files; find missing, orphan and altered files and chain breaks (exit 4 on any)."""
+    from .scrub import run_scrub
+
+    cfg = obj.config()
+    show = sys.stderr.isatty() if progress is None else progress
+    result = run_scrub(obj.sessions(), cfg.storage_dir, sample=sample, progress=sys.stderr if show else None,
+                       actor=f"retention:{_actor()}")
+    if as_json:
+        click.echo(json.dumps(result.as_json(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(f"scrub {result.run_id}: re-hashed {result.files_checked} files, {result.bytes_checked} bytes "
+                   f"in {result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s); checked {result.records_checked} "
+                   f"records' signatures and chains; {len(result.problems)} problems")
+        for p in result.problems:
+            click.echo(f"  {p.kind}: {p.item}: {p.what}")
+    if result.problems:
+        raise SystemExit(EXIT_INTEGRITY)
+
+
+def _actor() -> str:
+    from collector.audit import local_actor
+
+    return local_actor()
+
+
+# ---------------------------------------------------------------------------- audit
+
+def _day(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise Fail(f"{option} {text!r} is not a date: write YYYY-MM-DD (a day in Asia/Shanghai)")
+
+
+@cli.command("audit")
+@click.option("--from", "from_text", required=True, help="First day, YYYY-MM-DD (Asia/Shanghai).")
+@click.option("--to", "to_text", required=True, help="Last day, inclusive, YYYY-MM-DD (Asia/Shanghai).")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv", "html"]), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Report file.")
+@click.pass_obj
+def audit_cmd(obj: Obj, from_text: str, to_text: str, fmt: str, out: Path) -> None:
+    """Coverage-gap report for the period across institutions, venues and batches (exit 3 on any gap)."""
+    from .report import build_report, write_report
+
+    first, last = _day(from_text, "--from"), _day(to_text, "--to")
+    if last < first:
+        raise Fail(f"--to {last} is before --from {first}: swap them")
+    cfg = obj.config()
+    report = build_report(obj.sessions(), cfg, first, last, now=datetime.now(timezone.utc),
+                          actor=f"retention:{_actor()}")
+    try:
+        write_report(report, fmt, out)
+    except OSError as exc:
+        raise Fail(f"cannot write --out {out}: {exc.strerror}; choose a writable path")
+    click.echo(f"audit {first}..{last}: {report.totals.parts} batch parts ({report.totals.parts_with_gaps} with gaps), "
+               f"{report.totals.cameras} cameras, {report.totals.gaps} gaps totalling "
+               f"{report.totals.gap_seconds:.0f} s; wrote {out}")
+    if report.totals.gaps:
+        raise SystemExit(EXIT_GAPS)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def _error(message: str) -> None:
+    click.echo(f"{PROG}: error: {' '.join(str(message).split())}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from collector.db import DatabaseUnavailable
+
+    try:
+        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Abort:
+        _error("aborted")
+        sys.exit(EXIT_INPUT)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        _error(exc.format_message() + (f" (see `{PROG} --help`)" if isinstance(exc, click.UsageError) else ""))
+        sys.exit(EXIT_INPUT)
+    except Fail as exc:
+        _error(str(exc))
+        sys.exit(exc.code)
+    except (ConfigError, KeyFileError) as exc:
+        _error(str(exc))
+        sys.exit(EXIT_INPUT)
+    except DatabaseUnavailable as exc:
+        _error(str(exc))
+        sys.exit(EXIT_UNREACHABLE)
+    sys.exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

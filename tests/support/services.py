@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,3 +98,21 @@ def mosquitto_binary() -> str | None:
 def lavfi_source(rate: int = 25, size: str = "320x240") -> str:
     """A camera stand-in: live-paced synthetic video, as the edge config's `source` takes it."""
     return f"lavfi:testsrc2=size={size}:rate={rate}"
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_kib: int) -> Iterator[Path]:
+    """A real tiny filesystem (tmpfs of `size_kib` KiB) mounted at `path`, for "disk full" tests.
+    Skips the test when mounting is not allowed here (needs root or CAP_SYS_ADMIN)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path} here ({result.stderr.strip() or result.returncode}): "
+                    "run as root to test a full disk")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -1,0 +1,149 @@
+"""CPU cost of the edge agent: `exam-edge run` (agent + its ffmpegs + ffprobe + analysis) ÷ bare ffmpeg segmenting.
+
+Eight "real-time" cameras: a 1080p25 H.264 file (2 s GOP, ~3 Mbit/s, like an IP camera) read with `-re`
+and recorded by stream copy, exactly as the agent records a `source = "/path/file.ts"` camera. The baseline
+runs the agent's own ffmpeg command lines (edge_agent.recorder.build_command) with nothing else. Then the
+agent runs the same cameras with frame-health analysis off and on, uploading to a private mosquitto (no
+collector: each segment is sent once). CPU is user+system time of the process tree (getrusage of waited
+children), so the other load on the machine does not count.
+
+    .venv/bin/python -m bench.agent_cpu [--cameras 8] [--seconds 180] [--segment-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.config import load_config
+from edge_agent.recorder import build_command, new_run_id
+from tests.support.services import Mosquitto, mosquitto_binary
+
+BIN = Path(sys.executable).parent
+TARGET_OFF, TARGET_ON = 1.3, 3.0
+
+
+@dataclass(frozen=True)
+class Cost:
+    cpu: float  # CPU-seconds of the whole process tree
+    own: float | None = None  # of the agent's Python process alone
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_source(path: Path, seconds: int = 20) -> None:
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=1920x1080:rate=25", "-t", str(seconds), "-c:v", "libx264", "-preset",
+                    "ultrafast", "-b:v", "3M", "-maxrate", "3M", "-bufsize", "6M", "-g", "50",
+                    "-pix_fmt", "yuv420p", "-f", "mpegts", str(path)], check=True)
+
+
+def write_config(root: Path, broker_url: str, source: Path, cameras: int, segment_seconds: int,
+                 health: bool) -> Path:
+    from exam_contract.signing import generate_private_key
+
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / "agent.key"
+    if not key.exists():
+        generate_private_key(key)
+    text = (f'[agent]\nid = "bench-agent"\ninstitution = "JL2201001"\nvenue = "JL2201001-01"\n'
+            f'data_dir = "{root / "data"}"\nkey_file = "{key}"\n\n[mqtt]\nurl = "{broker_url}"\n\n'
+            f'[recording]\nsegment_seconds = {segment_seconds}\n\n[health]\nenabled = {str(health).lower()}\n')
+    for index in range(cameras):
+        text += (f'\n[[camera]]\nid = "cam-{index + 1:02d}"\nroom = "T{101 + index // 2}"\n'
+                 f'room_kind = "theory"\nsource = "{source}"\n')
+    path = root / "edge.toml"
+    path.write_text(text)
+    return path
+
+
+def bare_ffmpeg(config_path: Path, seconds: float) -> Cost:
+    config = load_config(config_path)
+    before = children_cpu()
+    procs = []
+    for cam in config.cameras:
+        out = config.agent.recording_dir / cam.id
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = build_command(cam, config.recording.segment_seconds, out, new_run_id())
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env={**os.environ, "TZ": "UTC"}))
+    time.sleep(seconds)
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        proc.wait(30)
+    return Cost(cpu=children_cpu() - before)
+
+
+def agent(config_path: Path, seconds: float) -> Cost:
+    before = children_cpu()
+    proc = subprocess.Popen([str(BIN / "exam-edge"), "--config", str(config_path), "run", "--duration",
+                             str(seconds), "--drain-seconds", "0"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    own = None
+    while proc.poll() is None:
+        own = process_cpu(proc.pid) or own
+        time.sleep(0.5)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"exam-edge run exited {proc.returncode}: {err[-2000:]}")
+    return Cost(cpu=children_cpu() - before, own=own)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=180.0, help="recording time of each run")
+    parser.add_argument("--segment-seconds", type=int, default=60)
+    args = parser.parse_args(argv)
+    if mosquitto_binary() is None:
+        raise SystemExit("bench.agent_cpu: error: mosquitto is not installed; run `make deps`")
+    with tempfile.TemporaryDirectory(prefix="bench-agent-cpu-") as tmp:
+        root = Path(tmp)
+        source = root / "camera-1080p25.ts"
+        make_source(source)
+        broker = Mosquitto(workdir=root / "mosquitto", max_packet_size=1024 * 1024)
+        broker.start()
+        try:
+            runs = {}
+            for name, health in (("bare", False), ("off", False), ("on", True)):
+                config = write_config(root / name, broker.url, source, args.cameras, args.segment_seconds, health)
+                print(f"{name}: {args.cameras} cameras for {args.seconds:.0f} s ...", flush=True)
+                runs[name] = bare_ffmpeg(config, args.seconds) if name == "bare" else agent(config, args.seconds)
+        finally:
+            broker.stop()
+    bare = runs["bare"].cpu
+    print(f"\n{args.cameras} cameras, 1080p25 ~3 Mbit/s stream copy, {args.segment_seconds} s segments, "
+          f"{args.seconds:.0f} s each run")
+    print(f"bare ffmpeg segmenting           {bare:7.2f} CPU-s   1.00")
+    for name, target in (("off", TARGET_OFF), ("on", TARGET_ON)):
+        cost = runs[name]
+        ratio = cost.cpu / bare if bare else float("inf")
+        own = f" (agent process {cost.own:.2f})" if cost.own is not None else ""
+        verdict = "meets" if ratio <= target else "MISSES"
+        print(f"agent + ffmpeg, analysis {name:<4}   {cost.cpu:7.2f} CPU-s   {ratio:5.2f}  {verdict} target "
+              f"<= {target}{own}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

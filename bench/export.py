@@ -1,0 +1,131 @@
+"""Evidence export throughput against `cp` of the same files, measured in the same run.
+
+Builds a throwaway collector (SQLite, one enrolled agent, N segment files ingested through
+collector.ingest.Ingest with signed manifests, one batch covering them), warms the page cache, then
+alternates `export_batch` (copy with SHA-256 of every byte, keys, coverage, package.json signed, audit entry
+and checkpoint) and `cp -r` of the same stored files into a fresh folder, `--rounds` times. Prints best-of
+export MB/s ÷ best-of cp MB/s (target >= 0.8). The viewing MP4s are not part of the ratio (they are a second
+stream-copied file per camera, i.e. twice the bytes written); `--viewing` measures them separately on
+real ffmpeg footage. Run from the repo root:
+
+    .venv/bin/python -m bench.export --files 16 --mib 32 --rounds 3 [--viewing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from collector.admin import enroll
+from collector.batches import import_batches
+from collector.db import make_engine, session_factory, upgrade
+from collector.export import ExportSettings, export_batch
+from collector.ingest import Ingest
+from exam_contract.signing import generate_private_key, load_private_key, public_key_b64
+from tests.support.footage import BASE, SITE_A, Camera, Demo, make_segments
+
+MB = 1_000_000
+
+
+def build(root: Path, files: int, mib: int, real: list[Path] | None = None) -> tuple[Demo, int]:
+    engine = make_engine(f"sqlite:///{root / 'collector.db'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    key_file = root / "collector.key"
+    generate_private_key(key_file)
+    demo = Demo(root, f"sqlite:///{root / 'collector.db'}", engine, sessions, root / "storage", key_file,
+                Ingest(engine, root / "storage"))
+    camera = Camera(SITE_A, Ed25519PrivateKey.generate())
+    enroll(sessions, SITE_A.agent, SITE_A.venue, public_key_b64(camera.key), SITE_A.institution)
+    total = 0
+    seconds = 60
+    count = len(real) if real else files
+    for i in range(count):
+        data = real[i].read_bytes() if real else os.urandom(mib << 20)
+        step = 2 if real else seconds
+        demo.send(camera, camera.manifest("segment", BASE + timedelta(seconds=i * step), step, data), data)
+        total += len(data)
+    end = BASE + timedelta(seconds=count * (2 if real else seconds))
+    csv = ("batch_id,institution,venue,occupation,level,part,room,start,end\n"
+           f"BENCH,{SITE_A.institution},{SITE_A.venue},电工,四级,theory,{SITE_A.room},"
+           f"{BASE.isoformat()},{end.isoformat()}\n")
+    with sessions.begin() as session:
+        import_batches(session, csv.encode(), source="bench.csv", actor="bench")
+    return demo, total
+
+
+def drop_outputs(root: Path) -> None:
+    for path in root.glob("out-*"):
+        shutil.rmtree(path)
+
+
+def timed_export(demo: Demo, out: Path, viewing: bool) -> float:
+    key = load_private_key(demo.key_file)
+    started = time.perf_counter()
+    result = export_batch(demo.sessions, storage_dir=demo.storage, key=key, batch_id="BENCH", out=out,
+                          actor="bench", reason="benchmark", settings=ExportSettings(viewing=viewing))
+    elapsed = time.perf_counter() - started
+    if result.source_problems:
+        raise SystemExit(f"bench: export found problems: {result.source_problems[:3]}")
+    return elapsed
+
+
+def timed_cp(demo: Demo, out: Path) -> float:
+    source = demo.storage / SITE_A.institution
+    started = time.perf_counter()
+    subprocess.run(["cp", "-r", str(source), str(out)], check=True)
+    return time.perf_counter() - started
+
+
+def compare(demo: Demo, total: int, rounds: int, viewing: bool, label: str) -> float:
+    for path in (demo.storage / SITE_A.institution).rglob("*"):   # warm the page cache for both
+        if path.is_file():
+            path.read_bytes()
+    exports, copies = [], []
+    for i in range(rounds):
+        exports.append(total / timed_export(demo, demo.root / f"out-export-{i}", viewing) / MB)
+        copies.append(total / timed_cp(demo, demo.root / f"out-cp-{i}") / MB)
+        drop_outputs(demo.root)
+    ratio = max(exports) / max(copies)
+    print(f"{label}: {total / MB:.0f} MB; export {min(exports):.0f}-{max(exports):.0f} MB/s (best {max(exports):.0f}), "
+          f"cp {min(copies):.0f}-{max(copies):.0f} MB/s (best {max(copies):.0f}); export/cp = {ratio:.2f} "
+          f"(target >= 0.8)")
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--mib", type=int, default=32, help="size of each segment file")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--viewing", action="store_true", help="also measure export with viewing MP4s")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-export-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        root = Path(tmp)
+        (root / "a").mkdir()
+        demo, total = build(root / "a", args.files, args.mib)
+        ratio = compare(demo, total, args.rounds, viewing=False, label=f"{args.files} x {args.mib} MiB segments")
+        demo.engine.dispose()
+        if args.viewing:
+            if shutil.which("ffmpeg") is None:
+                print("bench: ffmpeg missing, --viewing skipped", file=sys.stderr)
+            else:
+                (root / "b").mkdir()
+                real = make_segments(root / "lavfi", count=60, size="1280x720")
+                demo_b, total_b = build(root / "b", 0, 0, real)
+                compare(demo_b, total_b, args.rounds, viewing=True, label="60 x 2 s 720p H.264 with viewing MP4s")
+                demo_b.engine.dispose()
+    return 0 if ratio >= 0.8 else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Collector ingest throughput against the raw MQTT baseline, measured in the same run.
+
+A lean publisher (exam_contract only, no edge agent) plays one enrolled agent: it signs manifests,
+sends `init`, 256 KiB chunks and `fin` per protocol v1, keeps a few files in flight and counts a file
+done only when the real `exam-collector serve` replies `stored` (verified signature, SHA-256 and
+chain, file and directory fsynced, row committed). The clock runs from the first publish to the last
+`stored` reply. Then `bench.mqtt_baseline` sends the same number of bytes through the same broker.
+Prints ingest MB/s / baseline MB/s (target >= 0.6). Run from the repo root:
+
+    .venv/bin/python -m bench.ingest --mib 256 [--database-url postgresql+psycopg://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from bench.mqtt_baseline import BenchError, run_on_broker
+from exam_contract.canonical import sha256_hex
+from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, file_id_for
+from exam_contract.protocol import InitMessage, Reply
+from exam_contract.signing import generate_private_key, public_key_b64, sign
+from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
+from tests.support.services import Mosquitto, mosquitto_binary
+
+BIN = Path(sys.executable).parent
+AGENT, INSTITUTION, VENUE, CAMERA = "bench-agent", "JL2201001", "JL2201001-01", "t101-bench"
+FILES_IN_FLIGHT = 4  # x 32 chunks of 8 MiB files stays far below mosquitto's 1000-message subscriber queue
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    files: int
+    total_bytes: int
+    seconds: float
+    database: str
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.total_bytes / 1e6 / self.seconds
+
+
+def _cli(*args: str) -> str:
+    result = subprocess.run([str(BIN / "exam-collector"), *args], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise BenchError(f"exam-collector {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+    return result.stdout
+
+
+class _Replies:
+    def __init__(self) -> None:
+        self.stored: set[str] = set()
+        self.rejected: dict[str, str] = {}
+        self.changed = threading.Condition()
+
+    def on_message(self, client, userdata, message) -> None:
+        reply = Reply.decode(message.payload)
+        with self.changed:
+            if reply.state == "stored":
+                self.stored.add(reply.file_id)
+            elif reply.state == "rejected":
+                self.rejected[reply.file_id] = reply.reason or "?"
+            self.changed.notify_all()
+
+    def wait(self, predicate, timeout: float, what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: predicate() or bool(self.rejected), timeout):
+                raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+            if self.rejected:
+                raise BenchError(f"collector rejected {self.rejected}")
+
+
+def _manifests(key, files: int, file_size: int) -> list[tuple[Manifest, str, bytes]]:
+    """Seq 1 is a gap record (the warm-up round trip); seq 2.. are segments of distinct bytes."""
+    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=2)
+    base = Manifest(kind="gap", agent=AGENT, institution=INSTITUTION, venue=VENUE, room="T101", room_kind="theory",
+                    camera=CAMERA, seq=1, start=start, end=start + timedelta(seconds=1), duration=1.0, size=0,
+                    sha256=None, prev=None, video=None, clock=ClockInfo(offset_ms=0.0, synced=True), health=(),
+                    cause="agent_stopped", detail="bench warm-up")
+    out: list[tuple[Manifest, str, bytes]] = []
+    prev: str | None = None
+    block = os.urandom(1 << 20)
+    for seq in range(1, files + 2):
+        if seq == 1:
+            manifest, data = base, b""
+        else:
+            data = (seq.to_bytes(8, "big") + block) * (file_size // (len(block) + 8)) + bytes(file_size % (len(block) + 8))
+            begin = start + timedelta(seconds=1 + 60 * (seq - 2))
+            manifest = replace(base, kind="segment", seq=seq, start=begin, end=begin + timedelta(seconds=60),
+                               duration=60.0, size=len(data), sha256=sha256_hex(data), cause=None, detail=None,
+                               video=VideoInfo(codec="h264", width=1920, height=1080, fps=25.0))
+        manifest = replace(manifest, prev=prev)
+        out.append((manifest, sign(key, manifest.canonical()), data))
+        prev = manifest.record_hash()
+    return out
+
+
+def _publish(client: mqtt.Client, manifest: Manifest, signature: str, data: bytes) -> None:
+    file_id = file_id_for(manifest.camera, manifest.seq)
+    init = InitMessage.build(manifest, signature, DEFAULT_CHUNK_SIZE)
+    client.publish(init_topic(AGENT, file_id), init.encode(), qos=1)
+    for index in range(init.chunks):
+        chunk = data[index * DEFAULT_CHUNK_SIZE:(index + 1) * DEFAULT_CHUNK_SIZE]
+        client.publish(chunk_topic(AGENT, file_id, index), chunk, qos=1)
+    client.publish(fin_topic(AGENT, file_id), b"", qos=1)
+
+
+def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, database_url: str | None,
+               timeout: float = 600) -> IngestResult:
+    data_dir = workdir / "collector"
+    config = data_dir / "collector.toml"
+    init = ["--config", str(config), "init", "--data-dir", str(data_dir), "--broker", broker.url]
+    if database_url:
+        init += ["--database-url", database_url]
+    _cli(*init)
+    _cli("--config", str(config), "db", "upgrade")
+    key = generate_private_key(workdir / "agent.key")
+    _cli("--config", str(config), "enroll", "--agent", AGENT, "--venue", VENUE, "--pubkey", public_key_b64(key),
+         "--institution", INSTITUTION)
+    files = max(1, total_mib // file_mib)
+    records = _manifests(key, files, file_mib * 2**20)
+
+    log = open(workdir / "collector.log", "wb")
+    serve = subprocess.Popen([str(BIN / "exam-collector"), "--config", str(config), "serve"], stdout=log,
+                             stderr=subprocess.STDOUT)
+    replies = _Replies()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=AGENT, protocol=mqtt.MQTTv5)
+    client.on_message = replies.on_message
+    client.max_inflight_messages_set(32)
+    client.max_queued_messages_set(0)
+    try:
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        client.subscribe(reply_topic(AGENT), qos=1)
+        warm_up, *segments = records
+        warm_id = file_id_for(CAMERA, 1)
+        deadline = time.monotonic() + 30
+        while warm_id not in replies.stored:  # the collector subscribes a moment after it starts
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"collector did not answer the warm-up (see {workdir / 'collector.log'})")
+            _publish(client, *warm_up)
+            with replies.changed:
+                replies.changed.wait_for(lambda: warm_id in replies.stored, 2)
+        started = time.perf_counter()
+        for number, (manifest, signature, data) in enumerate(segments):
+            replies.wait(lambda n=number: n - (len(replies.stored) - 1) < FILES_IN_FLIGHT, timeout,
+                         f"stored replies ({len(replies.stored) - 1} of {number})")
+            _publish(client, manifest, signature, data)
+        wanted = {file_id_for(CAMERA, m.seq) for m, _, _ in segments}
+        replies.wait(lambda: wanted <= replies.stored, timeout, "the last stored reply")
+        seconds = time.perf_counter() - started
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        log.close()
+    total = sum(len(data) for _, _, data in segments)
+    return IngestResult(files=len(segments), total_bytes=total, seconds=seconds,
+                        database="postgresql" if database_url and database_url.startswith("postgresql") else "sqlite")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="footage to ingest, in MiB (default 256)")
+    parser.add_argument("--file-mib", type=int, default=8, help="segment size in MiB (default 8)")
+    parser.add_argument("--database-url", help="collector database (default: SQLite in a temporary folder)")
+    args = parser.parse_args(argv)
+    if mosquitto_binary() is None:
+        print("bench: error: mosquitto is not installed; run `make deps`", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        broker = Mosquitto(workdir=workdir / "mosquitto", extra_config="persistence false")
+        broker.start()
+        try:
+            ingest = run_ingest(broker, workdir, args.mib, args.file_mib, args.database_url)
+            baseline = run_on_broker("127.0.0.1", broker.port, total_mib=ingest.total_bytes // 2**20)
+        except BenchError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            broker.stop(kill=True)
+    print(f"ingest ({ingest.database}): {ingest.files} x {args.file_mib} MiB segments, verified + fsynced + "
+          f"acknowledged in {ingest.seconds:.2f} s: {ingest.mb_per_s:.0f} MB/s")
+    print(f"mqtt baseline, same broker, same bytes: {baseline.seconds:.2f} s: {baseline.mb_per_s:.0f} MB/s")
+    print(f"ingest / baseline = {ingest.mb_per_s / baseline.mb_per_s:.2f} (target >= 0.6)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

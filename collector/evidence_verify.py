@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Verify an exam-footage evidence package offline: needs only Python 3.8+ and `cryptography`.
+
+    python verify.py PACKAGE_DIR_OR_ZIP [--collector-key BASE64] [--json]
+
+Verdicts: OK (exit 0), OK_WITH_GAPS (exit 3: footage intact, the coverage gaps listed were stated),
+NOT_OK (exit 4: each problem listed). This one file is both the `verify.py` shipped inside every package
+and what `exam-collector verify-package` runs, so the two verdicts cannot differ.
+
+What is checked:
+  1. package.json is signed (package.sig) by the collector key in keys/collector.pub (compare its
+     fingerprint with the one the collector operator publishes, or pin it with --collector-key);
+  2. every segment and gap record: its manifest is signed by its agent's key in keys/agents/;
+  3. every segment file is present, with the size and SHA-256 its signed manifest states;
+  4. per camera, the hash chain: each record's `prev` is the SHA-256 of the previous record's manifest,
+     and every missing sequence number is declared as a chain hole;
+  5. no gap is hidden: coverage of each exam part is recomputed from the signed manifests, and every
+     uncovered stretch of at least the gap tolerance must be among the gaps the package declares;
+  6. the other listed files (coverage report, viewing MP4s) have their listed size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List, Optional, Tuple
+
+try:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+except ImportError:  # pragma: no cover - the message is the point
+    sys.stderr.write("verify.py needs the `cryptography` package: pip install cryptography\n")
+    sys.exit(1)
+
+OK = "OK"
+OK_WITH_GAPS = "OK_WITH_GAPS"
+NOT_OK = "NOT_OK"
+EXIT_CODES = {OK: 0, OK_WITH_GAPS: 3, NOT_OK: 4}
+EXIT_INPUT = 1
+PACKAGE_FORMAT = "exam-footage evidence package"
+READ_BLOCK = 4 << 20
+SHANGHAI = timezone(timedelta(hours=8))  # Asia/Shanghai has no DST; no tzdata needed
+
+
+class PackageUnreadable(Exception):
+    """The path is not a package at all (no folder, no zip, no package.json)."""
+
+
+@dataclass
+class Verification:
+    verdict: str
+    problems: List[str] = field(default_factory=list)
+    gaps: List[str] = field(default_factory=list)
+    batch: str = ""
+    segments: int = 0
+    bytes: int = 0
+    collector_key: str = ""
+    collector_fingerprint: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"verdict": self.verdict, "problems": self.problems, "gaps": self.gaps, "batch": self.batch,
+                "segments": self.segments, "bytes": self.bytes, "collector_key": self.collector_key,
+                "collector_fingerprint": self.collector_fingerprint}
+
+    def render(self) -> str:
+        lines = [self.verdict]
+        lines.append(f"batch {self.batch}: {self.segments} segment files, {self.bytes} bytes; collector key "
+                     f"{self.collector_key} (SHA-256 fingerprint {self.collector_fingerprint})")
+        for problem in self.problems:
+            lines.append(f"PROBLEM: {problem}")
+        for gap in self.gaps:
+            lines.append(f"GAP: {gap}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+def _parse_time(text: Any) -> datetime:
+    if not isinstance(text, str) or len(text) != 24 or not text.endswith("Z"):
+        raise ValueError(f"time {text!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    return datetime.strptime(text[:23], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S") + " 北京时间"
+
+
+def _public_key(text: str) -> Ed25519PublicKey:
+    raw = base64.b64decode(text.strip(), validate=True)
+    if len(raw) != 32:
+        raise ValueError(f"public key is {len(raw)} bytes, not 32")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _verify(key: Ed25519PublicKey, data: bytes, signature_b64: Any) -> bool:
+    try:
+        signature = base64.b64decode(str(signature_b64).strip(), validate=True)
+        key.verify(signature, data)
+        return True
+    except (InvalidSignature, binascii.Error, ValueError, TypeError):
+        return False
+
+
+def _safe_path(root: Path, relative: Any) -> Optional[Path]:
+    """The file a package-relative POSIX path names, or None if it would leave the package."""
+    if not isinstance(relative, str) or not relative:
+        return None
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in relative:
+        return None
+    return root.joinpath(*pure.parts)
+
+
+def hash_file(path: Path) -> Tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(READ_BLOCK)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _check_file(root: Path, relative: Any, size: Any, sha256: Any, what: str, problems: List[str]) -> int:
+    path = _safe_path(root, relative)
+    if path is None:
+        problems.append(f"{what}: path {relative!r} is not a relative path inside the package")
+        return 0
+    if not path.is_file():
+        problems.append(f"{relative}: missing ({what})")
+        return 0
+    actual_sha, actual_size = hash_file(path)
+    if actual_size != size:
+        problems.append(f"{relative}: size {actual_size} bytes, the signed record says {size} ({what})")
+    if actual_sha != sha256:
+        problems.append(f"{relative}: SHA-256 {actual_sha} does not match the signed {sha256} ({what}): "
+                        "the file was altered or corrupted")
+    return actual_size
+
+
+def _merge(intervals: List[Tuple[datetime, datetime]]) -> List[Tuple[datetime, datetime]]:
+    merged: List[Tuple[datetime, datetime]] = []
+    for start, end in sorted(intervals):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def uncovered(window: Tuple[datetime, datetime], covered: List[Tuple[datetime, datetime]],
+              tolerance: timedelta) -> List[Tuple[datetime, datetime]]:
+    """Stretches of `window` not in `covered`, at least `tolerance` long (the coverage engine's rule)."""
+    start, end = window
+    clipped = _merge([(max(a, start), min(b, end)) for a, b in covered])
+    out: List[Tuple[datetime, datetime]] = []
+    cursor = start
+    for a, b in clipped:
+        if a > cursor:
+            out.append((cursor, a))
+        cursor = max(cursor, b)
+    if cursor < end:
+        out.append((cursor, end))
+    return [(a, b) for a, b in out if b - a >= tolerance]
+
+
+# ---------------------------------------------------------------------------- the checks
+
+def _load(root: Path) -> Tuple[bytes, Dict[str, Any]]:
+    package_path = root / "package.json"
+    if not package_path.is_file():
+        raise PackageUnreadable(f"{root} holds no package.json: give the folder (or zip) "
+                                "`exam-collector export` wrote")
+    data = package_path.read_bytes()
+    try:
+        package = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PackageUnreadable(f"{package_path} is not valid JSON ({exc})") from exc
+    if not isinstance(package, dict) or package.get("format") != PACKAGE_FORMAT:
+        raise PackageUnreadable(f"{package_path} is not an exam-footage evidence package")
+    return data, package
+
+
+def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
+    data, package = _load(root)
+    problems: List[str] = []
+    result = Verification(verdict=NOT_OK, problems=problems, batch=str((package.get("batch") or {}).get("id", "")))
+
+    # 1. the collector's signature over the exact bytes of package.json
+    key_text = ""
+    try:
+        key_text = (root / "keys" / "collector.pub").read_text(encoding="ascii").strip()
+        collector_key = _public_key(key_text)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"keys/collector.pub: missing or not a base64 Ed25519 public key ({exc})")
+        collector_key = None
+    result.collector_key = key_text
+    result.collector_fingerprint = hashlib.sha256(key_text.encode("ascii", "replace")).hexdigest()[:16]
+    if pinned_key is not None and pinned_key.strip() != key_text:
+        problems.append("keys/collector.pub is not the collector key given with --collector-key: "
+                        "this package was not signed by that collector")
+    try:
+        signature = (root / "package.sig").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        problems.append("package.sig: missing; the package cannot be authenticated")
+        signature = None
+    if collector_key is not None and signature is not None and not _verify(collector_key, data, signature):
+        problems.append("package.json: the collector signature (package.sig) does not verify: package.json "
+                        "was altered, or signed by another key")
+
+    # 2-4. records, files, chains
+    agent_keys: Dict[str, Optional[Ed25519PublicKey]] = {}
+    tolerance = timedelta(seconds=float((package.get("coverage_rule") or {}).get("gap_tolerance_seconds", 2)))
+    disqualifying = set((package.get("coverage_rule") or {}).get("disqualifying_health") or [])
+    spans: Dict[Tuple[str, str], List[Tuple[datetime, datetime, str, Tuple[str, ...]]]] = {}
+    listed_files = set()
+    cameras = package.get("cameras")
+    if not isinstance(cameras, list):
+        problems.append("package.json: no `cameras` list")
+        cameras = []
+    for cam in cameras:
+        venue, camera = str(cam.get("venue")), str(cam.get("camera"))
+        label = f"{venue}/{camera}"
+        records = cam.get("records") or []
+        declared_holes = {(int(h["first_seq"]), int(h["last_seq"])) for h in cam.get("holes") or []}
+        parsed: List[Tuple[int, Dict[str, Any], bytes]] = []
+        for rec in records:
+            text = rec.get("manifest")
+            if not isinstance(text, str):
+                problems.append(f"{label}: a record without its manifest text")
+                continue
+            raw = text.encode("utf-8")
+            try:
+                manifest = json.loads(text)
+            except ValueError:
+                problems.append(f"{label}: a manifest that is not JSON")
+                continue
+            seq = manifest.get("seq")
+            where = f"{label} seq {seq}"
+            agent = str(manifest.get("agent"))
+            if agent not in agent_keys:
+                key_file = _safe_path(root, f"keys/agents/{agent}.pub")
+                try:
+                    agent_keys[agent] = _public_key(key_file.read_text(encoding="ascii")) if key_file else None
+                except (OSError, ValueError, UnicodeDecodeError):
+                    agent_keys[agent] = None
+                if agent_keys[agent] is None:
+                    problems.append(f"keys/agents/{agent}.pub: missing or not a base64 Ed25519 public key")
+            key = agent_keys[agent]
+            if key is not None and not _verify(key, raw, rec.get("signature")):
+                problems.append(f"{where}: the agent signature on the manifest does not verify")
+            if manifest.get("venue") != venue or manifest.get("camera") != camera:
+                problems.append(f"{where}: manifest names {manifest.get('venue')}/{manifest.get('camera')}, "
+                                f"listed under {label}")
+            if not isinstance(seq, int):
+                problems.append(f"{label}: a manifest without an integer seq")
+                continue
+            try:
+                start, end = _parse_time(manifest.get("start")), _parse_time(manifest.get("end"))
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            if manifest.get("kind") == "segment":
+                result.segments += 1
+                listed_files.add(rec.get("file"))
+                result.bytes += _check_file(root, rec.get("file"), manifest.get("size"), manifest.get("sha256"),
+                                            f"segment {where}", problems)
+                spans.setdefault((venue, camera), []).append(
+                    (start, end, str(manifest.get("room")), tuple(manifest.get("health") or ())))
+            parsed.append((seq, manifest, raw))
+        parsed.sort(key=lambda item: item[0])
+        for (seq_a, _m_a, raw_a), (seq_b, m_b, _raw_b) in zip(parsed, parsed[1:]):
+            if seq_b == seq_a:
+                problems.append(f"{label} seq {seq_b}: listed twice")
+            elif seq_b == seq_a + 1:
+                if m_b.get("prev") != hashlib.sha256(raw_a).hexdigest():
+                    problems.append(f"{label} seq {seq_b}: hash chain broken, its prev is not the SHA-256 of "
+                                    f"seq {seq_a}'s manifest")
+            elif (seq_a + 1, seq_b - 1) not in declared_holes:
+                problems.append(f"{label}: seq {seq_a + 1}..{seq_b - 1} missing from the chain and not "
+                                "declared as a hole (a record was removed)")
+        if parsed and parsed[0][0] == 1 and parsed[0][1].get("prev") is not None:
+            problems.append(f"{label} seq 1: prev must be null")
+
+    segments_dir = root / "segments"
+    if segments_dir.is_dir():
+        for path in sorted(segments_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                rel = path.relative_to(root).as_posix()
+                if rel not in listed_files:
+                    problems.append(f"{rel}: a file in segments/ that package.json does not list")
+
+    # 5. coverage recomputed from the signed manifests: no gap may be hidden
+    declared: Dict[Tuple[str, str, str, str], List[Tuple[datetime, datetime]]] = {}
+    for gap in package.get("gaps") or []:
+        try:
+            key4 = (str(gap.get("part")), str(gap.get("room")), str(gap.get("venue")), str(gap.get("camera")))
+            declared.setdefault(key4, []).append((_parse_time(gap["start"]), _parse_time(gap["end"])))
+        except (KeyError, ValueError) as exc:
+            problems.append(f"package.json: a gap entry is malformed ({exc})")
+            continue
+        causes = ", ".join(gap.get("causes") or []) or "unknown"
+        result.gaps.append(f"{gap.get('part')} {gap.get('venue')}/{gap.get('room')} camera "
+                           f"{gap.get('camera') or '-'}: {_local(_parse_time(gap['start']))} – "
+                           f"{_local(_parse_time(gap['end']))} ({gap.get('seconds')} s; {causes})")
+    for part in package.get("parts") or []:
+        try:
+            window = (_parse_time(part["start"]), _parse_time(part["end"]))
+        except (KeyError, ValueError) as exc:
+            problems.append(f"package.json: a part has no valid window ({exc})")
+            continue
+        name, venue, room = str(part.get("part")), str(part.get("venue")), str(part.get("room"))
+        part_cameras = part.get("cameras") or []
+        if not part_cameras and not declared.get((name, room, venue, "")):
+            problems.append(f"part {name} {venue}/{room}: no camera footage and no gap declared for it")
+        for camera in part_cameras:
+            usable = [(a, b) for a, b, r, health in spans.get((venue, camera), [])
+                      if r == room and not disqualifying.intersection(health)]
+            stated = declared.get((name, room, venue, camera), [])
+            for a, b in uncovered(window, usable, tolerance):
+                if not any(s <= a and b <= e for s, e in stated):
+                    problems.append(f"part {name} {venue}/{room} camera {camera}: {_local(a)} – {_local(b)} "
+                                    f"({(b - a).total_seconds():.1f} s) has no footage in the package and is "
+                                    "not declared as a gap (a hidden gap)")
+
+    # 6. other files the collector listed
+    for item in package.get("files") or []:
+        _check_file(root, item.get("path"), item.get("size"), item.get("sha256"), "listed file", problems)
+
+    if problems:
+        result.verdict = NOT_OK
+    elif result.gaps:
+        result.verdict = OK_WITH_GAPS
+    else:
+        result.verdict = OK
+    return result
+
+
+def verify_package(path: Path, pinned_key: Optional[str] = None) -> Verification:
+    """Verify a package folder, or a zip of one (extracted to a temporary folder)."""
+    path = Path(path)
+    if path.is_dir():
+        return verify_dir(path, pinned_key)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with tempfile.TemporaryDirectory(prefix="evidence-") as tmp:
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if _safe_path(Path(tmp), name) is None:
+                        raise PackageUnreadable(f"{path}: zip member {name!r} would leave the folder")
+                archive.extractall(tmp)
+            roots = [Path(tmp)] + [p for p in Path(tmp).iterdir() if p.is_dir()]
+            for root in roots:
+                if (root / "package.json").is_file():
+                    return verify_dir(root, pinned_key)
+            raise PackageUnreadable(f"{path}: the zip holds no package.json")
+    raise PackageUnreadable(f"{path} is neither a package folder nor a zip of one: give the folder "
+                            "`exam-collector export` wrote")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="verify.py", description="Verify an exam-footage evidence package.")
+    parser.add_argument("package", nargs="?", default=os.path.dirname(os.path.abspath(__file__)),
+                        help="package folder or zip (default: the folder holding this verify.py)")
+    parser.add_argument("--collector-key", default=None, help="expected collector public key (base64)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        result = verify_package(Path(args.package), args.collector_key)
+    except PackageUnreadable as exc:
+        sys.stderr.write(f"verify.py: error: {exc}\n")
+        return EXIT_INPUT
+    print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if args.json else result.render())
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

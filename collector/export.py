@@ -1,0 +1,479 @@
+"""Evidence packages (PRODUCT.md, Evidence package): a batch's footage as a folder or zip a stranger can check.
+
+Layout of a package:
+  package.json        batch, parts, cameras with every record's manifest and signature, chain holes, gaps,
+                      coverage, who exported it, when and why, the audit checkpoint; and the size and SHA-256
+                      of every other file below
+  package.sig         base64 Ed25519 signature by the collector key over the exact bytes of package.json
+  keys/               collector.pub and agents/{agent}.pub (base64 raw 32-byte keys)
+  segments/           {venue}/{camera}/{file}: the stored files, bit-identical
+  viewing/            per-camera MP4s stream-copied (concat demuxer, `-c copy`), split at every gap, and a
+                      README.txt listing each clip and each gap between clips in Asia/Shanghai time
+  coverage.json       the coverage report; coverage.html the same in zh-CN
+  verify.py           collector/evidence_verify.py, the one verifier (needs Python 3 and `cryptography`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from exam_contract.canonical import format_time, truncate_to_millis
+from exam_contract.signing import public_key_b64, sign
+
+from . import audit
+from .batch_view import TEXT
+from .batches import SHANGHAI, BatchReport, batch_report, linked_records, report_json
+from .coverage import DISQUALIFYING_HEALTH
+from .evidence_verify import PACKAGE_FORMAT
+from .models import Agent, SegmentRecord
+
+log = logging.getLogger(__name__)
+
+PACKAGE_VERSION = 1
+COPY_BLOCK = 8 << 20
+VERIFIER_SOURCE = Path(__file__).resolve().parent / "evidence_verify.py"
+Progress = Callable[[int, int], None]
+
+
+class ExportError(Exception):
+    """The export cannot be made; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    tolerance_seconds: float = 2.0
+    pre_margin_minutes: int = 15
+    post_margin_minutes: int = 15
+    viewing: bool = True          # per-camera MP4s (needs ffmpeg)
+    make_zip: bool = False
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str
+    start: datetime
+    end: datetime
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    batch_id: str
+    path: Path                    # the folder, or the zip with --zip
+    segments: int
+    bytes: int
+    gaps: tuple[dict[str, Any], ...]
+    clips: tuple[Clip, ...]
+    source_problems: tuple[str, ...]   # stored files that are missing or differ from their manifest
+    audit_seq: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class _Camera:
+    venue: str
+    camera: str
+    records: list[SegmentRecord]
+
+
+def _local(t: datetime) -> str:
+    return t.astimezone(SHANGHAI).isoformat(timespec="seconds")
+
+
+def _local_text(t: datetime, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return t.astimezone(SHANGHAI).strftime(fmt)
+
+
+def _gaps(report: BatchReport) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in report.parts:
+        if not part.coverage.cameras:
+            out.append({"part": part.part, "venue": part.venue, "room": part.room, "camera": "",
+                        "start": format_time(part.start), "end": format_time(part.end),
+                        "start_local": _local(part.start), "end_local": _local(part.end),
+                        "seconds": round((part.end - part.start).total_seconds(), 3), "causes": ["no_camera"]})
+        for cam in part.coverage.cameras:
+            for gap in cam.gaps:
+                out.append({"part": part.part, "venue": part.venue, "room": part.room, "camera": cam.camera,
+                            "start": format_time(gap.start), "end": format_time(gap.end),
+                            "start_local": _local(gap.start), "end_local": _local(gap.end),
+                            "seconds": round(gap.seconds, 3), "causes": list(gap.causes)})
+    return out
+
+
+def collect(session: Session, batch_id: str, settings: ExportSettings,
+            staging_dir: Path | None = None) -> tuple[BatchReport, list[_Camera], dict[str, str]]:
+    """The batch's coverage, its linked records per camera (seq order) and the agents' public keys."""
+    report = batch_report(session, batch_id, tolerance_seconds=settings.tolerance_seconds,
+                          pre_margin_minutes=settings.pre_margin_minutes,
+                          post_margin_minutes=settings.post_margin_minutes, staging_dir=staging_dir)
+    pre, post = timedelta(minutes=settings.pre_margin_minutes), timedelta(minutes=settings.post_margin_minutes)
+    cameras: dict[tuple[str, str], dict[int, SegmentRecord]] = {}
+    for part in report.parts:
+        for record in linked_records(session, part.venue, part.room, part.start - pre, part.end + post):
+            cameras.setdefault((record.venue, record.camera), {})[record.id] = record
+    out = [_Camera(venue, camera, sorted(rows.values(), key=lambda r: r.seq))
+           for (venue, camera), rows in sorted(cameras.items())]
+    agent_ids = {r.agent_id for c in out for r in c.records}
+    keys = {a.id: a.public_key for a in session.scalars(select(Agent).where(Agent.id.in_(agent_ids)))} if agent_ids else {}
+    return report, out, keys
+
+
+def _holes(records: list[SegmentRecord]) -> list[dict[str, Any]]:
+    return [{"first_seq": a.seq + 1, "last_seq": b.seq - 1, "after": format_time(a.end_at),
+             "before": format_time(b.start_at)} for a, b in zip(records, records[1:]) if b.seq > a.seq + 1]
+
+
+def copy_and_hash(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Copy `src` to `dst` in one pass, hashing the bytes on the way (sha256 hex, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(COPY_BLOCK)
+    view = memoryview(buffer)
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        while True:
+            n = fin.readinto(buffer)
+            if not n:
+                break
+            chunk = view[:n]
+            digest.update(chunk)
+            fout.write(chunk)
+            size += n
+            if progress is not None:
+                progress(n)
+    return digest.hexdigest(), size
+
+
+def _file_entry(root: Path, path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(COPY_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return {"path": path.relative_to(root).as_posix(), "size": size, "sha256": digest.hexdigest()}
+
+
+def _runs(records: list[SegmentRecord], tolerance: timedelta) -> list[list[SegmentRecord]]:
+    """Segments in runs without any gap: a new run starts at a seq hole, a gap record, or a time jump."""
+    runs: list[list[SegmentRecord]] = []
+    previous: SegmentRecord | None = None
+    for record in records:
+        if record.kind != "segment" or record.storage_path is None:
+            previous = None
+            continue
+        joined = (previous is not None and record.seq == previous.seq + 1
+                  and abs((record.start_at - previous.end_at).total_seconds()) < tolerance.total_seconds())
+        if joined:
+            runs[-1].append(record)
+        else:
+            runs.append([record])
+        previous = record
+    return runs
+
+
+def make_clip(sources: list[Path], out: Path) -> None:
+    """Stream-copy the sources, in order, into one MP4 (ffmpeg concat demuxer, no re-encode)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as listing:
+        for src in sources:
+            escaped = str(src.resolve()).replace("'", "'\\''")
+            listing.write(f"file '{escaped}'\n")
+    try:
+        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "concat",
+                        "-safe", "0", "-i", listing.name, "-map", "0", "-c", "copy", "-movflags", "+faststart",
+                        str(out)], check=True, capture_output=True, timeout=3600)
+    except subprocess.CalledProcessError as exc:
+        raise ExportError(f"ffmpeg could not remux {out.name}: {exc.stderr.decode(errors='replace').strip()[-300:]}") from exc
+    finally:
+        os.unlink(listing.name)
+
+
+def _coverage_html(report: BatchReport, gaps: list[dict[str, Any]], exported: dict[str, Any],
+                   clips: list[Clip]) -> str:
+    L = TEXT["zh"]
+    e = html.escape
+
+    def status(s: str) -> str:
+        return L["gaps_status" if s == "gaps" else s]
+
+    rows = []
+    for part in report.parts:
+        rows.append(f"<h2>{e(L[part.part])} {e(part.room)}（{e(L['venue'])} {e(part.venue)}）"
+                    f"{e(_local_text(part.start))} – {e(_local_text(part.end))}，{e(L['status'])}："
+                    f"<span class='s-{e(part.status)}'>{e(status(part.status))}</span></h2>")
+        if not part.coverage.cameras:
+            rows.append(f"<p>{e(L['no_camera'])}</p>")
+        for cam in part.coverage.cameras:
+            rows.append(f"<h3>{e(L['camera'])} {e(cam.camera)}：{e(L['covered'])} {cam.percent:.2f}%，"
+                        f"{e(status(cam.status))}</h3>")
+            if not cam.gaps:
+                rows.append(f"<p>{e(L['no_gaps'])}</p>")
+                continue
+            rows.append(f"<table><tr><th>{e(L['gaps'])}（{e(L['tz'])}）</th><th>{e(L['seconds'])}</th>"
+                        f"<th>{e(L['cause'])}</th></tr>")
+            for gap in cam.gaps:
+                rows.append(f"<tr><td>{e(_local_text(gap.start))} – {e(_local_text(gap.end, '%H:%M:%S'))}</td>"
+                            f"<td>{gap.seconds:.1f}</td><td>{e('、'.join(L.get(c, c) for c in gap.causes))}</td></tr>")
+            rows.append("</table>")
+    clip_rows = "".join(f"<li>{e(c.path)}：{e(_local_text(c.start))} – {e(_local_text(c.end))}"
+                        f"（序号 {c.first_seq}–{c.last_seq}）</li>" for c in clips)
+    return f"""<!doctype html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>{e(L['batch'])} {e(report.batch_id)} 覆盖报告</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #999;padding:.2em .6em}}.s-complete{{color:#070}}.s-gaps,.s-no_footage{{color:#b00}}</style>
+</head><body>
+<h1>{e(L['batch'])} {e(report.batch_id)} 覆盖报告</h1>
+<p>{e(L['institution'])} {e(report.institution)}，{e(L['occupation'])} {e(report.occupation)}，{e(L['level'])}
+{e(report.level)}，{e(L['status'])}：{e(status(report.status))}。时间均为北京时间（Asia/Shanghai），
+{e(L['tolerance'])} {report.tolerance_seconds:g} 秒。</p>
+<p>导出人：{e(str(exported['by']))}，导出时间：{e(_local_text(datetime.fromisoformat(exported['at_local'])))}，
+导出原因：{e(str(exported['reason']))}</p>
+{''.join(rows)}
+<h2>覆盖缺口汇总：{len(gaps)} 处</h2>
+<h2>观看用视频（viewing/，流复制，在每个缺口处分段）</h2><ul>{clip_rows or '<li>无</li>'}</ul>
+<p>校验：<code>python3 verify.py .</code>（只需要 Python 3 和 cryptography）：结果为 OK、OK_WITH_GAPS 或 NOT_OK。</p>
+</body></html>
+"""
+
+
+def _viewing_readme(clips: list[Clip], gaps_between: list[tuple[str, datetime, datetime]]) -> str:
+    lines = ["观看用视频 / viewing copies (MP4, stream copy of the original segments, no re-encode)",
+             "每个文件只含连续录像；缺口处分段。时间为北京时间 (Asia/Shanghai).",
+             "Each file holds continuous footage only; files are split at every gap. Times are Asia/Shanghai.",
+             "The evidence is segments/ (verified by verify.py); these files are for convenient viewing.", "",
+             "片段 / clips:"]
+    lines += [f"  {c.path}: {_local_text(c.start)} – {_local_text(c.end)} (seq {c.first_seq}–{c.last_seq})"
+              for c in clips]
+    lines += ["", "片段之间的缺口 / gaps between clips:"]
+    lines += [f"  {camera}: {_local_text(a)} – {_local_text(b)} ({(b - a).total_seconds():.1f} s)"
+              for camera, a, b in gaps_between] or ["  无 / none"]
+    return "\n".join(lines) + "\n"
+
+
+PACKAGE_README = """exam-footage 证据包 / evidence package
+
+校验 / verify:   python3 verify.py .        (Python 3 + `pip install cryptography`)
+结果 / verdict:  OK | OK_WITH_GAPS (exit 3) | NOT_OK (exit 4, each problem listed)
+
+package.json 由采集中心密钥签名（package.sig，公钥 keys/collector.pub）；segments/ 为原始片段，逐字节一致；
+viewing/ 为观看用 MP4（流复制，缺口处分段）；coverage.html 为覆盖报告（北京时间）。
+package.json is signed by the collector (package.sig, key keys/collector.pub); segments/ holds the original
+files bit-identical; viewing/ has stream-copied MP4s split at gaps; coverage.html is the coverage report.
+"""
+
+
+def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed25519PrivateKey, batch_id: str,
+                 out: Path, actor: str, reason: str, settings: ExportSettings = ExportSettings(),
+                 staging_dir: Path | None = None, progress: Progress | None = None) -> ExportResult:
+    """Write the evidence package of `batch_id` to `out` (a new folder; `out`.zip with make_zip)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ExportError("an export needs a reason (--reason TEXT): say why the footage is handed on")
+    out = Path(out)
+    zip_path = (out if out.suffix == ".zip" else out.with_name(out.name + ".zip")) if settings.make_zip else None
+    folder = out.with_suffix("") if zip_path is not None and out.suffix == ".zip" else out
+    for target in (folder, zip_path):
+        if target is not None and target.exists() and (target.is_file() or any(target.iterdir())):
+            raise ExportError(f"{target} already exists and is not empty: choose a new --out")
+    with sessions() as session:
+        report, cameras, agent_keys = collect(session, batch_id, settings, staging_dir)
+    tolerance = timedelta(seconds=settings.tolerance_seconds)
+    gaps = _gaps(report)
+    segments = [r for c in cameras for r in c.records if r.kind == "segment"]
+    total = sum(r.size for r in segments)
+    now = truncate_to_millis(datetime.now(timezone.utc))
+
+    with sessions.begin() as session:
+        entry = audit.record(session, audit.ACTION_FOOTAGE_EXPORT, actor=actor, target=batch_id, reason=reason,
+                             detail={"out": str(zip_path or folder), "segments": len(segments), "bytes": total,
+                                     "cameras": [f"{c.venue}/{c.camera} seq {c.records[0].seq}..{c.records[-1].seq}"
+                                                 for c in cameras if c.records],
+                                     "gaps": len(gaps)})
+        audit_seq = entry.seq
+    checkpoint = audit.checkpoint_for_export(sessions, key)
+    log.info("export of batch %s by %s (audit entry %s): %s segments, %s bytes", batch_id, actor, audit_seq,
+             len(segments), total)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "keys" / "agents").mkdir(parents=True, exist_ok=True)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    source_problems: list[str] = []
+    camera_entries: list[dict[str, Any]] = []
+    package_paths: dict[int, Path] = {}
+    for cam in cameras:
+        entries = []
+        for r in cam.records:
+            item: dict[str, Any] = {"seq": r.seq, "kind": r.kind, "manifest": r.manifest, "signature": r.signature}
+            if r.kind == "segment":
+                name = Path(r.storage_path).name if r.storage_path else f"{r.camera}-{r.seq}.ts"
+                rel = f"segments/{r.venue}/{r.camera}/{name}"
+                item["file"] = rel
+                dst = folder / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src = storage_dir / r.storage_path if r.storage_path else None
+                if src is None or r.deleted_at is not None or not src.is_file():
+                    source_problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file "
+                                           f"{r.storage_path or '-'} is missing (deleted {r.deleted_at or 'no'})")
+                    advance(r.size)
+                else:
+                    sha, size = copy_and_hash(src, dst, advance)
+                    if sha != r.sha256 or size != r.size:
+                        source_problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file {r.storage_path} "
+                                               "does not match its signed manifest (hash or size)")
+                    package_paths[r.id] = dst
+            entries.append(item)
+        first = cam.records[0]
+        camera_entries.append({"venue": cam.venue, "camera": cam.camera, "agent": first.agent_id,
+                               "institution": first.institution, "room": first.room, "room_kind": first.room_kind,
+                               "records": entries, "holes": _holes(cam.records)})
+
+    clips: list[Clip] = []
+    gaps_between: list[tuple[str, datetime, datetime]] = []
+    notes: list[str] = []
+    if settings.viewing and segments:
+        if shutil.which("ffmpeg") is None:
+            notes.append("ffmpeg is not installed: no viewing MP4s were made (the evidence in segments/ is complete)")
+        else:
+            (folder / "viewing").mkdir(exist_ok=True)
+            for cam in cameras:
+                runs = _runs(cam.records, tolerance)
+                for a, b in zip(runs, runs[1:]):
+                    gaps_between.append((f"{cam.venue}/{cam.camera}", a[-1].end_at, b[0].start_at))
+                for run in runs:
+                    sources = [package_paths[r.id] for r in run if r.id in package_paths]
+                    if len(sources) != len(run):
+                        continue
+                    name = (f"viewing/{cam.venue}_{cam.camera}_{_local_text(run[0].start_at, '%Y%m%d-%H%M%S')}"
+                            f"_{_local_text(run[-1].end_at, '%H%M%S')}.mp4")
+                    try:
+                        make_clip(sources, folder / name)
+                    except ExportError as exc:
+                        notes.append(str(exc))
+                        continue
+                    clips.append(Clip(name, run[0].start_at, run[-1].end_at, run[0].seq, run[-1].seq))
+            (folder / "viewing" / "README.txt").write_text(_viewing_readme(clips, gaps_between), encoding="utf-8")
+
+    collector_pub = public_key_b64(key)
+    (folder / "keys" / "collector.pub").write_text(collector_pub + "\n", encoding="ascii")
+    for agent_id, pub in sorted(agent_keys.items()):
+        (folder / "keys" / "agents" / f"{agent_id}.pub").write_text(pub + "\n", encoding="ascii")
+    exported = {"by": actor, "at": format_time(now), "at_local": _local(now), "reason": reason,
+                "host": socket.gethostname(), "audit_entry": audit_seq,
+                "audit_checkpoint": {"entry_count": checkpoint.entry_count, "head_hash": checkpoint.head_hash,
+                                     "at": format_time(checkpoint.at), "occasion": checkpoint.occasion,
+                                     "public_key": checkpoint.public_key, "signature": checkpoint.signature}}
+    coverage = report_json(report)
+    coverage["gaps"] = gaps
+    (folder / "coverage.json").write_text(json.dumps(coverage, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+    (folder / "coverage.html").write_text(_coverage_html(report, gaps, exported, clips), encoding="utf-8")
+    shutil.copyfile(VERIFIER_SOURCE, folder / "verify.py")
+    (folder / "README.txt").write_text(PACKAGE_README, encoding="utf-8")
+
+    listed = [folder / "coverage.json", folder / "coverage.html", folder / "verify.py", folder / "README.txt"]
+    if (folder / "viewing").is_dir():
+        listed += sorted(p for p in (folder / "viewing").iterdir() if p.is_file())
+    parts = []
+    for part in report.parts:
+        parts.append({"part": part.part, "venue": part.venue, "room": part.room, "status": part.status,
+                      "start": format_time(part.start), "end": format_time(part.end),
+                      "start_local": _local(part.start), "end_local": _local(part.end),
+                      "cameras": [c.camera for c in part.coverage.cameras]})
+    package = {
+        "format": PACKAGE_FORMAT, "v": PACKAGE_VERSION,
+        "batch": {"id": report.batch_id, "institution": report.institution, "occupation": report.occupation,
+                  "level": report.level, "status": report.status},
+        "parts": parts,
+        "cameras": camera_entries,
+        "gaps": gaps,
+        "coverage": coverage,
+        "coverage_rule": {"gap_tolerance_seconds": settings.tolerance_seconds,
+                          "pre_margin_minutes": settings.pre_margin_minutes,
+                          "post_margin_minutes": settings.post_margin_minutes,
+                          "disqualifying_health": sorted(DISQUALIFYING_HEALTH)},
+        "viewing": [{"path": c.path, "start": format_time(c.start), "end": format_time(c.end),
+                     "start_local": _local(c.start), "end_local": _local(c.end), "first_seq": c.first_seq,
+                     "last_seq": c.last_seq} for c in clips],
+        "exported": exported,
+        "keys": {"collector": collector_pub, "agents": dict(sorted(agent_keys.items()))},
+        "files": [_file_entry(folder, p) for p in listed],
+        "notes": notes,
+    }
+    data = json.dumps(package, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
+    (folder / "package.json").write_bytes(data)
+    (folder / "package.sig").write_text(sign(key, data) + "\n", encoding="ascii")
+    result_path = folder
+    if zip_path is not None:
+        _zip(folder, zip_path)
+        shutil.rmtree(folder)
+        result_path = zip_path
+    log.info("export of batch %s written to %s", batch_id, result_path)
+    return ExportResult(batch_id, result_path, len(segments), total, tuple(gaps), tuple(clips),
+                        tuple(source_problems), audit_seq, tuple(notes))
+
+
+def _zip(folder: Path, zip_path: Path) -> None:
+    """Stored, not deflated: video does not compress, and storing keeps the zip as fast as a copy."""
+    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
+    os.replace(tmp, zip_path)
+
+
+class ProgressBar:
+    """A one-line progress bar of the copy on a stream (stderr); quiet redraws when it is not a terminal."""
+
+    def __init__(self, stream: Any, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = -1
+        self._shown = False
+
+    def update(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else min(100, done * 100 // total)
+        step = percent if self.tty else percent // 25 * 25   # non-terminals get 0/25/50/75/100 only
+        if step == self._last:
+            return
+        self._last = step
+        filled = self.width * percent // 100
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}%  "
+                f"{done / 1048576:.1f}/{total / 1048576:.1f} MiB")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

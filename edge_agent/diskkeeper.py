@@ -1,0 +1,122 @@
+"""The edge disk budget (issue 3): one loop that keeps data_dir's filesystem from filling up.
+
+Every `interval` seconds:
+1. acknowledged segments older than `[agent] local_keep_days` are deleted (their journal rows stay, marked
+   `pruned`);
+2. while free space is below `[agent] min_free_mb`, more acknowledged segments go, oldest first;
+3. unacknowledged footage (pending or rejected) is never deleted. If free space is still below half of
+   `min_free_mb`, every camera stops with a `disk_full` outage (a gap record follows) and the `disk_full`
+   alarm is raised (log and the agent's status topic); the cameras resume on their own once free space is
+   back above `min_free_mb`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from .config import EdgeConfig
+from .spool import Journal
+
+log = logging.getLogger(__name__)
+
+DISK_FULL = "disk_full"
+CHECK_INTERVAL = 2.0
+PRUNE_BATCH = 50
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+class CameraHold:
+    """What the disk keeper needs from the recorders (implemented by recorder.Recorders)."""
+
+    def hold_all(self, cause: str, detail: str) -> None: ...
+
+    def release_all(self) -> None: ...
+
+
+class DiskKeeper:
+    def __init__(self, config: EdgeConfig, journal: Journal, cameras: CameraHold,
+                 on_alarm: Callable[[str, str | None], None] | None = None, interval: float = CHECK_INTERVAL,
+                 free: Callable[[], int] | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.cameras = cameras
+        self.on_alarm = on_alarm  # (code, detail) when raised, (code, None) when cleared
+        self.interval = interval
+        self.min_free = config.agent.min_free_mb * 1024 * 1024
+        self._free = free or (lambda: free_bytes(config.agent.data_dir))
+        self.full = False
+        self.deleted = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="disk-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        self.check()
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the keeper must outlive one bad check
+                log.exception("disk keeper check failed")
+
+    def check(self) -> None:
+        keep = timedelta(days=self.config.agent.local_keep_days)
+        while self._prune(self.journal.prunable(PRUNE_BATCH, datetime.now(timezone.utc) - keep),
+                          f"acknowledged and older than local_keep_days = {self.config.agent.local_keep_days}"):
+            pass
+        free = self._free()
+        while free < self.min_free:
+            batch = self.journal.prunable(PRUNE_BATCH)
+            if not batch:
+                break
+            for record in batch:
+                self._prune([record], f"acknowledged; free space {free // 2**20} MiB below min_free_mb = "
+                                      f"{self.config.agent.min_free_mb}")
+                free = self._free()
+                if free >= self.min_free:
+                    break
+        if not self.full and free < self.min_free // 2:
+            self.full = True
+            detail = (f"only {free // 2**20} MiB free on {self.config.agent.data_dir} and every local segment "
+                      "is still unacknowledged")
+            log.error("ALARM %s: %s; cameras stopped until space returns (check the uplink to the collector, "
+                      "or free space on the disk)", DISK_FULL, detail)
+            self.cameras.hold_all(DISK_FULL, detail)
+            if self.on_alarm:
+                self.on_alarm(DISK_FULL, detail)
+        elif self.full and free >= self.min_free:
+            self.full = False
+            log.warning("ALARM %s cleared: %s MiB free; cameras resume", DISK_FULL, free // 2**20)
+            self.cameras.release_all()
+            if self.on_alarm:
+                self.on_alarm(DISK_FULL, None)
+
+    def _prune(self, records: list, reason: str) -> bool:
+        for record in records:
+            if record.path is not None:
+                try:
+                    record.path.unlink()
+                except FileNotFoundError:
+                    pass
+            self.journal.mark_pruned(record.id, reason)
+            self.deleted += 1
+            log.info("camera %s seq %s: local copy %s deleted (%s)", record.camera, record.seq,
+                     record.path.name if record.path else "-", reason)
+        return bool(records)

@@ -1,0 +1,302 @@
+"""`exam-retention enforce`: gather facts from the database, ask the pure policy, delete what it allows.
+
+For each deletion, in this order (a crash between steps leaves a state the next run finishes):
+1. the tombstone (segment, hashes, path, reason) is committed to the audit log;
+2. the file is unlinked and its directory fsynced;
+3. the row is marked deleted (`deleted_at`, `deleted_entry`), never erased.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from collector import audit
+from collector.models import AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
+from exam_contract.canonical import format_time
+
+from .policy import (BatchLink, Decision, HoldFacts, HoldWindow, RetentionPolicy, SegmentFacts, decide,
+                     earliest_possible_floor, shanghai_text)
+
+log = logging.getLogger(__name__)
+
+CLOCK_TOLERANCE = timedelta(minutes=10)       # against times this collector wrote itself
+FOOTAGE_CLOCK_TOLERANCE = timedelta(days=1)   # against footage times, which agents' clocks wrote
+DISK_ALARM_FREE_FRACTION = 0.10
+READ_CHUNK = 2000
+
+
+class ClockError(Exception):
+    """The clock is earlier than what is already stored: enforce refuses to decide anything."""
+
+
+@dataclass(frozen=True)
+class BatchWindow:
+    batch_id: str
+    venue: str
+    room: str
+    start: datetime        # part window widened by the coverage margins (for linking)
+    end: datetime
+    part_end: datetime     # the part's own end (for the retention floor)
+
+
+@dataclass(frozen=True)
+class PlannedDeletion:
+    segment_id: int
+    venue: str
+    camera: str
+    seq: int
+    storage_path: str
+    size: int
+    sha256: str | None
+    record_hash: str
+    start: datetime
+    end: datetime
+    keep_until: datetime
+    rule: str
+    reason: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.venue}/{self.camera}/{self.seq}"
+
+    def as_json(self) -> dict:
+        return {"segment_id": self.segment_id, "venue": self.venue, "camera": self.camera, "seq": self.seq,
+                "storage_path": self.storage_path, "size": self.size, "sha256": self.sha256,
+                "record_hash": self.record_hash, "start": format_time(self.start), "end": format_time(self.end),
+                "keep_until": format_time(self.keep_until), "rule": self.rule, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class VenueTotal:
+    venue: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class EnforcePlan:
+    now: datetime
+    deletions: tuple[PlannedDeletion, ...]
+    stored_segments: int          # live segment files in the database
+    candidates: int               # those old enough to be looked at (ended >= 365 days ago)
+    held: int                     # candidates kept only because of a hold
+    alarms: tuple[str, ...]
+
+    @property
+    def files(self) -> int:
+        return len(self.deletions)
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.size for d in self.deletions)
+
+    def per_venue(self) -> list[VenueTotal]:
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for d in self.deletions:
+            totals[d.venue][0] += 1
+            totals[d.venue][1] += d.size
+        return [VenueTotal(v, f, b) for v, (f, b) in sorted(totals.items())]
+
+    def as_json(self) -> dict:
+        return {"now": format_time(self.now), "files": self.files, "bytes": self.bytes,
+                "stored_segments": self.stored_segments, "candidates": self.candidates, "held": self.held,
+                "per_venue": [{"venue": t.venue, "files": t.files, "bytes": t.bytes} for t in self.per_venue()],
+                "deletions": [d.as_json() for d in self.deletions], "alarms": list(self.alarms)}
+
+
+@dataclass
+class EnforceResult:
+    deleted: list[PlannedDeletion] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    checkpoint_entries: int | None = None
+
+
+# ---------------------------------------------------------------------------- facts
+
+def batch_windows(session: Session, pre: timedelta, post: timedelta, *where) -> list[BatchWindow]:
+    return [BatchWindow(p.batch_id, p.venue, p.room, p.start_at - pre, p.end_at + post, p.end_at)
+            for p in session.scalars(select(ExamBatchPart).where(*where))]
+
+
+def current_facts(session: Session, row: SegmentRecord, pre: timedelta,
+                  post: timedelta) -> tuple[SegmentFacts, list[HoldFacts]]:
+    """The segment's links and the active holds as they are now, read with indexed queries (per deletion)."""
+    room = batch_windows(session, pre, post, ExamBatchPart.venue == row.venue, ExamBatchPart.room == row.room,
+                         ExamBatchPart.start_at <= row.end_at + pre, ExamBatchPart.end_at >= row.start_at - post)
+    held_batches = list(session.scalars(select(LegalHold.batch_id).where(
+        LegalHold.released_at.is_(None), LegalHold.batch_id.is_not(None))))
+    hold_windows = batch_windows(session, pre, post, ExamBatchPart.batch_id.in_(held_batches)) if held_batches else []
+    holds, _ = active_holds(session, hold_windows)
+    return facts_of(row, {(row.venue, row.room): room}), holds
+
+
+def active_holds(session: Session, windows: Sequence[BatchWindow]) -> tuple[list[HoldFacts], list[str]]:
+    by_batch: dict[str, list[BatchWindow]] = defaultdict(list)
+    for w in windows:
+        by_batch[w.batch_id].append(w)
+    holds: list[HoldFacts] = []
+    alarms: list[str] = []
+    for row in session.scalars(select(LegalHold).where(LegalHold.released_at.is_(None)).order_by(LegalHold.id)):
+        if row.batch_id is not None:
+            found = by_batch.get(row.batch_id, [])
+            if not found:
+                alarms.append(f"hold {row.id} (case {row.case_ref}) names batch {row.batch_id}, which is not "
+                              "imported: it holds ALL footage until the batch is imported or the hold released")
+            holds.append(HoldFacts(row.id, row.case_ref, batch_id=row.batch_id, resolved=bool(found),
+                                   windows=tuple(HoldWindow(w.venue, w.room, w.start, w.end) for w in found)))
+        else:
+            holds.append(HoldFacts(row.id, row.case_ref, venue=row.venue, camera=row.camera, start=row.from_at,
+                                   end=row.to_at))
+    return holds, alarms
+
+
+def check_clock(session: Session, now: datetime) -> None:
+    newest_stored = session.scalar(select(func.max(SegmentRecord.stored_at)))
+    newest_entry = session.scalar(select(func.max(AuditEntry.at)))
+    for label, moment in (("the newest stored segment was stored at", newest_stored),
+                          ("the newest audit-log entry was written at", newest_entry)):
+        if moment is not None and now < moment - CLOCK_TOLERANCE:
+            raise ClockError(f"the clock says {format_time(now)} but {label} {format_time(moment)}: the clock "
+                             "looks wrong (set back?); fix the system time (NTP) before enforcing retention")
+    newest_end = session.scalar(select(func.max(SegmentRecord.end_at)))
+    if newest_end is not None and now < newest_end - FOOTAGE_CLOCK_TOLERANCE:
+        raise ClockError(f"the clock says {format_time(now)} but stored footage ends at {format_time(newest_end)}: "
+                         "either this clock or an agent's clock is wrong; fix the time (NTP) before enforcing "
+                         "retention (`exam-collector summary` shows which camera)")
+
+
+def _candidates(session: Session, cutoff: datetime) -> Iterator[SegmentRecord]:
+    after = 0
+    while True:
+        rows = list(session.scalars(select(SegmentRecord).where(
+            SegmentRecord.id > after, SegmentRecord.kind == "segment", SegmentRecord.storage_path.is_not(None),
+            SegmentRecord.deleted_at.is_(None), SegmentRecord.end_at <= cutoff)
+            .order_by(SegmentRecord.id).limit(READ_CHUNK)))
+        if not rows:
+            return
+        yield from rows
+        after = rows[-1].id
+        session.expunge_all()  # keep memory flat over millions of candidates
+
+
+def facts_of(row: SegmentRecord, windows_by_room: dict[tuple[str, str], list[BatchWindow]]) -> SegmentFacts:
+    links = tuple(BatchLink(w.batch_id, w.part_end) for w in windows_by_room.get((row.venue, row.room), ())
+                  if w.start <= row.end_at and w.end >= row.start_at)
+    return SegmentFacts(row.id, row.venue, row.room, row.camera, row.start_at, row.end_at, row.size, links)
+
+
+def disk_alarm(storage_dir: Path) -> str | None:
+    try:
+        usage = shutil.disk_usage(storage_dir)
+    except OSError as exc:
+        return f"storage {storage_dir} cannot be checked ({exc.strerror}): check the volume"
+    if usage.total and usage.free / usage.total < DISK_ALARM_FREE_FRACTION:
+        return (f"storage {storage_dir} is {100 * (1 - usage.free / usage.total):.1f}% full "
+                f"({usage.free / 1e9:.1f} GB free): add storage; retention never deletes footage early to make room")
+    return None
+
+
+def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage_dir: Path,
+               pre: timedelta, post: timedelta) -> EnforcePlan:
+    """The same inputs give the same plan: `--dry-run` prints exactly what a real run would delete."""
+    policy.check()
+    check_clock(session, now)
+    windows = batch_windows(session, pre, post)
+    # Linking uses the part's window widened by the coverage margins, as PRODUCT.md (Exam batches) defines it.
+    by_room: dict[tuple[str, str], list[BatchWindow]] = defaultdict(list)
+    for w in windows:
+        by_room[(w.venue, w.room)].append(w)
+    holds, alarms = active_holds(session, windows)
+    stored = session.scalar(select(func.count()).select_from(SegmentRecord).where(
+        SegmentRecord.kind == "segment", SegmentRecord.storage_path.is_not(None),
+        SegmentRecord.deleted_at.is_(None))) or 0
+    deletions: list[PlannedDeletion] = []
+    candidates = held = 0
+    for row in _candidates(session, earliest_possible_floor(now)):
+        candidates += 1
+        decision: Decision = decide(facts_of(row, by_room), holds, now, policy)
+        if decision.holds and now >= decision.keep_until:
+            held += 1
+        if decision.delete:
+            assert row.storage_path is not None
+            deletions.append(PlannedDeletion(row.id, row.venue, row.camera, row.seq, row.storage_path, row.size,
+                                             row.sha256, row.record_hash, row.start_at, row.end_at,
+                                             decision.keep_until, decision.rule, decision.reason))
+    alarm = disk_alarm(storage_dir)
+    if alarm:
+        alarms.append(alarm)
+    return EnforcePlan(now, tuple(deletions), stored, candidates, held, tuple(alarms))
+
+
+# ---------------------------------------------------------------------------- execution
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Path, policy: RetentionPolicy,
+            actor: str, pre: timedelta, post: timedelta) -> EnforceResult:
+    result = EnforceResult()
+    for item in plan.deletions:
+        with sessions.begin() as session:
+            row = session.get(SegmentRecord, item.segment_id, with_for_update=True)
+            if row is None or row.deleted_at is not None:
+                result.skipped.append(f"{item.target}: already deleted or gone")
+                continue
+            if row.record_hash != item.record_hash or row.storage_path != item.storage_path:
+                result.skipped.append(f"{item.target}: row changed since planning; left for the next run")
+                continue
+            # A hold placed or a batch imported while this run was going still wins.
+            facts, holds = current_facts(session, row, pre, post)
+            if not decide(facts, holds, plan.now, policy).delete:
+                result.skipped.append(f"{item.target}: no longer due (hold or new batch link); kept")
+                continue
+            earlier = [e for e in audit.entries_for(session, audit.ACTION_SEGMENT_DELETE, item.target)
+                       if audit.parse_detail(e).get("record_hash") == item.record_hash]
+            if earlier:
+                tombstone_seq = earlier[-1].seq  # an interrupted earlier run wrote it; finish that deletion
+            else:
+                tombstone_seq = audit.record(
+                    session, audit.ACTION_SEGMENT_DELETE, actor=actor, target=item.target, reason=item.reason,
+                    detail={"segment_id": item.segment_id, "storage_path": item.storage_path, "size": item.size,
+                            "sha256": item.sha256, "record_hash": item.record_hash, "start": item.start,
+                            "end": item.end, "keep_until": item.keep_until, "rule": item.rule}).seq
+        path = storage_dir / item.storage_path
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        with sessions.begin() as session:
+            row = session.get(SegmentRecord, item.segment_id)
+            if row is not None:
+                row.deleted_at = datetime.now(timezone.utc)
+                row.deleted_entry = tombstone_seq
+        log.info("deleted %s (%s, %s bytes), tombstone entry %s", item.target, item.storage_path, item.size,
+                 tombstone_seq)
+        result.deleted.append(item)
+    return result
+
+
+def plan_lines(plan: EnforcePlan) -> list[str]:
+    lines = [f"delete {d.target} {d.storage_path} {d.size} B: {d.reason}" for d in plan.deletions]
+    lines.append(f"plan at {shanghai_text(plan.now)}: delete {plan.files} files, {plan.bytes} bytes "
+                 f"(of {plan.stored_segments} stored segments; {plan.candidates} old enough to check, "
+                 f"{plan.held} kept by holds)")
+    for t in plan.per_venue():
+        lines.append(f"  venue {t.venue}: {t.files} files, {t.bytes} bytes")
+    return lines

@@ -1,0 +1,176 @@
+"""The retention decision: pure, no I/O, no clock, no database. `exam-retention enforce` feeds it facts.
+
+Rule (docs/retention.md states it for operators):
+- Calendar years are counted on the Asia/Shanghai wall clock: the same month, day and time one year
+  later; 29 February plus one year is 1 March.
+- Every stored segment is kept at least one calendar year after its own end (Article 11: 保留一年以上).
+- A segment linked to batch parts is kept at least until the latest part's end plus one calendar year
+  plus `margin_days`.
+- An unlinked segment is kept one calendar year, or `unlinked_retention_days` after its end when that is
+  longer; a setting below 365 days is refused (see `RetentionPolicy.check`).
+- A segment under an active hold is never deleted. A batch hold whose batch cannot be resolved to its
+  windows holds everything, because what it protects is unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+MIN_UNLINKED_DAYS = 365
+
+
+class PolicyError(ValueError):
+    """The retention settings would allow deleting footage before the one-year floor."""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    margin_days: int = 7
+    unlinked_retention_days: int | None = None
+
+    def check(self) -> None:
+        if self.margin_days < 0:
+            raise PolicyError(f"[retention] margin_days = {self.margin_days} is negative: set 0 or more (default 7)")
+        if self.unlinked_retention_days is not None and self.unlinked_retention_days < MIN_UNLINKED_DAYS:
+            raise PolicyError(
+                f"[retention] unlinked_retention_days = {self.unlinked_retention_days} is below one year: footage "
+                "not linked to a batch may be an exam whose batch is not imported yet, and Article 11 keeps exam "
+                f"footage one year or more; set it to {MIN_UNLINKED_DAYS} or more, or remove it")
+
+
+@dataclass(frozen=True)
+class BatchLink:
+    batch_id: str
+    end: datetime          # end of the linked batch part (UTC)
+
+
+@dataclass(frozen=True)
+class SegmentFacts:
+    id: int
+    venue: str
+    room: str
+    camera: str
+    start: datetime
+    end: datetime
+    size: int = 0
+    links: tuple[BatchLink, ...] = ()
+
+
+@dataclass(frozen=True)
+class HoldWindow:
+    """Where and when a batch hold protects footage: a batch part's room and window (with margins)."""
+
+    venue: str
+    room: str | None
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True)
+class HoldFacts:
+    id: int
+    case_ref: str = ""
+    batch_id: str | None = None
+    venue: str | None = None
+    camera: str | None = None
+    start: datetime | None = None        # camera holds: open-ended when None
+    end: datetime | None = None
+    windows: tuple[HoldWindow, ...] = ()  # batch holds: the batch's windows, when known
+    resolved: bool = True                 # False: a batch hold whose batch is unknown here
+
+
+@dataclass(frozen=True)
+class Decision:
+    segment_id: int
+    delete: bool
+    keep_until: datetime
+    rule: str                      # "linked" or "unlinked"
+    reason: str
+    holds: tuple[int, ...] = ()
+
+
+def add_calendar_years(moment: datetime, years: int = 1) -> datetime:
+    """Same Shanghai wall-clock time `years` later; 29 Feb becomes 1 Mar in a non-leap year."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: attach a timezone (UTC inside)")
+    local = moment.astimezone(SHANGHAI)
+    year = local.year + years
+    try:
+        day = date(year, local.month, local.day)
+    except ValueError:  # 29 February in a year without one
+        day = date(year, 3, 1)
+    moved = datetime(day.year, day.month, day.day, local.hour, local.minute, local.second, local.microsecond,
+                     tzinfo=SHANGHAI)
+    return moved.astimezone(timezone.utc)
+
+
+def keep_until(segment: SegmentFacts, policy: RetentionPolicy) -> tuple[datetime, str]:
+    """The earliest moment the segment may be deleted, and which rule set it."""
+    floor = add_calendar_years(segment.end)
+    if segment.links:
+        for link in segment.links:
+            floor = max(floor, add_calendar_years(link.end) + timedelta(days=policy.margin_days))
+        return floor, "linked"
+    if policy.unlinked_retention_days is not None:
+        floor = max(floor, segment.end + timedelta(days=policy.unlinked_retention_days))
+    return floor, "unlinked"
+
+
+def _overlaps(start: datetime, end: datetime, lo: datetime | None, hi: datetime | None) -> bool:
+    # Closed on both sides: a segment that only touches a held range is held too.
+    return (lo is None or end >= lo) and (hi is None or start <= hi)
+
+
+def holds_on(segment: SegmentFacts, holds: Iterable[HoldFacts]) -> tuple[int, ...]:
+    found: list[int] = []
+    batches = {link.batch_id for link in segment.links}
+    for hold in holds:
+        if hold.batch_id is not None:
+            if not hold.resolved or hold.batch_id in batches or any(
+                    w.venue == segment.venue and (w.room is None or w.room == segment.room)
+                    and _overlaps(segment.start, segment.end, w.start, w.end) for w in hold.windows):
+                found.append(hold.id)
+        elif hold.camera is not None:
+            if hold.camera == segment.camera and (hold.venue is None or hold.venue == segment.venue) \
+                    and _overlaps(segment.start, segment.end, hold.start, hold.end):
+                found.append(hold.id)
+        else:
+            found.append(hold.id)  # a hold naming neither batch nor camera cannot be narrowed: it holds all
+    return tuple(found)
+
+
+def shanghai_text(moment: datetime) -> str:
+    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S+08:00")
+
+
+def decide(segment: SegmentFacts, holds: Sequence[HoldFacts], now: datetime, policy: RetentionPolicy) -> Decision:
+    if now.tzinfo is None:
+        raise ValueError("naive `now`: attach a timezone (UTC inside)")
+    until, rule = keep_until(segment, policy)
+    if rule == "linked":
+        latest = max(segment.links, key=lambda link: link.end)
+        basis = f"linked to batch {latest.batch_id} (part ended {shanghai_text(latest.end)})"
+    else:
+        basis = "not linked to any batch"
+    held = holds_on(segment, holds)
+    if held:
+        return Decision(segment.id, False, until, rule,
+                        f"held by hold {', '.join(str(h) for h in held)}; {basis}", held)
+    if now < until:
+        return Decision(segment.id, False, until, rule, f"keep until {shanghai_text(until)}: {basis}")
+    return Decision(segment.id, True, until, rule, f"expired {shanghai_text(until)}: {basis}")
+
+
+def plan(segments: Iterable[SegmentFacts], holds: Sequence[HoldFacts], now: datetime,
+         policy: RetentionPolicy) -> list[Decision]:
+    policy.check()
+    return [decide(segment, holds, now, policy) for segment in segments]
+
+
+def earliest_possible_floor(now: datetime) -> datetime:
+    """Segments ending after this cannot be due (every floor is at least one calendar year, >= 365 days)."""
+    return now - timedelta(days=365)

@@ -1,0 +1,357 @@
+"""`exam-retention audit`: coverage gaps over a period, across institutions, venues and batches.
+
+Two views of the period (days in Asia/Shanghai, `--to` inclusive):
+- batch parts whose exam window overlaps the period, through the coverage engine (collector.batches /
+  collector.coverage): per part and camera, status and every gap with its causes;
+- camera continuity: every camera with records in the period, its missing sequence numbers (records that
+  never arrived: lost footage whenever it happened) and its stated outages (gap records).
+A gap inside a batch window, a part without footage, or a missing sequence number counts as a gap (exit 3).
+A stated outage outside every exam window is listed but not counted: the product only promises coverage of
+exam windows (PRODUCT.md, Coverage).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from collector import audit
+from collector.batches import batch_report
+from collector.config import CollectorConfig
+from collector.coverage import STATUS_GAPS, STATUS_NO_FOOTAGE, STATUS_PENDING
+from collector.models import ExamBatchPart, SegmentRecord
+from exam_contract.canonical import format_time
+
+from .policy import SHANGHAI
+
+MAX_SEQ_LIST = 50
+
+CAUSES_ZH = {
+    "camera_unreachable": "摄像头无法连接", "recorder_crashed": "录像进程崩溃", "corrupt_segment": "片段损坏",
+    "disk_full": "磁盘已满", "agent_stopped": "采集端已停止", "missing_seq": "片段序号缺失",
+    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "health_black": "黑屏",
+    "health_frozen": "画面冻结", "health_obstructed": "画面遮挡", "unknown": "原因不明",
+}
+STATUS_ZH = {"complete": "完整", "gaps": "有缺口", "no_footage": "无录像", "pending": "待定（未结束或上传中）"}
+PART_ZH = {"theory": "理论知识考场", "practical": "操作技能考场"}
+
+
+@dataclass(frozen=True)
+class ReportGap:
+    source: str                   # "batch" (a gap in an exam window) or "sequence" (records never received)
+    institution: str
+    venue: str
+    camera: str
+    room: str
+    start: datetime | None
+    end: datetime | None
+    causes: tuple[str, ...]
+    batch_id: str | None = None
+    part: str | None = None
+    seqs: str | None = None       # for "sequence": the missing seq range
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds() if self.start and self.end else 0.0
+
+
+@dataclass(frozen=True)
+class PartRow:
+    batch_id: str
+    institution: str
+    occupation: str
+    level: str
+    part: str
+    venue: str
+    room: str
+    start: datetime
+    end: datetime
+    status: str
+    cameras: int
+    covered_percent: float
+    gaps: int
+
+
+@dataclass(frozen=True)
+class Outage:
+    start: datetime
+    end: datetime
+    cause: str
+
+
+@dataclass(frozen=True)
+class CameraRow:
+    institution: str
+    venue: str
+    camera: str
+    rooms: tuple[str, ...]
+    segments: int
+    gap_records: int
+    seconds_recorded: float
+    missing_seqs: tuple[int, ...]
+    outages: tuple[Outage, ...]
+
+
+@dataclass(frozen=True)
+class Totals:
+    institutions: int
+    venues: int
+    batches: int
+    parts: int
+    parts_with_gaps: int
+    cameras: int
+    gaps: int
+    gap_seconds: float
+    part_status: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    first_day: date
+    last_day: date
+    start: datetime
+    end: datetime
+    generated_at: datetime
+    parts: tuple[PartRow, ...]
+    cameras: tuple[CameraRow, ...]
+    gaps: tuple[ReportGap, ...]
+    totals: Totals
+
+
+def period_bounds(first: date, last: date) -> tuple[datetime, datetime]:
+    lo = datetime.combine(first, time(0), tzinfo=SHANGHAI).astimezone(timezone.utc)
+    hi = datetime.combine(last + timedelta(days=1), time(0), tzinfo=SHANGHAI).astimezone(timezone.utc)
+    return lo, hi
+
+
+def _seq_ranges(seqs: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def _continuity(session: Session, lo: datetime, hi: datetime) -> tuple[list[CameraRow], list[ReportGap]]:
+    rows = session.execute(select(
+        SegmentRecord.institution, SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.room, SegmentRecord.seq,
+        SegmentRecord.kind, SegmentRecord.start_at, SegmentRecord.end_at, SegmentRecord.duration,
+        SegmentRecord.manifest).where(SegmentRecord.start_at < hi, SegmentRecord.end_at > lo)
+        .order_by(SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)).all()
+    by_camera: dict[tuple[str, str], list] = defaultdict(list)
+    for r in rows:
+        by_camera[(r.venue, r.camera)].append(r)
+    cameras: list[CameraRow] = []
+    gaps: list[ReportGap] = []
+    for (venue, camera), recs in by_camera.items():
+        institution = recs[0].institution
+        seqs = [r.seq for r in recs]
+        missing = [s for a, b in zip(seqs, seqs[1:]) for s in range(a + 1, b)]
+        # Records just before the period close holes at its start: look one record back.
+        first = session.scalar(select(SegmentRecord.seq).where(
+            SegmentRecord.venue == venue, SegmentRecord.camera == camera, SegmentRecord.seq < seqs[0])
+            .order_by(SegmentRecord.seq.desc()).limit(1))
+        lead = list(range((first or 0) + 1, seqs[0]))
+        missing = lead + missing
+        outages = []
+        for r in recs:
+            if r.kind == "gap":
+                cause = json.loads(r.manifest).get("cause") or "unknown"
+                outages.append(Outage(r.start_at, r.end_at, cause))
+        ends = {r.seq: r for r in recs}
+        for a, b in _seq_ranges(missing):
+            before, after = ends.get(a - 1), ends.get(b + 1)
+            gaps.append(ReportGap("sequence", institution, venue, camera, (after or before or recs[0]).room,
+                                  before.end_at if before else None, after.start_at if after else None,
+                                  ("missing_seq",), seqs=f"{a}" if a == b else f"{a}-{b}"))
+        cameras.append(CameraRow(institution, venue, camera, tuple(sorted({r.room for r in recs})),
+                                 sum(1 for r in recs if r.kind != "gap"), len(outages),
+                                 round(sum(r.duration for r in recs if r.kind != "gap"), 3),
+                                 tuple(missing[:MAX_SEQ_LIST]), tuple(outages)))
+    return cameras, gaps
+
+
+def build_report(sessions: sessionmaker[Session], cfg: CollectorConfig, first: date, last: date,
+                 now: datetime, actor: str) -> AuditReport:
+    lo, hi = period_bounds(first, last)
+    parts: list[PartRow] = []
+    gaps: list[ReportGap] = []
+    with sessions() as session:
+        batch_ids = sorted(set(session.scalars(select(ExamBatchPart.batch_id).where(
+            ExamBatchPart.start_at < hi, ExamBatchPart.end_at > lo))))
+        for batch_id in batch_ids:
+            rep = batch_report(session, batch_id, tolerance_seconds=cfg.coverage.gap_tolerance_seconds,
+                               pre_margin_minutes=cfg.coverage.pre_margin_minutes,
+                               post_margin_minutes=cfg.coverage.post_margin_minutes, now=now,
+                               staging_dir=cfg.staging_dir)
+            for p in rep.parts:
+                if not (p.start < hi and p.end > lo):
+                    continue
+                cams = p.coverage.cameras
+                window = (p.end - p.start).total_seconds()
+                covered = sum(c.covered_seconds for c in cams)
+                count = 0
+                for c in cams if p.status != STATUS_PENDING else ():  # a pending part's gaps may still fill
+                    for g in c.gaps:
+                        gaps.append(ReportGap("batch", rep.institution, p.venue, c.camera, p.room, g.start, g.end,
+                                              g.causes, batch_id, p.part))
+                        count += 1
+                if not cams and p.status == STATUS_NO_FOOTAGE:
+                    gaps.append(ReportGap("batch", rep.institution, p.venue, "-", p.room, p.start, p.end,
+                                          ("unknown",), batch_id, p.part))
+                    count += 1
+                parts.append(PartRow(batch_id, rep.institution, rep.occupation, rep.level, p.part, p.venue, p.room,
+                                     p.start, p.end, p.status, len(cams),
+                                     round(100 * covered / (window * len(cams)), 2) if cams and window else 0.0, count))
+        cameras, seq_gaps = _continuity(session, lo, hi)
+    gaps.extend(seq_gaps)
+    statuses: dict[str, int] = defaultdict(int)
+    for p in parts:
+        statuses[p.status] += 1
+    totals = Totals(
+        institutions=len({p.institution for p in parts} | {c.institution for c in cameras}),
+        venues=len({p.venue for p in parts} | {c.venue for c in cameras}),
+        batches=len({p.batch_id for p in parts}), parts=len(parts),
+        parts_with_gaps=sum(1 for p in parts if p.status in (STATUS_GAPS, STATUS_NO_FOOTAGE)),
+        cameras=len(cameras), gaps=len(gaps), gap_seconds=round(sum(g.seconds for g in gaps), 3),
+        part_status=dict(sorted(statuses.items())))
+    report = AuditReport(first, last, lo, hi, now, tuple(parts), tuple(cameras), tuple(gaps), totals)
+    with sessions.begin() as session:
+        audit.record(session, audit.ACTION_AUDIT_REPORT, actor=actor, target=f"period:{first}..{last}",
+                     detail={"parts": totals.parts, "parts_with_gaps": totals.parts_with_gaps, "gaps": totals.gaps,
+                             "gap_seconds": totals.gap_seconds, "cameras": totals.cameras})
+    return report
+
+
+# ---------------------------------------------------------------------------- output
+
+def local(moment: datetime | None) -> str:
+    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S") if moment else "—"
+
+
+def _t(moment: datetime | None) -> str | None:
+    return format_time(moment) if moment else None
+
+
+def report_json(r: AuditReport) -> dict:
+    return {
+        "period": {"from": r.first_day.isoformat(), "to": r.last_day.isoformat(), "timezone": "Asia/Shanghai",
+                   "start": _t(r.start), "end": _t(r.end)},
+        "generated_at": _t(r.generated_at),
+        "totals": {"institutions": r.totals.institutions, "venues": r.totals.venues, "batches": r.totals.batches,
+                   "parts": r.totals.parts, "parts_with_gaps": r.totals.parts_with_gaps,
+                   "part_status": r.totals.part_status, "cameras": r.totals.cameras, "gaps": r.totals.gaps,
+                   "gap_seconds": r.totals.gap_seconds},
+        "parts": [{"batch_id": p.batch_id, "institution": p.institution, "occupation": p.occupation,
+                   "level": p.level, "part": p.part, "venue": p.venue, "room": p.room, "start": _t(p.start),
+                   "end": _t(p.end), "start_local": local(p.start), "end_local": local(p.end), "status": p.status,
+                   "cameras": p.cameras, "covered_percent": p.covered_percent, "gaps": p.gaps} for p in r.parts],
+        "gaps": [{"source": g.source, "institution": g.institution, "venue": g.venue, "camera": g.camera,
+                  "room": g.room, "batch_id": g.batch_id, "part": g.part, "start": _t(g.start), "end": _t(g.end),
+                  "start_local": local(g.start) if g.start else None, "end_local": local(g.end) if g.end else None,
+                  "seconds": round(g.seconds, 3), "causes": list(g.causes), "missing_seqs": g.seqs} for g in r.gaps],
+        "cameras": [{"institution": c.institution, "venue": c.venue, "camera": c.camera, "rooms": list(c.rooms),
+                     "segments": c.segments, "gap_records": c.gap_records, "seconds_recorded": c.seconds_recorded,
+                     "missing_seqs": list(c.missing_seqs),
+                     "outages": [{"start": _t(o.start), "end": _t(o.end), "cause": o.cause} for o in c.outages]}
+                    for c in r.cameras],
+    }
+
+
+CSV_COLUMNS = ["row", "batch_id", "institution", "venue", "room", "camera", "part", "start_local", "end_local",
+               "status", "seconds", "causes", "missing_seqs"]
+
+
+def report_csv(r: AuditReport) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for p in r.parts:
+        writer.writerow(["part", p.batch_id, p.institution, p.venue, p.room, "", p.part, local(p.start), local(p.end),
+                         p.status, round((p.end - p.start).total_seconds(), 3), "", ""])
+    for g in r.gaps:
+        writer.writerow(["gap", g.batch_id or "", g.institution, g.venue, g.room, g.camera, g.part or "",
+                         local(g.start), local(g.end), "", round(g.seconds, 3), ";".join(g.causes), g.seqs or ""])
+    writer.writerow(["total", "", r.totals.institutions, r.totals.venues, "", r.totals.cameras, r.totals.parts, "", "",
+                     f"{r.totals.parts_with_gaps} parts with gaps", r.totals.gap_seconds, f"{r.totals.gaps} gaps", ""])
+    return out.getvalue()
+
+
+def _causes_zh(causes: tuple[str, ...]) -> str:
+    return "、".join(CAUSES_ZH.get(c, c) for c in causes)
+
+
+def report_html(r: AuditReport) -> str:
+    e = html.escape
+    t = r.totals
+    rows_parts = "".join(
+        f"<tr class=\"{e(p.status)}\"><td>{e(p.batch_id)}</td><td>{e(p.institution)}</td><td>{e(p.occupation)}</td>"
+        f"<td>{e(p.level)}</td><td>{e(PART_ZH.get(p.part, p.part))}</td><td>{e(p.venue)}</td><td>{e(p.room)}</td>"
+        f"<td>{e(local(p.start))} 至 {e(local(p.end))}</td><td>{p.cameras}</td><td>{p.covered_percent:.2f}%</td>"
+        f"<td>{e(STATUS_ZH.get(p.status, p.status))}</td><td>{p.gaps}</td></tr>" for p in r.parts) \
+        or "<tr><td colspan=\"12\">本期间无考试批次</td></tr>"
+    rows_gaps = "".join(
+        f"<tr><td>{'批次缺口' if g.source == 'batch' else '序号缺失'}</td><td>{e(g.institution)}</td><td>{e(g.venue)}</td>"
+        f"<td>{e(g.batch_id or '—')}</td><td>{e(g.room)}</td><td>{e(g.camera)}</td><td>{e(local(g.start))}</td>"
+        f"<td>{e(local(g.end))}</td><td>{g.seconds:.0f}</td><td>{e(_causes_zh(g.causes))}</td>"
+        f"<td>{e(g.seqs or '')}</td></tr>" for g in r.gaps) or "<tr><td colspan=\"11\">未发现缺口</td></tr>"
+    rows_cams = "".join(
+        f"<tr><td>{e(c.institution)}</td><td>{e(c.venue)}</td><td>{e(c.camera)}</td><td>{e('、'.join(c.rooms))}</td>"
+        f"<td>{c.segments}</td><td>{c.seconds_recorded:.0f}</td><td>{c.gap_records}</td>"
+        f"<td>{e('、'.join(f'{local(o.start)}–{local(o.end)} {CAUSES_ZH.get(o.cause, o.cause)}' for o in c.outages) or '—')}</td>"
+        f"<td>{e(','.join(str(s) for s in c.missing_seqs) or '—')}</td></tr>" for c in r.cameras) \
+        or "<tr><td colspan=\"9\">本期间无录像记录</td></tr>"
+    status_text = "，".join(f"{STATUS_ZH.get(k, k)} {v}" for k, v in t.part_status.items()) or "—"
+    verdict = "发现覆盖缺口" if t.gaps else "未发现覆盖缺口"
+    return f"""<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>考试录像覆盖审计报告 {r.first_day}–{r.last_day}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
+td,th{{border:1px solid #999;padding:4px 8px;font-size:14px}}th{{background:#eee}}
+tr.gaps td,tr.no_footage td{{background:#fde2e2}}tr.complete td{{background:#e6f4e6}}</style></head>
+<body>
+<h1>考试录像覆盖审计报告</h1>
+<p>审计期间：{r.first_day} 至 {r.last_day}（北京时间）　生成时间：{e(local(r.generated_at))}（北京时间）</p>
+<p><strong>结论：{verdict}</strong></p>
+<h2>汇总</h2>
+<table><tr><th>鉴定机构</th><th>备案场所</th><th>批次</th><th>考场部分</th><th>有缺口的部分</th><th>摄像头</th>
+<th>缺口数</th><th>缺口总时长（秒）</th><th>部分状态</th></tr>
+<tr><td>{t.institutions}</td><td>{t.venues}</td><td>{t.batches}</td><td>{t.parts}</td><td>{t.parts_with_gaps}</td>
+<td>{t.cameras}</td><td>{t.gaps}</td><td>{t.gap_seconds:.0f}</td><td>{e(status_text)}</td></tr></table>
+<h2>各批次状态</h2>
+<table><tr><th>批次</th><th>机构代码</th><th>职业（工种）</th><th>等级</th><th>考场类型</th><th>备案场所</th><th>考场</th>
+<th>考试时间</th><th>摄像头</th><th>覆盖率</th><th>状态</th><th>缺口数</th></tr>
+{rows_parts}</table>
+<h2>缺口及原因</h2>
+<table><tr><th>类型</th><th>机构代码</th><th>备案场所</th><th>批次</th><th>考场</th><th>摄像头</th><th>开始</th><th>结束</th>
+<th>时长（秒）</th><th>原因</th><th>缺失序号</th></tr>
+{rows_gaps}</table>
+<h2>各摄像头录像连续性</h2>
+<table><tr><th>机构代码</th><th>备案场所</th><th>摄像头</th><th>考场</th><th>片段数</th><th>录像秒数</th><th>中断记录</th>
+<th>中断（时间、原因）</th><th>缺失序号</th></tr>
+{rows_cams}</table>
+</body></html>
+"""
+
+
+def write_report(report: AuditReport, fmt: str, out: Path) -> None:
+    if fmt == "json":
+        text = json.dumps(report_json(report), ensure_ascii=False, indent=2) + "\n"
+    elif fmt == "csv":
+        text = report_csv(report)
+    else:
+        text = report_html(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)

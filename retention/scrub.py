@@ -1,0 +1,275 @@
+"""`exam-retention scrub`: re-hash stored files and re-prove every record's signature and chain link.
+
+Finds: files missing for live rows, orphan files (in storage without a live row), hash or size mismatches,
+records whose stored manifest no longer hashes to the record hash, signatures that fail, rows that differ
+from their signed manifest, and chain breaks (including a row deleted from the middle of a chain, which
+leaves its successor marked `linked` to a predecessor that is gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from collector import audit
+from collector.models import CHAIN_LINKED, Agent, AuditEntry, ScrubRun, SegmentRecord
+from exam_contract.canonical import format_time, sha256_hex
+from exam_contract.signing import PublicKeyError, parse_public_key, verify
+
+BLOCK = 1 << 20
+READ_CHUNK = 2000
+MAX_PROBLEMS_IN_LOG = 500
+
+
+@dataclass(frozen=True)
+class ScrubProblem:
+    kind: str      # missing_file | orphan_file | hash_mismatch | size_mismatch | record_hash | signature |
+                   # manifest_mismatch | chain_break | unknown_agent | no_tombstone
+    item: str      # venue/camera/seq and/or the storage path
+    what: str
+
+
+@dataclass
+class ScrubResult:
+    run_id: int | None = None
+    sample: float = 1.0
+    records_checked: int = 0
+    files_checked: int = 0
+    bytes_checked: int = 0
+    seconds: float = 0.0
+    problems: list[ScrubProblem] = field(default_factory=list)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_checked / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict:
+        return {"run": self.run_id, "sample": self.sample, "records_checked": self.records_checked,
+                "files_checked": self.files_checked, "bytes_checked": self.bytes_checked,
+                "seconds": round(self.seconds, 3), "mb_per_s": round(self.mb_per_s, 1), "ok": not self.problems,
+                "problems": [{"kind": p.kind, "item": p.item, "problem": p.what} for p in self.problems]}
+
+
+@dataclass(frozen=True)
+class FileToHash:
+    item: str
+    path: Path
+    sha256: str | None
+    size: int
+
+
+def hash_path(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size), reading into one reused buffer (the digest releases the GIL on large blocks)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    size = 0
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+class Progress:
+    """A one-line progress bar with MB/s on a text stream (stderr)."""
+
+    def __init__(self, stream: IO[str] | None, total_files: int, total_bytes: int) -> None:
+        self.stream, self.total_files, self.total_bytes = stream, total_files, total_bytes
+        self.files = self.bytes = 0
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def advance(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+        now = time.monotonic()
+        if self.stream is not None and (now - self._last >= 0.2 or self.files == self.total_files):
+            self._last = now
+            share = self.bytes / self.total_bytes if self.total_bytes else 1.0
+            bar = "#" * int(30 * share)
+            rate = self.bytes / 1e6 / max(now - self.started, 1e-9)
+            self.stream.write(f"\rscrub [{bar:<30}] {100 * share:5.1f}% {self.files}/{self.total_files} files "
+                              f"{self.bytes / 1e6:,.0f} MB {rate:,.0f} MB/s")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.total_files:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _records(session: Session) -> Iterator[SegmentRecord]:
+    """Every record in (venue, camera, seq) order, by keyset pages."""
+    after: tuple[str, str, int] | None = None
+    while True:
+        query = select(SegmentRecord).order_by(SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)
+        if after is not None:
+            v, c, s = after
+            query = query.where(or_(SegmentRecord.venue > v,
+                                    and_(SegmentRecord.venue == v, SegmentRecord.camera > c),
+                                    and_(SegmentRecord.venue == v, SegmentRecord.camera == c, SegmentRecord.seq > s)))
+        rows = list(session.scalars(query.limit(READ_CHUNK)))
+        if not rows:
+            return
+        yield from rows
+        after = (rows[-1].venue, rows[-1].camera, rows[-1].seq)
+        session.expunge_all()
+
+
+def _item(rec: SegmentRecord) -> str:
+    return f"{rec.venue}/{rec.camera}/{rec.seq}"
+
+
+def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, list[FileToHash], set[str], set[str]]:
+    """Signatures, manifests and chains of every record; returns (records, live files, live paths, deleted paths)."""
+    keys: dict[str, object] = {}
+    for agent in session.scalars(select(Agent)):
+        try:
+            keys[agent.id] = parse_public_key(agent.public_key)
+        except PublicKeyError:
+            keys[agent.id] = None
+    # Rows marked deleted must each have their tombstone: otherwise marking a row deleted would hide a
+    # removed file from this scrub.
+    tombstones: dict[int, tuple[str, str | None]] = {}
+    for entry in session.scalars(select(AuditEntry).where(AuditEntry.action == audit.ACTION_SEGMENT_DELETE)):
+        tombstones[entry.seq] = (entry.target, audit.parse_detail(entry).get("record_hash"))
+    files: list[FileToHash] = []
+    live: set[str] = set()
+    deleted: set[str] = set()
+    count = 0
+    previous: SegmentRecord | None = None
+    for rec in _records(session):
+        count += 1
+        item = _item(rec)
+
+        def bad(kind: str, what: str) -> None:
+            problems.append(ScrubProblem(kind, item, what))
+
+        canonical = rec.manifest.encode("utf-8")
+        if sha256_hex(canonical) != rec.record_hash:
+            bad("record_hash", "the stored manifest does not hash to the row's record hash (row or manifest edited)")
+        try:
+            manifest = json.loads(rec.manifest)
+        except ValueError:
+            manifest = {}
+        expected = {"seq": rec.seq, "camera": rec.camera, "venue": rec.venue, "kind": rec.kind,
+                    "sha256": rec.sha256, "size": rec.size, "prev": rec.prev_hash,
+                    "start": format_time(rec.start_at), "end": format_time(rec.end_at)}
+        differing = sorted(k for k, v in expected.items() if manifest.get(k) != v)
+        if differing:
+            bad("manifest_mismatch", f"row fields {', '.join(differing)} differ from the signed manifest")
+        key = keys.get(rec.agent_id)
+        if rec.agent_id not in keys:
+            bad("unknown_agent", f"agent {rec.agent_id} is not enrolled: the signature cannot be checked")
+        elif key is None or not verify(key, canonical, rec.signature):  # type: ignore[arg-type]
+            bad("signature", f"the signature does not verify with the key enrolled for {rec.agent_id}")
+        same = previous is not None and (previous.venue, previous.camera) == (rec.venue, rec.camera)
+        if rec.seq == 1 and rec.prev_hash is not None:
+            bad("chain_break", "seq 1 names a predecessor")
+        elif same and previous is not None and previous.seq == rec.seq - 1:
+            if rec.prev_hash != previous.record_hash:
+                bad("chain_break", f"prev hash is not the record hash of seq {previous.seq}")
+        elif rec.seq > 1 and rec.chain_status == CHAIN_LINKED:
+            bad("chain_break", f"seq {rec.seq - 1} is missing although seq {rec.seq} was linked to it "
+                               "(its row was deleted)")
+        if rec.deleted_at is not None and tombstones.get(rec.deleted_entry or -1) != (item, rec.record_hash):
+            bad("no_tombstone", f"row is marked deleted (entry {rec.deleted_entry}) but the audit log has no "
+                                "tombstone for this record")
+        if rec.storage_path:
+            if rec.deleted_at is not None:
+                deleted.add(rec.storage_path)
+            else:
+                live.add(rec.storage_path)
+                files.append(FileToHash(f"{item} {rec.storage_path}", Path(rec.storage_path), rec.sha256, rec.size))
+        elif rec.kind == "segment" and rec.size and rec.deleted_at is None:
+            bad("missing_file", "segment row has no stored file")
+        previous = rec
+    return count, files, live, deleted
+
+
+def find_orphans(storage_dir: Path, live: set[str], deleted: set[str], problems: list[ScrubProblem]) -> None:
+    for root, dirs, names in os.walk(storage_dir):
+        rel_root = Path(root).relative_to(storage_dir)
+        if rel_root == Path("."):
+            dirs[:] = [d for d in dirs if d != "staging"]
+        for name in names:
+            rel = (rel_root / name).as_posix()
+            if rel in live:
+                continue
+            what = ("file of a segment deleted by retention is still on disk" if rel in deleted
+                    else "file in storage has no segment row (row deleted, or file planted)")
+            problems.append(ScrubProblem("orphan_file", rel, what))
+
+
+def run_scrub(sessions: sessionmaker[Session], storage_dir: Path, sample: float = 1.0,
+              progress: IO[str] | None = None, actor: str = "retention", seed: int | None = None,
+              workers: int | None = None) -> ScrubResult:
+    started_at = datetime.now(timezone.utc)
+    result = ScrubResult(sample=sample)
+    problems = result.problems
+    with sessions() as session:
+        result.records_checked, files, live, deleted = check_records(session, problems)
+    present: list[FileToHash] = []
+    for f in files:
+        if (storage_dir / f.path).is_file():
+            present.append(f)
+        else:
+            problems.append(ScrubProblem("missing_file", f.item, "stored file is missing"))
+    find_orphans(storage_dir, live, deleted, problems)
+    chosen = present
+    if sample < 1.0 and present:
+        k = max(1, round(sample * len(present)))
+        chosen = sorted(random.Random(seed).sample(present, k), key=lambda f: f.path.as_posix())
+    bar = Progress(progress, len(chosen), sum(f.size for f in chosen))
+    t0 = time.perf_counter()
+
+    def work(f: FileToHash) -> tuple[FileToHash, str | None, int]:
+        try:
+            digest, size = hash_path(storage_dir / f.path)
+        except FileNotFoundError:
+            return f, None, 0
+        return f, digest, size
+
+    with ThreadPoolExecutor(max_workers=workers or min(2, os.cpu_count() or 1)) as pool:
+        for f, digest, size in pool.map(work, chosen):
+            if digest is None:
+                problems.append(ScrubProblem("missing_file", f.item, "stored file vanished during the scrub"))
+                continue
+            result.files_checked += 1
+            result.bytes_checked += size
+            bar.advance(size)
+            if size != f.size:
+                problems.append(ScrubProblem("size_mismatch", f.item, f"file has {size} bytes, manifest says {f.size}"))
+            elif digest != f.sha256:
+                problems.append(ScrubProblem("hash_mismatch", f.item, f"file hashes to {digest}, manifest says {f.sha256}"))
+    result.seconds = time.perf_counter() - t0
+    bar.close()
+    finished_at = datetime.now(timezone.utc)
+    problem_json = [{"kind": p.kind, "item": p.item, "problem": p.what} for p in problems]
+    with sessions.begin() as session:
+        run = ScrubRun(started_at=started_at, finished_at=finished_at, sample=sample,
+                       files_checked=result.files_checked, bytes_checked=result.bytes_checked,
+                       seconds=result.seconds, problem_count=len(problems),
+                       problems=json.dumps(problem_json, ensure_ascii=False))
+        session.add(run)
+        session.flush()
+        result.run_id = run.id
+        audit.record(session, audit.ACTION_SCRUB_RUN, actor=actor, target=f"scrub:{run.id}",
+                     reason="integrity problems found" if problems else None,
+                     detail={"sample": sample, "records": result.records_checked, "files": result.files_checked,
+                             "bytes": result.bytes_checked, "problem_count": len(problems),
+                             "problems": problem_json[:MAX_PROBLEMS_IN_LOG]})
+    return result

@@ -1,0 +1,207 @@
+"""Evidence packages: export real ffmpeg footage, verify with `exam-collector verify-package` and with the
+package's own verify.py (same verdict), tamper with it, and verify in a fresh venv holding only cryptography."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from collector.audit import ACTION_FOOTAGE_EXPORT
+from collector.evidence_verify import NOT_OK, OK, OK_WITH_GAPS, verify_package
+from collector.export import ExportError, ExportSettings, export_batch
+from collector.models import AuditCheckpoint, AuditEntry
+from exam_contract.signing import load_private_key, sign
+from tests.support.footage import SITE_A, Demo, build_demo, make_segments
+
+pytestmark = pytest.mark.ffmpeg
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def segment_files(tmp_path_factory: pytest.TempPathFactory, ffmpeg_available: None) -> list[Path]:
+    return make_segments(tmp_path_factory.mktemp("lavfi"))
+
+
+@pytest.fixture
+def demo(tmp_path: Path, segment_files: list[Path]) -> Demo:
+    d = build_demo(tmp_path / "demo", f"sqlite:///{tmp_path / 'demo' / 'collector.db'}", segment_files)
+    yield d
+    d.engine.dispose()
+
+
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "exam-collector"), "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def both_verdicts(package: Path, python: str = sys.executable) -> tuple[subprocess.CompletedProcess[str], ...]:
+    """(exam-collector verify-package, python verify.py): the outputs and exit codes must be identical."""
+    cli = subprocess.run([str(BIN / "exam-collector"), "verify-package", str(package)], capture_output=True,
+                         text=True, timeout=300)
+    script = subprocess.run([python, str(package / "verify.py"), str(package)], capture_output=True, text=True,
+                            timeout=300, cwd="/")
+    assert (cli.returncode, cli.stdout) == (script.returncode, script.stdout)
+    return cli, script
+
+
+def export(demo: Demo, batch: str, out: Path, **kw) -> Path:
+    result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+                          batch_id=batch, out=out, actor="inspector-test", reason="complaint 2026-17", **kw)
+    return result.path
+
+
+def test_cli_export_verifies_ok_and_is_audited(tmp_path: Path, segment_files: list[Path], database_url: str) -> None:
+    demo = build_demo(tmp_path / "demo", database_url, segment_files)
+    try:
+        config = demo.write_config()
+        out = tmp_path / "pkg"
+        done = run_cli(config, "export", "B-OK", "--out", str(out), "--reason", "投诉调查 case 17",
+                       "--actor", "inspector-li")
+        assert done.returncode == 0, done.stderr
+        assert "100%" in done.stderr          # the progress bar
+        originals = sorted(p for p in (demo.storage / SITE_A.institution).rglob("*.ts"))
+        copied = sorted((out / "segments").rglob("*.ts"))
+        assert len(copied) == 6 and [p.read_bytes() for p in copied] == [p.read_bytes() for p in originals]
+        package = json.loads((out / "package.json").read_text(encoding="utf-8"))
+        assert package["batch"]["id"] == "B-OK" and package["exported"]["by"] == "inspector-li"
+        assert package["exported"]["reason"] == "投诉调查 case 17" and package["gaps"] == []
+        assert {p.name for p in (out / "keys" / "agents").iterdir()} == {f"{SITE_A.agent}.pub"}
+        assert "覆盖" in (out / "coverage.html").read_text(encoding="utf-8")
+        cli, _ = both_verdicts(out)
+        assert cli.returncode == 0 and cli.stdout.splitlines()[0] == OK
+        with demo.sessions() as s:
+            entries = s.scalars(select(AuditEntry).where(AuditEntry.action == ACTION_FOOTAGE_EXPORT)).all()
+            checkpoints = s.scalars(select(AuditCheckpoint).where(AuditCheckpoint.occasion == "export")).all()
+        assert [(e.actor, e.target, e.reason) for e in entries] == [("inspector-li", "B-OK", "投诉调查 case 17")]
+        assert len(checkpoints) == 1 and package["exported"]["audit_entry"] == entries[0].seq
+        assert package["exported"]["audit_checkpoint"]["signature"] == checkpoints[0].signature
+    finally:
+        demo.engine.dispose()
+
+
+def test_flipped_byte_names_the_file(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-OK", tmp_path / "pkg")
+    victim = sorted((out / "segments").rglob("*.ts"))[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    cli, _ = both_verdicts(out)
+    assert cli.returncode == 4 and cli.stdout.splitlines()[0] == NOT_OK
+    problems = [line for line in cli.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert len(problems) == 1 and victim.relative_to(out).as_posix() in problems[0] and "SHA-256" in problems[0]
+
+
+def test_removed_segment_is_not_ok(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-OK", tmp_path / "pkg")
+    victim = sorted((out / "segments").rglob("*.ts"))[0]
+    victim.unlink()
+    cli, _ = both_verdicts(out)
+    assert cli.returncode == 4 and cli.stdout.splitlines()[0] == NOT_OK
+    assert f"PROBLEM: {victim.relative_to(out).as_posix()}: missing" in cli.stdout
+
+
+def test_real_gap_is_ok_with_gaps_and_listed(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-GAP", tmp_path / "pkg")
+    cli, _ = both_verdicts(out)
+    assert cli.returncode == 3 and cli.stdout.splitlines()[0] == OK_WITH_GAPS
+    gaps = [line for line in cli.stdout.splitlines() if line.startswith("GAP")]
+    assert gaps == ["GAP: theory JL2201001-01/T101 camera t101-front: 2026-11-26 09:00:06 北京时间 – "
+                    "2026-11-26 09:00:10 北京时间 (4.0 s; camera_unreachable)"]
+    # The viewing MP4s are split at the gap, stream-copied, and each really plays its 6 s.
+    package = json.loads((out / "package.json").read_text(encoding="utf-8"))
+    clips = package["viewing"]
+    assert [(c["first_seq"], c["last_seq"]) for c in clips] == [(1, 3), (5, 7)]
+    assert [(c["start_local"][11:19], c["end_local"][11:19]) for c in clips] == [("09:00:00", "09:00:06"),
+                                                                                  ("09:00:10", "09:00:16")]
+    for clip in clips:
+        probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=codec_name",
+                                "-of", "json", str(out / clip["path"])], capture_output=True, text=True, check=True)
+        info = json.loads(probe.stdout)
+        assert info["streams"][0]["codec_name"] == "h264"
+        assert abs(float(info["format"]["duration"]) - 6.0) < 0.2
+    readme = (out / "viewing" / "README.txt").read_text(encoding="utf-8")
+    assert "2026-11-26 09:00:06 – 2026-11-26 09:00:10 (4.0 s)" in readme
+
+
+def test_hidden_gap_and_removed_record_are_caught_even_when_signed(demo: Demo, tmp_path: Path) -> None:
+    """A collector that left a gap or a record out of a package it signed is still caught."""
+    key = load_private_key(demo.key_file)
+    out = export(demo, "B-GAP", tmp_path / "pkg")
+    package = json.loads((out / "package.json").read_bytes())
+    package["gaps"] = []
+    data = json.dumps(package, ensure_ascii=False).encode("utf-8")
+    (out / "package.json").write_bytes(data)
+    (out / "package.sig").write_text(sign(key, data))
+    result = verify_package(out)
+    assert result.verdict == NOT_OK and len(result.problems) == 1 and "hidden gap" in result.problems[0]
+
+    out2 = export(demo, "B-OK", tmp_path / "pkg2")
+    package = json.loads((out2 / "package.json").read_bytes())
+    records = package["cameras"][0]["records"]
+    dropped = records.pop(1)
+    (out2 / dropped["file"]).unlink()
+    data = json.dumps(package, ensure_ascii=False).encode("utf-8")
+    (out2 / "package.json").write_bytes(data)
+    (out2 / "package.sig").write_text(sign(key, data))
+    result = verify_package(out2)
+    assert result.verdict == NOT_OK
+    assert any("seq 2..2 missing from the chain" in p for p in result.problems)
+    assert any("hidden gap" in p for p in result.problems)
+
+
+def test_edited_package_json_fails_the_collector_signature(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-GAP", tmp_path / "pkg")
+    text = (out / "package.json").read_text(encoding="utf-8").replace("camera_unreachable", "agent_stopped")
+    (out / "package.json").write_text(text, encoding="utf-8")
+    result = verify_package(out)
+    assert result.verdict == NOT_OK
+    assert any("collector signature (package.sig) does not verify" in p for p in result.problems)
+    wrong = verify_package(export(demo, "B-OK", tmp_path / "pkg2"), pinned_key="A" * 43 + "=")
+    assert wrong.verdict == NOT_OK and "not the collector key given" in wrong.problems[0]
+
+
+def test_zip_export_verifies(demo: Demo, tmp_path: Path) -> None:
+    path = export(demo, "B-OK", tmp_path / "pkg", settings=ExportSettings(make_zip=True))
+    assert path == tmp_path / "pkg.zip" and zipfile.is_zipfile(path) and not (tmp_path / "pkg").exists()
+    done = subprocess.run([str(BIN / "exam-collector"), "verify-package", str(path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("OK\n")
+
+
+def test_export_refuses_without_reason_or_into_a_full_folder(demo: Demo, tmp_path: Path) -> None:
+    config = demo.write_config()
+    done = run_cli(config, "export", "B-OK", "--out", str(tmp_path / "x"), "--reason", "  ")
+    assert done.returncode == 1 and "needs a reason" in done.stderr and len(done.stderr.splitlines()) == 1
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export(demo, "B-OK", tmp_path / "full")
+    done = run_cli(config, "export", "NOPE", "--out", str(tmp_path / "y"), "--reason", "r")
+    assert done.returncode == 1 and "not imported" in done.stderr
+    assert run_cli(config, "verify-package", str(tmp_path / "full")).returncode == 1
+
+
+def test_verify_py_in_a_fresh_venv_with_only_cryptography(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-GAP", tmp_path / "pkg")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([py, "-m", "pip", "install", "-q", "cryptography"], check=True, env=environ, timeout=600)
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True,
+                            env=environ)
+    names = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert "cryptography" in names and not names & {"exam-footage", "sqlalchemy", "click", "fastapi"}
+    fresh = subprocess.run([py, str(out / "verify.py"), str(out)], capture_output=True, text=True, env=environ,
+                           cwd="/", timeout=300)
+    assert fresh.returncode == 3 and fresh.stdout.splitlines()[0] == OK_WITH_GAPS
+    cli, _ = both_verdicts(out)
+    assert cli.stdout == fresh.stdout

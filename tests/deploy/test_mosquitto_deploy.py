@@ -1,0 +1,219 @@
+"""deploy/mosquitto/ on a real broker: TLS with a test CA, per-agent passwords, the PRODUCT.md ACL."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exam_contract.topics import COLLECTOR_SUBSCRIPTION, DEFAULT_CHUNK_SIZE
+from tests.conftest import _unavailable
+from tests.support.deploy_broker import DEPLOY, DeployBroker, SyncClient, add_password, make_test_ca
+from tests.support.services import mosquitto_binary
+
+pytestmark = pytest.mark.mosquitto
+
+ACCOUNTS = ("agent-a", "agent-b", "collector-1", "jl2201001-01-a")
+NOT_AUTHORIZED = 0x87
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[DeployBroker, dict[str, str]]]:
+    for tool in ("openssl", "mosquitto_passwd"):
+        if shutil.which(tool) is None:
+            _unavailable(tool)
+    if mosquitto_binary() is None:
+        _unavailable("mosquitto")
+    ca = make_test_ca(tmp_path / "ca")
+    instance = DeployBroker(workdir=tmp_path / "broker", ca=ca)
+    instance.workdir.mkdir()
+    passwords = {name: secrets.token_urlsafe(16) for name in ACCOUNTS}
+    for name, password in passwords.items():
+        add_password(instance.passwd, name, password)
+    instance.start()
+    yield instance, passwords
+    instance.stop()
+
+
+def _client(broker: tuple[DeployBroker, dict[str, str]], name: str) -> SyncClient:
+    instance, passwords = broker
+    client = SyncClient(instance, name, passwords[name])
+    code = client.connect()
+    assert not code.is_failure, f"{name} refused: {code}"
+    return client
+
+
+def _next(client: SyncClient) -> tuple[str, bytes]:
+    return client.messages.get(timeout=10)
+
+
+def _status_until(client: SyncClient, state: str) -> dict:
+    """The next status message of that state (repeats of the previous state may come first)."""
+    while True:
+        topic, payload = _next(client)
+        assert topic == "exam/v1/jl2201001-01-a/status"
+        body = json.loads(payload)
+        if body["state"] == state:
+            return body
+
+
+def test_agent_cannot_publish_under_another_agents_topics(broker):
+    collector = _client(broker, "collector-1")
+    agent_a = _client(broker, "agent-a")
+    try:
+        assert not collector.subscribe(COLLECTOR_SUBSCRIPTION)[0].is_failure
+        assert not collector.subscribe("exam/v1/+/status")[0].is_failure
+        for topic in ("exam/v1/agent-b/seg/cam-1/init", "exam/v1/agent-b/seg/cam-1/chunk/0",
+                      "exam/v1/agent-b/status", "exam/v1/agent-b/reply", "exam/v1/agent-a/reply",
+                      "exam/v1/alerts/fake"):
+            assert agent_a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        # Its own topics work, and the collector sees those first: the forged ones were never routed.
+        assert not agent_a.publish("exam/v1/agent-a/seg/cam-1/init", b"mine").is_failure
+        assert _next(collector) == ("exam/v1/agent-a/seg/cam-1/init", b"mine")
+        assert not agent_a.publish("exam/v1/agent-a/status", b"online").is_failure
+        assert _next(collector) == ("exam/v1/agent-a/status", b"online")
+    finally:
+        collector.close()
+        agent_a.close()
+
+
+def test_agent_cannot_read_another_agents_replies_or_uploads(broker):
+    collector = _client(broker, "collector-1")
+    agent_a = _client(broker, "agent-a")
+    agent_b = _client(broker, "agent-b")
+    try:
+        collector.subscribe(COLLECTOR_SUBSCRIPTION)
+        # Mosquitto grants a denied subscription but never delivers on it.
+        for topic in ("exam/v1/agent-b/reply", "exam/v1/+/reply", "exam/v1/#", COLLECTOR_SUBSCRIPTION):
+            agent_a.subscribe(topic)
+        agent_b.subscribe("exam/v1/agent-b/reply")
+        assert not agent_b.publish("exam/v1/agent-b/seg/cam-9/init", b"b-upload").is_failure
+        assert _next(collector) == ("exam/v1/agent-b/seg/cam-9/init", b"b-upload")
+        assert not collector.publish("exam/v1/agent-b/reply", b"for-b").is_failure
+        assert _next(agent_b) == ("exam/v1/agent-b/reply", b"for-b")
+        assert not collector.publish("exam/v1/agent-a/reply", b"for-a").is_failure
+        # agent-a's own reply arrives (once per matching subscription); nothing of agent-b's came before it.
+        received = [_next(agent_a)]
+        while True:
+            try:
+                received.append(agent_a.messages.get(timeout=0.5))
+            except queue.Empty:
+                break
+        assert received and all(item == ("exam/v1/agent-a/reply", b"for-a") for item in received), received
+    finally:
+        for client in (collector, agent_a, agent_b):
+            client.close()
+
+
+def test_anonymous_and_wrong_password_are_refused(broker):
+    instance, passwords = broker
+    anonymous = SyncClient(instance, None, None, client_id="anonymous")
+    code = anonymous.connect()
+    anonymous.close()
+    assert code.is_failure and code.value in (0x86, 0x87), code
+    wrong = SyncClient(instance, "agent-a", passwords["agent-b"], client_id="agent-a")
+    code = wrong.connect()
+    wrong.close()
+    assert code.is_failure and code.value in (0x86, 0x87), code
+
+
+def test_tls_listener_rejects_a_client_that_does_not_trust_its_ca(broker, tmp_path):
+    instance, passwords = broker
+    other = make_test_ca(tmp_path / "other-ca")
+    client = SyncClient(instance, "agent-a", passwords["agent-a"], ca_file=other.ca_cert)
+    with pytest.raises(ssl.SSLError):
+        client.client.connect("127.0.0.1", instance.port)
+
+
+def test_chunk_size_fits_max_packet_size_and_oversize_is_cut_off(broker):
+    agent_a = _client(broker, "agent-a")
+    disconnected: queue.Queue = queue.Queue()
+    agent_a.client.on_disconnect = lambda c, u, f, rc, p: disconnected.put(rc)
+    try:
+        assert not agent_a.publish("exam/v1/agent-a/seg/cam-1/chunk/0", b"x" * DEFAULT_CHUNK_SIZE).is_failure
+        agent_a.client.publish("exam/v1/agent-a/seg/cam-1/chunk/1", b"x" * (600 * 1024), qos=1)
+        assert disconnected.get(timeout=10) is not None
+    finally:
+        agent_a.close()
+
+
+def test_edge_agent_connects_over_tls_and_its_status_is_retained(broker, tmp_path):
+    """The edge uploader with an mqtts:// config, ca_file and password_file, as a venue would run it;
+    its retained status goes offline by last will when the link drops, and on a clean stop."""
+    from edge_agent.config import load_config
+    from edge_agent.spool import Journal
+    from edge_agent.uploader import Uploader
+    from exam_contract.signing import generate_private_key
+
+    instance, passwords = broker
+    (tmp_path / "mqtt.pass").write_text(passwords["jl2201001-01-a"] + "\n")
+    generate_private_key(tmp_path / "agent.key")
+    config_path = tmp_path / "edge.toml"
+    config_path.write_text(
+        '[agent]\nid = "jl2201001-01-a"\ninstitution = "JL2201001"\nvenue = "JL2201001-01"\n'
+        f'data_dir = "{tmp_path / "data"}"\nkey_file = "{tmp_path / "agent.key"}"\n'
+        f'[mqtt]\nurl = "mqtts://localhost:{instance.port}"\nusername = "jl2201001-01-a"\n'
+        f'password_file = "{tmp_path / "mqtt.pass"}"\nca_file = "{instance.ca.ca_cert}"\n')
+    config = load_config(config_path)
+    journal = Journal(config.agent.journal_path)
+    uploader = Uploader(config, journal)
+    watcher = _client(broker, "collector-1")
+    try:
+        watcher.subscribe("exam/v1/+/status")
+        uploader.connect()
+        assert _status_until(watcher, "online")["agent"] == "jl2201001-01-a"
+        # The link drops without a DISCONNECT: the broker publishes the last will, then paho reconnects.
+        uploader.client.socket().shutdown(socket.SHUT_RDWR)
+        assert _status_until(watcher, "offline") == {"agent": "jl2201001-01-a", "state": "offline"}
+        assert _status_until(watcher, "online")["agent"] == "jl2201001-01-a"
+        uploader.stop()
+        assert _status_until(watcher, "offline")["state"] == "offline"
+    finally:
+        watcher.close()
+        journal.close()
+
+
+def test_add_agent_script_enrols_the_key_and_creates_a_working_broker_account(broker, tmp_path):
+    from exam_contract.signing import generate_private_key, public_key_b64
+    from tests.support.pipeline import BIN, run_cli
+
+    instance, _ = broker
+    collector_config = tmp_path / "collector.toml"
+    run_cli("exam-collector", "--config", str(collector_config), "init", "--data-dir", str(tmp_path / "collector"))
+    run_cli("exam-collector", "--config", str(collector_config), "db", "upgrade")
+    pubkey = public_key_b64(generate_private_key(tmp_path / "venue.key"))
+    password_out = tmp_path / "venue.mqtt.pass"
+    args = [str(DEPLOY / "add-agent.sh"), "--agent", "jl2201001-02-a", "--venue", "JL2201001-02",
+            "--pubkey", pubkey, "--collector-config", str(collector_config), "--passwd-file", str(instance.passwd),
+            "--password-out", str(password_out), "--reload-cmd", f"kill -HUP {instance.process.pid}"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert password_out.stat().st_mode & 0o777 == 0o600
+    again = run_cli("exam-collector", "--config", str(collector_config), "enroll", "--agent", "jl2201001-02-a",
+                    "--venue", "JL2201001-02", "--pubkey", pubkey)
+    assert "already enrolled" in again.stdout
+    # mosquitto re-reads the password file when it handles the SIGHUP; wait for that, then log in.
+    deadline = time.monotonic() + 15
+    while True:
+        client = SyncClient(instance, "jl2201001-02-a", password_out.read_text().strip())
+        code = client.connect()
+        client.close()
+        if not code.is_failure or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not code.is_failure, code
+    duplicate = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert duplicate.returncode == 1 and "already has a broker account" in duplicate.stderr
+    bad = subprocess.run([*args[:2], "bad/id", *args[3:]], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--agent 'bad/id'" in bad.stderr

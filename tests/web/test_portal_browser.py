@@ -1,0 +1,137 @@
+"""The portal in headless Debian Chromium (Playwright, executable_path), against `exam-collector serve` run
+as a subprocess on a free port with a private mosquitto: log in, open a batch, see its gap on the timeline,
+play footage from a clicked moment, export with a reason. Screenshots go to build/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from collector.audit import ACTION_FOOTAGE_EXPORT, ACTION_FOOTAGE_VIEW
+from collector.models import AuditEntry
+from tests.support.footage import build_demo
+from tests.support.services import free_port, wait_for_port
+
+from .conftest import PASSWORD, add_accounts
+
+pytestmark = [pytest.mark.ffmpeg, pytest.mark.mosquitto]
+BIN = Path(sys.executable).parent
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
+
+
+@pytest.fixture
+def served(tmp_path: Path, segment_files: list[Path], mosquitto):
+    """(base URL, demo) of a real `exam-collector serve` subprocess; stopped in `finally`."""
+    demo = build_demo(tmp_path / "demo", f"sqlite:///{tmp_path / 'demo' / 'collector.db'}", segment_files)
+    add_accounts(demo)
+    port = free_port()
+    config = demo.write_config(mosquitto.url, f"127.0.0.1:{port}")
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen([str(BIN / "exam-collector"), "--config", str(config), "serve"], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30)
+        yield f"http://127.0.0.1:{port}", demo
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        demo.engine.dispose()
+
+
+def test_portal_login_timeline_playback_export(served) -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (make deps installs it)") if os.environ.get("CI") != "true" \
+            else pytest.fail("chromium missing in CI")
+    from playwright.sync_api import expect, sync_playwright
+
+    base, demo = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    requested: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(base + "/")
+            expect(page.locator("#login-form")).to_be_visible()
+            expect(page.locator("h1")).to_have_text("考试录像监管平台")
+            page.fill("#username", "insp-a")
+            page.fill("#password", "wrong password")
+            page.click("#login-submit")
+            expect(page.locator("#login-error")).to_have_text("用户名或密码错误")
+            page.fill("#password", PASSWORD)
+            page.click("#login-submit")
+            rows = page.locator("tr.batch-row")
+            expect(rows).to_have_count(2)   # B-OTHER belongs to another institution
+            expect(page.locator('tr[data-batch="B-GAP"] .badge')).to_have_text("有覆盖缺口")
+            expect(page.locator('tr[data-batch="B-OK"] .badge')).to_have_text("完整")
+            page.screenshot(path=str(SHOTS / "1-batches.png"), full_page=True)
+
+            page.click('tr[data-batch="B-GAP"]')
+            timeline = page.locator(".timeline").first
+            expect(timeline).to_be_visible()
+            gap = timeline.locator('[data-testid="gap"]')
+            expect(gap).to_have_count(1)
+            # The gap is 06-10 s of a 16 s window: it is drawn from 37.5 % to 62.5 % of the bar.
+            bar, drawn = timeline.bounding_box(), gap.bounding_box()
+            assert abs((drawn["x"] - bar["x"]) / bar["width"] - 0.375) < 0.01
+            assert abs(drawn["width"] / bar["width"] - 0.25) < 0.01
+            expect(page.locator(".gaplist li")).to_contain_text("2026-11-26 09:00:06 – 09:00:10")
+            expect(page.locator(".gaplist li")).to_contain_text("摄像头不可达")
+
+            # A click in the gap plays nothing and says so.
+            timeline.click(position={"x": bar["width"] * 0.5, "y": bar["height"] / 2})
+            expect(page.locator("#player-info")).to_contain_text("覆盖缺口")
+            # A click at 1 % (09:00:00.16) plays seq 1 from that moment; currentTime advances.
+            timeline.click(position={"x": bar["width"] * 0.01, "y": bar["height"] / 2})
+            page.wait_for_function("() => { const v = document.querySelector('#player');"
+                                   " return v.readyState >= 2 && !v.paused && v.currentTime > 0.2; }", timeout=20000)
+            first = page.evaluate("document.querySelector('#player').currentTime")
+            page.wait_for_function(f"() => document.querySelector('#player').currentTime > {first} + 0.4",
+                                   timeout=20000)
+            assert page.evaluate("document.querySelector('#player').error") is None
+            expect(page.locator("#player-info")).to_contain_text("序号 1")
+            page.screenshot(path=str(SHOTS / "2-batch-playing.png"), full_page=True)
+
+            page.click("#export-button")
+            expect(page.locator("#dialog")).to_be_visible()
+            page.screenshot(path=str(SHOTS / "3-export-reason.png"))
+            page.fill("#export-reason", "浏览器测试：投诉复核")
+            page.click("#export-submit")
+            expect(page.locator("#export-download")).to_be_visible(timeout=60000)
+            href = page.get_attribute("#export-download", "href")
+            assert href.startswith("/api/exports/")
+            page.screenshot(path=str(SHOTS / "4-exported.png"), full_page=True)
+
+            page.click("#lang")
+            expect(page.locator("h1")).to_have_text("Exam footage portal")
+            expect(page.locator("#export-button")).to_have_text("Export evidence package")
+            page.screenshot(path=str(SHOTS / "5-english.png"), full_page=True)
+        finally:
+            browser.close()
+
+    # Every asset came from the collector itself (no CDN).
+    assert requested and all(u.startswith(base) or u.startswith(("data:", "blob:")) for u in requested), \
+        [u for u in requested if not u.startswith(base)]
+    with demo.sessions() as s:
+        entries = s.scalars(select(AuditEntry).where(AuditEntry.actor == "user:insp-a")).all()
+    assert any(e.action == ACTION_FOOTAGE_VIEW and e.target == "B-GAP" for e in entries)
+    assert any(e.action == ACTION_FOOTAGE_VIEW and e.target.endswith("/t101-front/1") for e in entries)
+    assert [e.reason for e in entries if e.action == ACTION_FOOTAGE_EXPORT] == ["浏览器测试：投诉复核"]
+    for name in ("1-batches.png", "2-batch-playing.png", "4-exported.png"):
+        assert (SHOTS / name).stat().st_size > 10_000
+    assert shutil.which("ffmpeg")
