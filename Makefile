@@ -70,6 +70,7 @@ demo: deps venv
 bench: deps venv
 	$(VENV)/bin/python -m bench.mqtt_baseline --mib $(BENCH_MIB)
 	@if [ -f bench/ingest.py ]; then $(VENV)/bin/python -m bench.ingest; fi
+	$(VENV)/bin/python -m bench.export --viewing
 
 clean:
 	rm -rf demo-data

@@ -6,7 +6,7 @@ alternates `export_batch` (copy with SHA-256 of every byte, keys, coverage, pack
 and checkpoint) and `cp -r` of the same stored files into a fresh folder, `--rounds` times. Prints best-of
 export MB/s ÷ best-of cp MB/s (target >= 0.8). The viewing MP4s are not part of the ratio (they are a second
 stream-copied file per camera, i.e. twice the bytes written); `--viewing` measures them separately on
-real ffmpeg footage. Run from the repo root:
+real ffmpeg footage, and `--check-hashes` (SHA-256 of every byte while copying) is shown too. Run from the repo root:
 
     .venv/bin/python -m bench.export --files 16 --mib 32 --rounds 3 [--viewing]
 """
@@ -68,11 +68,11 @@ def drop_outputs(root: Path) -> None:
         shutil.rmtree(path)
 
 
-def timed_export(demo: Demo, out: Path, viewing: bool) -> float:
+def timed_export(demo: Demo, out: Path, viewing: bool, check_hashes: bool = False) -> float:
     key = load_private_key(demo.key_file)
     started = time.perf_counter()
     result = export_batch(demo.sessions, storage_dir=demo.storage, key=key, batch_id="BENCH", out=out,
-                          actor="bench", reason="benchmark", settings=ExportSettings(viewing=viewing))
+                          actor="bench", reason="benchmark", settings=ExportSettings(viewing=viewing, check_hashes=check_hashes))
     elapsed = time.perf_counter() - started
     if result.source_problems:
         raise SystemExit(f"bench: export found problems: {result.source_problems[:3]}")
@@ -86,13 +86,13 @@ def timed_cp(demo: Demo, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def compare(demo: Demo, total: int, rounds: int, viewing: bool, label: str) -> float:
+def compare(demo: Demo, total: int, rounds: int, viewing: bool, label: str, check_hashes: bool = False) -> float:
     for path in (demo.storage / SITE_A.institution).rglob("*"):   # warm the page cache for both
         if path.is_file():
             path.read_bytes()
     exports, copies = [], []
     for i in range(rounds):
-        exports.append(total / timed_export(demo, demo.root / f"out-export-{i}", viewing) / MB)
+        exports.append(total / timed_export(demo, demo.root / f"out-export-{i}", viewing, check_hashes) / MB)
         copies.append(total / timed_cp(demo, demo.root / f"out-cp-{i}") / MB)
         drop_outputs(demo.root)
     ratio = max(exports) / max(copies)
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         (root / "a").mkdir()
         demo, total = build(root / "a", args.files, args.mib)
         ratio = compare(demo, total, args.rounds, viewing=False, label=f"{args.files} x {args.mib} MiB segments")
+        compare(demo, total, args.rounds, viewing=False, check_hashes=True,
+                label=f"{args.files} x {args.mib} MiB segments, --check-hashes")
         demo.engine.dispose()
         if args.viewing:
             if shutil.which("ffmpeg") is None:

@@ -531,9 +531,11 @@ def batches_list(obj: Obj, as_json: bool, lang: str) -> None:
 @click.option("--reason", required=True, help="Why the footage is exported (audit log).")
 @click.option("--actor", default=None, help="Who exports (for the audit log; default: the OS user).")
 @click.option("--no-viewing", is_flag=True, help="Skip the per-camera viewing MP4s.")
+@click.option("--check-hashes", is_flag=True, help="Re-hash each stored file while copying (slower; reports "
+              "damaged storage at once instead of at verification).")
 @click.pass_obj
 def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, actor: str | None,
-               no_viewing: bool) -> None:
+               no_viewing: bool, check_hashes: bool) -> None:
     """Write a batch's verifiable evidence package (segments, signed package.json, keys, verify.py)."""
     from exam_contract.signing import load_private_key
 
@@ -547,7 +549,7 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
     settings = ExportSettings(tolerance_seconds=cfg.coverage.gap_tolerance_seconds,
                               pre_margin_minutes=cfg.coverage.pre_margin_minutes,
                               post_margin_minutes=cfg.coverage.post_margin_minutes,
-                              viewing=not no_viewing, make_zip=make_zip)
+                              viewing=not no_viewing, make_zip=make_zip, check_hashes=check_hashes)
     bar = ProgressBar(sys.stderr)
     try:
         result = export_batch(session_factory(_engine(cfg)), storage_dir=cfg.storage_dir, key=key,

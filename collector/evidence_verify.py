@@ -16,7 +16,8 @@ What is checked:
      and every missing sequence number is declared as a chain hole;
   5. no gap is hidden: coverage of each exam part is recomputed from the signed manifests, and every
      uncovered stretch of at least the gap tolerance must be among the gaps the package declares;
-  6. the other listed files (coverage report, viewing MP4s) have their listed size and SHA-256.
+  6. the other listed files (coverage report, viewing MP4s) have their listed size and SHA-256;
+  7. the audit-log checkpoint the export cites is signed by the same collector key (the export was logged).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ NOT_OK = "NOT_OK"
 EXIT_CODES = {OK: 0, OK_WITH_GAPS: 3, NOT_OK: 4}
 EXIT_INPUT = 1
 PACKAGE_FORMAT = "exam-footage evidence package"
+CHECKPOINT_KIND = "exam-collector audit checkpoint"   # must match collector/audit.py
 READ_BLOCK = 4 << 20
 SHANGHAI = timezone(timedelta(hours=8))  # Asia/Shanghai has no DST; no tzdata needed
 
@@ -346,6 +348,18 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
     # 6. other files the collector listed
     for item in package.get("files") or []:
         _check_file(root, item.get("path"), item.get("size"), item.get("sha256"), "listed file", problems)
+
+    # 7. the signed audit checkpoint taken at export time
+    checkpoint = (package.get("exported") or {}).get("audit_checkpoint")
+    if not isinstance(checkpoint, dict):
+        problems.append("package.json: no audit checkpoint: the export is not shown to be logged")
+    elif collector_key is not None:
+        signed = json.dumps({"v": 1, "kind": CHECKPOINT_KIND, "count": checkpoint.get("entry_count"),
+                             "head": checkpoint.get("head_hash"), "at": checkpoint.get("at"),
+                             "occasion": checkpoint.get("occasion"), "key": checkpoint.get("public_key")},
+                            sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if checkpoint.get("public_key") != key_text or not _verify(collector_key, signed, checkpoint.get("signature")):
+            problems.append("package.json: the audit checkpoint is not signed by the collector key")
 
     if problems:
         result.verdict = NOT_OK

@@ -340,7 +340,7 @@ def create_app(portal: Portal) -> FastAPI:
         first = _range_start(request.headers.get("range"))
         if first in (None, 0):   # a new playback, not the continuation of one
             record_view(user, f"{record.venue}/{record.camera}/{record.seq}",
-                        {"what": "segment", "segment": record.id, "batch_window": None})
+                        {"what": "segment", "segment": record.id})
         return FileResponse(mp4, media_type="video/mp4", filename=f"{record.camera}-{record.seq}.mp4",
                             content_disposition_type="inline")
 

@@ -206,7 +206,7 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> Non
 @click.pass_context
 def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], timeout: float) -> None:
     """Open each camera, print codec, resolution, fps and bitrate, save a snapshot; exit 1 if any fails."""
-    from .health import ReferenceError, save_reference
+    from .health import ReferenceViewError, save_reference
     from .probe import format_table, probe_all
 
     config = _load(ctx)
@@ -227,7 +227,7 @@ def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], 
         if set_reference and image is not None:
             try:
                 click.echo(f"reference view {probe_result.camera}: {save_reference(config, probe_result.camera, image)}")
-            except ReferenceError as exc:
+            except ReferenceViewError as exc:
                 fail(str(exc))
     failed = [probe_result.camera for probe_result, _ in results if not probe_result.ok]
     if failed:

@@ -46,7 +46,7 @@ class HealthError(Exception):
     """A segment could not be analysed (ffmpeg failed, timed out or produced no frame)."""
 
 
-class ReferenceError(Exception):
+class ReferenceViewError(Exception):
     """A reference view cannot be read or written; the message names the file."""
 
 
@@ -364,6 +364,6 @@ def save_reference(config: EdgeConfig, camera: str, image: np.ndarray) -> Path:
             raise OSError(f"cannot encode {tmp}")
         os.replace(tmp, path)
     except OSError as exc:
-        raise ReferenceError(f"cannot write the reference view {path} ({exc}): check [agent] data_dir "
+        raise ReferenceViewError(f"cannot write the reference view {path} ({exc}): check [agent] data_dir "
                              "permissions") from exc
     return path

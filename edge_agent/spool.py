@@ -578,7 +578,13 @@ class Sealer:
                 self._append_gap(self._camera(camera), state.last_end, end, outage.cause, outage.detail)
 
     def recover(self) -> None:
-        """At startup: finish interrupted moves, seal leftovers in recording/ and unjournaled files in spool/."""
+        """At startup: finish interrupted moves, seal leftovers in recording/ and unjournaled files in spool/.
+        The agent was not running since its last record's end: an outage is noted first, so that a leftover
+        of a run that started after an earlier restart (and was killed before its first segment was sealed)
+        is preceded by the agent_stopped gap the dead process never got to write."""
+        for cam in self.config.cameras:
+            if self.journal.camera_state(cam.id).last_end is not None:
+                self.note_outage(cam.id, "agent_stopped", "the edge agent was not recording")
         for rowid, src, dst in self.journal.unmoved():
             if dst.exists():
                 self.journal.set_moved(rowid)

@@ -93,6 +93,7 @@ class Transfer:
     fin_at: float | None = None          # a deferred fin (after a repeated, identical `missing`)
     last_missing: tuple | None = None
     repeats: int = 0
+    first_unanswered_fin: datetime | None = None  # clock samples use the earliest fin a reply may answer
 
     @property
     def file_id(self) -> str:
@@ -361,6 +362,8 @@ class Uploader:
             self._publish(fin_topic(self.agent, transfer.file_id), b"")
             transfer.fin_needed = False
             transfer.fin_sent = datetime.now(UTC)
+            if transfer.first_unanswered_fin is None:
+                transfer.first_unanswered_fin = transfer.fin_sent
             wait = min(self.reply_timeout * (2 ** transfer.asks), REPLY_TIMEOUT_CAP)
             transfer.asks += 1
             transfer.deadline = now + wait
@@ -378,8 +381,11 @@ class Uploader:
 
     def _handle_reply(self, reply: Reply, received: datetime) -> None:
         transfer = self._active.get(reply.file_id)
-        if transfer is not None and transfer.fin_sent is not None:
-            self.clock.add(transfer.fin_sent, received, reply.collector_time)
+        if transfer is not None and transfer.first_unanswered_fin is not None:
+            # With several fins outstanding the reply may answer any of them: measuring from the earliest
+            # keeps the sample honest (a longer round trip, which the estimator's min-RTT choice disfavours).
+            self.clock.add(transfer.first_unanswered_fin, received, reply.collector_time)
+            transfer.first_unanswered_fin = None
         camera, _, seq_text = reply.file_id.rpartition("-")
         if not seq_text.isdigit():
             log.warning("reply for unknown file %s ignored", reply.file_id)

@@ -19,7 +19,7 @@ const TEXT = {
     recorder_crashed: "录像进程崩溃", camera_unreachable: "摄像头不可达", corrupt_segment: "片段损坏",
     disk_full: "磁盘已满", agent_stopped: "采集端停止", missing_seq: "序号缺失", rejected_upload: "上传被拒收",
     clock_unsynced: "时钟未同步", unknown: "原因不明", health_black: "黑屏", health_frozen: "画面冻结",
-    health_obstructed: "镜头遮挡", no_camera_cause: "无摄像头",
+    health_obstructed: "镜头遮挡", no_camera_cause: "无摄像头", segments_unit: "个片段",
   },
   en: {
     title: "Exam footage portal", batches: "Batches", logout: "Log out", login: "Log in", username: "User name",
@@ -39,7 +39,7 @@ const TEXT = {
     recorder_crashed: "recorder crashed", camera_unreachable: "camera unreachable", corrupt_segment: "corrupt segment",
     disk_full: "disk full", agent_stopped: "agent stopped", missing_seq: "missing seq", rejected_upload: "upload rejected",
     clock_unsynced: "clock not synced", unknown: "unknown", health_black: "black video", health_frozen: "frozen video",
-    health_obstructed: "obstructed view", no_camera_cause: "no camera",
+    health_obstructed: "obstructed view", no_camera_cause: "no camera", segments_unit: "segments",
   },
 };
 const DISQUALIFYING = ["black", "frozen", "obstructed"];
@@ -171,7 +171,8 @@ async function showBatch(batchId) {
       }).join("");
       const gaps = cam.gaps.map((g) => {
         const left = pos(g.start), width = Math.max(0.4, pos(g.end) - left);
-        return `<div class="gap" data-testid="gap" style="left:${left}%;width:${width}%"
+        const health = g.causes.every((c) => c.startsWith("health_"));
+        return `<div class="gap${health ? " health" : ""}" data-testid="gap" style="left:${left}%;width:${width}%"
           title="${esc(local(g.start))} – ${esc(local(g.end, false))} ${esc(causes(g.causes))}"></div>`;
       }).join("");
       const gapList = cam.gaps.length ? `<ul class="gaplist">${cam.gaps.map((g) =>
@@ -283,7 +284,8 @@ async function submitExport(ev) {
   });
   const body = await response.json();
   if (!response.ok) { box.textContent = t("export_failed") + (body.detail || response.status); return; }
-  box.innerHTML = `${esc(t("export_done"))} ${body.segments} · ${esc(String(body.bytes))} B ·
+  box.innerHTML = `${esc(t("export_done"))} ${body.segments} ${esc(t("segments_unit"))} ·
+    ${(body.bytes / 1e6).toFixed(1)} MB · ${esc(t("legend_gap"))} ${body.gaps} ·
     <a id="export-download" href="${esc(body.download)}">${esc(t("download"))}</a>`;
 }
 

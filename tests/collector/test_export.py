@@ -87,6 +87,12 @@ def test_cli_export_verifies_ok_and_is_audited(tmp_path: Path, segment_files: li
         demo.engine.dispose()
 
 
+def test_verifier_checkpoint_format_matches_the_audit_log() -> None:
+    from collector import audit, evidence_verify
+
+    assert evidence_verify.CHECKPOINT_KIND == audit.CHECKPOINT_KIND
+
+
 def test_flipped_byte_names_the_file(demo: Demo, tmp_path: Path) -> None:
     out = export(demo, "B-OK", tmp_path / "pkg")
     victim = sorted((out / "segments").rglob("*.ts"))[1]
@@ -114,8 +120,11 @@ def test_real_gap_is_ok_with_gaps_and_listed(demo: Demo, tmp_path: Path) -> None
     assert cli.returncode == 3 and cli.stdout.splitlines()[0] == OK_WITH_GAPS
     gaps = [line for line in cli.stdout.splitlines() if line.startswith("GAP")]
     assert gaps == ["GAP: theory JL2201001-01/T101 camera t101-front: 2026-11-26 09:00:06 北京时间 – "
-                    "2026-11-26 09:00:10 北京时间 (4.0 s; camera_unreachable)"]
-    # The viewing MP4s are split at the gap, stream-copied, and each really plays its 6 s.
+                    "2026-11-26 09:00:10 北京时间 (4.0 s; camera_unreachable)",
+                    "GAP: theory JL2201001-01/T101 camera t101-front: 2026-11-26 09:00:12 北京时间 – "
+                    "2026-11-26 09:00:14 北京时间 (2.0 s; health_frozen)"]
+    # The viewing MP4s are split where footage is missing (not at the frozen stretch, which is footage),
+    # stream-copied, and each really plays its 6 s.
     package = json.loads((out / "package.json").read_text(encoding="utf-8"))
     clips = package["viewing"]
     assert [(c["first_seq"], c["last_seq"]) for c in clips] == [(1, 3), (5, 7)]
@@ -141,7 +150,8 @@ def test_hidden_gap_and_removed_record_are_caught_even_when_signed(demo: Demo, t
     (out / "package.json").write_bytes(data)
     (out / "package.sig").write_text(sign(key, data))
     result = verify_package(out)
-    assert result.verdict == NOT_OK and len(result.problems) == 1 and "hidden gap" in result.problems[0]
+    assert result.verdict == NOT_OK and len(result.problems) == 2
+    assert all("hidden gap" in p for p in result.problems) and "09:00:12" in result.problems[1]
 
     out2 = export(demo, "B-OK", tmp_path / "pkg2")
     package = json.loads((out2 / "package.json").read_bytes())
@@ -164,6 +174,15 @@ def test_edited_package_json_fails_the_collector_signature(demo: Demo, tmp_path:
     result = verify_package(out)
     assert result.verdict == NOT_OK
     assert any("collector signature (package.sig) does not verify" in p for p in result.problems)
+    # A forged audit checkpoint (re-signed package, checkpoint signature not the collector's) is caught.
+    key = load_private_key(demo.key_file)
+    out3 = export(demo, "B-OK", tmp_path / "pkg3")
+    package = json.loads((out3 / "package.json").read_bytes())
+    package["exported"]["audit_checkpoint"]["entry_count"] += 1
+    data = json.dumps(package, ensure_ascii=False).encode("utf-8")
+    (out3 / "package.json").write_bytes(data)
+    (out3 / "package.sig").write_text(sign(key, data))
+    assert verify_package(out3).problems == ["package.json: the audit checkpoint is not signed by the collector key"]
     wrong = verify_package(export(demo, "B-OK", tmp_path / "pkg2"), pinned_key="A" * 43 + "=")
     assert wrong.verdict == NOT_OK and "not the collector key given" in wrong.problems[0]
 
@@ -205,3 +224,18 @@ def test_verify_py_in_a_fresh_venv_with_only_cryptography(demo: Demo, tmp_path: 
     assert fresh.returncode == 3 and fresh.stdout.splitlines()[0] == OK_WITH_GAPS
     cli, _ = both_verdicts(out)
     assert cli.stdout == fresh.stdout
+
+
+def test_damaged_storage_is_reported_at_export_with_check_hashes(demo: Demo, tmp_path: Path) -> None:
+    stored = sorted((demo.storage / SITE_A.institution).rglob("*.ts"))[0]
+    data = bytearray(stored.read_bytes())
+    data[1000] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    config = demo.write_config()
+    checked = run_cli(config, "export", "B-OK", "--out", str(tmp_path / "a"), "--reason", "r", "--check-hashes")
+    assert checked.returncode == 4 and "does not match its signed manifest" in checked.stderr
+    fast = run_cli(config, "export", "B-OK", "--out", str(tmp_path / "b"), "--reason", "r")
+    assert fast.returncode == 0
+    for out in (tmp_path / "a", tmp_path / "b"):
+        result = verify_package(out)
+        assert result.verdict == NOT_OK and stored.name in result.problems[0]

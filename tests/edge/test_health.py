@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -177,3 +178,14 @@ def test_health_switch_is_validated_with_the_key_named(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('enabled = "no"', "threshold = 3"))
     with pytest.raises(ConfigError, match=r"\[health\] threshold is not a known key"):
         load_config(path)
+
+
+def test_thumbnails_older_than_local_keep_days_are_pruned(analyzer: HealthAnalyzer, clips: dict[str, Path]) -> None:
+    camera = analyzer.config.cameras[0]
+    old = analyzer.analyse(camera, clips["normal"], START, VIDEO).thumbnail
+    new = analyzer.analyse(camera, clips["normal"], START.replace(hour=9), VIDEO).thumbnail
+    keep_days = analyzer.config.agent.local_keep_days
+    stamp = old.stat().st_mtime - (keep_days + 1) * 86400
+    os.utime(old, (stamp, stamp))
+    assert analyzer.prune_thumbnails() == 1
+    assert not old.exists() and new.exists()

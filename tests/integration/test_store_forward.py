@@ -95,11 +95,11 @@ def test_broker_outage_while_recording_then_backlog_arrives(tmp_path: Path, mosq
                    and pending(pipeline) == 0, 60, what="first segments stored")
         mosquitto.stop()
         down_at = time.time()
-        time.sleep(45)
+        time.sleep(30)
         during = [r for r in journal_rows(pipeline) if r[6] != "stored"]
-        assert len(during) >= 4  # recording went on without the network, into the spool
+        assert len(during) >= 2  # recording went on without the network, into the spool
         mosquitto.start()
-        time.sleep(15)
+        time.sleep(10)
         assert pipeline.stop_agent(timeout=180) == 0, pipeline.logs()
     finally:
         pipeline.close()
@@ -219,7 +219,7 @@ def test_agent_memory_stays_bounded_while_a_2gb_backlog_drains(tmp_path: Path, m
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             rss = _vm_rss_kib(pid)
-            if rss is not None:
+            if rss:  # None or 0 while the process is still being exec'ed
                 samples.append(rss)
             rows = journal_rows(pipeline) if (pipeline.edge_data / "journal.sqlite").exists() else []
             if sum(1 for r in rows if r[2] == "segment") >= copies and pending(pipeline) == 0:

@@ -3,9 +3,10 @@ collector.ingest.Ingest, and batches imported through collector.batches (no MQTT
 
 Institution A (JL2201001) has camera t101-front in theory room T101:
   seq 1-3 segments (09:00:00-09:00:06 Asia/Shanghai), seq 4 a gap record (camera_unreachable, 06-10 s),
-  seq 5-7 segments (10-16 s).
+  seq 5-7 segments (10-16 s), seq 6 (12-14 s) flagged `frozen` by the agent's frame analysis.
 Institution B (JL2202002) has camera p201-left in practical room P201: seq 1-3 segments.
-Batches: B-OK (A, 09:00:00-09:00:06, complete), B-GAP (A, 09:00:00-09:00:16, one gap 06-10 s),
+Batches: B-OK (A, 09:00:00-09:00:06, complete), B-GAP (A, 09:00:00-09:00:16, gaps 06-10 s (camera
+unreachable) and 12-14 s (frozen video)),
 B-OTHER (B, complete).
 """
 
@@ -154,7 +155,8 @@ def build_demo(root: Path, database_url: str, segment_files: list[Path]) -> Demo
         demo.send(a, a.manifest("segment", BASE + i * step, SEGMENT_SECONDS, data[i]), data[i])
     demo.send(a, a.manifest("gap", BASE + 3 * step, 2 * SEGMENT_SECONDS, None, cause="camera_unreachable"), None)
     for i in range(5, 8):
-        demo.send(a, a.manifest("segment", BASE + i * step, SEGMENT_SECONDS, data[i]), data[i])
+        health = ("frozen",) if i == 6 else ()
+        demo.send(a, a.manifest("segment", BASE + i * step, SEGMENT_SECONDS, data[i], health=health), data[i])
     for i in range(3):
         demo.send(b, b.manifest("segment", BASE + i * step, SEGMENT_SECONDS, data[i]), data[i])
     with sessions.begin() as session:

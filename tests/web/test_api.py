@@ -108,7 +108,9 @@ def test_views_playback_export_and_download_are_audited(client, web_demo: Demo, 
     cam = batch["parts"][0]["cameras"][0]
     assert cam["camera"] == SITE_A.camera and [s["seq"] for s in cam["segments"]] == [1, 2, 3, 5, 6, 7]
     assert [(g["start_local"], g["end_local"], g["causes"]) for g in cam["gaps"]] == [
-        ("2026-11-26T09:00:06+08:00", "2026-11-26T09:00:10+08:00", ["camera_unreachable"])]
+        ("2026-11-26T09:00:06+08:00", "2026-11-26T09:00:10+08:00", ["camera_unreachable"]),
+        ("2026-11-26T09:00:12+08:00", "2026-11-26T09:00:14+08:00", ["health_frozen"])]
+    assert [s["health"] for s in cam["segments"]] == [[], [], [], [], ["frozen"], []]
     assert client.get("/api/batches/B-GAP/coverage", headers=a).json()["status"] == "gaps"
 
     seg = cam["segments"][1]
@@ -126,7 +128,7 @@ def test_views_playback_export_and_download_are_audited(client, web_demo: Demo, 
 
     made = client.post("/api/batches/B-GAP/exports", headers=a, json={"reason": "复核 case 21"})
     assert made.status_code == 200, made.text
-    assert made.json()["gaps"] == 1 and made.json()["segments"] == 6
+    assert made.json()["gaps"] == 2 and made.json()["segments"] == 6
     zipped = client.get(made.json()["download"], headers=a)
     assert zipped.status_code == 200 and zipped.headers["content-type"] == "application/zip"
     target = tmp_path / "download.zip"
