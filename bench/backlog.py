@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.mqtt_baseline import BenchError, run_on_broker
+from tests.integration.test_store_forward import disable_health
 from tests.support.pipeline import CameraSpec, Pipeline
 from tests.support.services import Mosquitto, free_port, mosquitto_binary
 
@@ -103,8 +104,7 @@ def run(outage: float = 600, cameras: int = 4, segment_seconds: int = 60, size: 
                             segment_seconds=segment_seconds, cameras=specs)
         try:
             pipeline.set_up()
-            with open(pipeline.edge_config, "a") as handle:
-                handle.write("\n[health]\nenabled = false\n")
+            disable_health(pipeline.edge_config)
             text = re.sub(r"(?m)^listen = .*$", f'listen = "127.0.0.1:{free_port()}"',
                           pipeline.collector_config.read_text())
             pipeline.collector_config.write_text(text)

@@ -278,6 +278,17 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
 
 # ---------------------------------------------------------------------------- summary / events
 
+def _shanghai(utc_text: str | None) -> str:
+    """A manifest time (UTC) as people at the venue read it: Asia/Shanghai wall clock."""
+    from zoneinfo import ZoneInfo
+
+    from exam_contract.canonical import parse_time
+
+    if utc_text is None:
+        return "-"
+    return parse_time(utc_text).astimezone(ZoneInfo("Asia/Shanghai")).strftime("%Y-%m-%d %H:%M:%S+08:00")
+
+
 def _fmt_row(lang: str, item) -> str:  # noqa: ANN001
     L = LABELS[lang]
     kind = L.get(item.room_kind, item.room_kind)
@@ -288,7 +299,7 @@ def _fmt_row(lang: str, item) -> str:  # noqa: ANN001
         shown = ",".join(str(s) for s in item.missing_seqs[:20]) + ("…" if len(item.missing_seqs) > 20 else "")
         line += f" ({L['seq']} {shown})"
     if item.first_start:
-        line += f"  {L['from']} {item.first_start} {L['to']} {item.last_end}"
+        line += f"  {L['from']} {_shanghai(item.first_start)} {L['to']} {_shanghai(item.last_end)}"
     return line
 
 

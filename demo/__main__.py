@@ -1,4 +1,5 @@
-"""Record from two synthetic cameras, upload over a private mosquitto, store and verify.
+"""Record from two synthetic cameras, upload over a private mosquitto, store and verify; then show
+what an inspector sees: the batch's coverage and a verified evidence package.
 
 Runs the real commands (`exam-collector`, `exam-edge`) as separate processes, exactly as an operator
 and a venue technician would, with everything under demo-data/ (removed at the start of each run):
@@ -9,8 +10,10 @@ and a venue technician would, with everything under demo-data/ (removed at the s
     demo-data/setup.log    output of the init/enroll steps
     demo-data/collector.log, demo-data/edge.log   output of `serve` and `run`
 
-Exit code: that of `exam-collector summary --verify` (0 all verified, 3 gaps, 4 integrity failure),
-1 when a step fails, 130 when interrupted.
+    demo-data/evidence/    the batch's evidence package (verify.py inside)
+
+Exit code: the worst of `summary --verify`, `batches show`, `export` and the package's `verify.py`
+(0 all verified and covered, 3 gaps, 4 integrity failure), 1 when a step fails, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import subprocess
 import sys
 import time
 import tomllib
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "demo-data"
@@ -38,6 +43,11 @@ CAMERAS = (
     ("p201-cam1", "P201", "practical", "lavfi:testsrc2=size=640x360:rate=25"),
 )
 SEGMENT_SECONDS = 10
+BATCH_ID = "JL2201001-DEMO-001"
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+BATCH_LEAD_SECONDS = 8   # the batch window opens once the cameras surely record...
+BATCH_TAIL_SECONDS = 4   # ...and closes before the agent stops
+MIN_SECONDS = 20
 DRAIN_TIMEOUT = 180  # seconds the agent may take after recording to upload its spool
 
 
@@ -286,6 +296,8 @@ class Demo:
         serve = self.spawn("collector", [collector, "--config", str(self.collector_config), "serve"], collector_log)
         self.wait_for_collector(serve, collector_log)
 
+        # The exam-affairs system files the batch before the exam: its window starts once the cameras run.
+        self.import_batch(collector, window_start=datetime.now(SHANGHAI) + timedelta(seconds=BATCH_LEAD_SECONDS))
         edge_log = DATA / "edge.log"
         agent = self.spawn("agent", [edge, "--config", str(self.edge_config), "run", "--duration",
                                      str(self.seconds)], edge_log)
@@ -296,18 +308,52 @@ class Demo:
             raise DemoError(f"exam-collector serve exited with {code} on SIGTERM", collector_log)
         print("  ok  exam-collector serve stopped")
 
-        print("\n$ exam-collector summary --verify")
-        summary = subprocess.run([collector, "--config", str(self.collector_config), "summary", "--verify"],
-                                 cwd=REPO, env=self.env, text=True, capture_output=True, timeout=300)
-        sys.stdout.write(summary.stdout)
-        sys.stderr.write(summary.stderr)
+        summary = self.show("exam-collector summary --verify", [collector, "--config", str(self.collector_config),
+                                                                 "summary", "--verify"])
+        coverage = self.show(f"exam-collector batches show {BATCH_ID}",
+                             [collector, "--config", str(self.collector_config), "batches", "show", BATCH_ID])
+        package = DATA / "evidence"
+        exported = self.show(f"exam-collector export {BATCH_ID} --out {rel(package)} --reason ...",
+                             [collector, "--config", str(self.collector_config), "export", BATCH_ID, "--out",
+                              str(package), "--reason", "演示：督导抽查 (demo: inspector spot check)",
+                              "--actor", "demo-inspector"])
+        verified = (self.show(f"python3 {rel(package)}/verify.py {rel(package)}   # what a third party runs",
+                              [sys.executable, str(package / "verify.py"), str(package)])
+                    if exported == 0 else exported)
+        codes = {"summary --verify": summary, "batches show": coverage, "export": exported, "verify.py": verified}
+        worst = max(codes.values())
         verdict = {
-            0: "OK: footage recorded, uploaded, stored; all hashes and signatures verified",
-            3: "coverage gaps found (see the summary above)",
+            0: "OK: footage recorded, uploaded, stored and verified; the batch is fully covered; "
+               "the evidence package verifies",
+            3: "coverage gaps found (see above)",
             4: "INTEGRITY FAILURE: a hash, signature, chain link or file did not verify",
-        }.get(summary.returncode, f"exam-collector summary --verify exited with {summary.returncode}")
-        print(f"\ndemo: {verdict} (exit {summary.returncode}); logs and data in {rel(DATA)}/")
-        return summary.returncode
+        }.get(worst, "a step failed: " + ", ".join(f"{k} exit {v}" for k, v in codes.items() if v))
+        print(f"\ndemo: {verdict} (exit {worst}); logs and data in {rel(DATA)}/")
+        return worst
+
+    def show(self, title: str, argv: list[str]) -> int:
+        """Run a command an inspector or operator would run and print its output as they would see it."""
+        print(f"\n$ {title}")
+        done = subprocess.run(argv, cwd=REPO, env=self.env, text=True, capture_output=True, timeout=600)
+        sys.stdout.write(done.stderr)  # progress bars, then the result
+        sys.stdout.write(done.stdout)
+        sys.stdout.flush()
+        return done.returncode
+
+    def import_batch(self, collector: str, window_start: datetime) -> None:
+        """One batch (批次) with a theory part in T101 and a practical part in P201, as the exam-affairs
+        system exports it: CSV, naive Asia/Shanghai times."""
+        window_end = window_start + timedelta(seconds=self.seconds - BATCH_LEAD_SECONDS - BATCH_TAIL_SECONDS)
+        rows = ["batch_id,institution,venue,occupation,level,part,room,start,end"]
+        for _camera, room, kind, _source in CAMERAS:
+            rows.append(f"{BATCH_ID},{INSTITUTION},{VENUE},电工,四级,{kind},{room},"
+                        f"{window_start:%Y-%m-%dT%H:%M:%S},{window_end:%Y-%m-%dT%H:%M:%S}")
+        batch_file = DATA / "batches.csv"
+        batch_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        self.step(f"exam-collector batches import {rel(batch_file)} (批次 {BATCH_ID}, "
+                  f"{window_start:%H:%M:%S}–{window_end:%H:%M:%S} Asia/Shanghai)",
+                  [collector, "--config", str(self.collector_config), "batches", "import", str(batch_file),
+                   "--actor", "demo-exam-affairs"])
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -321,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                     "mosquitto to a collector, then verify every stored segment. Data and logs go to demo-data/, "
                     "which is removed at the start of each run.")
     parser.add_argument("--seconds", type=int, default=60, metavar="N",
-                        help="how long the agent records (default 60; at least 10)")
+                        help=f"how long the agent records (default 60; at least {MIN_SECONDS})")
     args = parser.parse_args(argv)
-    if args.seconds < SEGMENT_SECONDS:
-        parser.error(f"--seconds {args.seconds} is shorter than one segment: give at least {SEGMENT_SECONDS}")
+    if args.seconds < MIN_SECONDS:
+        parser.error(f"--seconds {args.seconds} is too short for a batch window: give at least {MIN_SECONDS}")
     demo = Demo(args.seconds)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)

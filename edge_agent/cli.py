@@ -78,6 +78,9 @@ username = {agent}
 [recording]
 segment_seconds = 60             # 10..300
 
+[health]
+enabled = true                   # keyframe analysis of each segment: black, obstructed, frozen, defocused, moved
+
 # Add one [[camera]] table per camera; `source` is rtsp://..., /dev/videoN, a video file or lavfi:FILTER.
 # [[camera]]
 # id = "t101-front"

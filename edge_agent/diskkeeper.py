@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Protocol
 
 from .config import EdgeConfig
 from .spool import Journal
@@ -34,7 +35,7 @@ def free_bytes(path: Path) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-class CameraHold:
+class CameraHold(Protocol):
     """What the disk keeper needs from the recorders (implemented by recorder.Recorders)."""
 
     def hold_all(self, cause: str, detail: str) -> None: ...
@@ -68,8 +69,7 @@ class DiskKeeper:
             self._thread.join(10)
             self._thread = None
 
-    def _run(self) -> None:
-        self.check()
+    def _run(self) -> None:  # the first check ran synchronously in Agent.start, before the cameras
         while not self._stop.wait(self.interval):
             try:
                 self.check()

@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -203,38 +205,42 @@ def read_keyframes(path: Path, size: tuple[int, int], timeout: float = ANALYSIS_
     """Yields the segment's keyframes as BGR arrays of `size`; raises HealthError on failure or timeout."""
     width, height = size
     frame_bytes = width * height * 3
+    # stderr goes to a file: a corrupt segment can make ffmpeg write more than a pipe holds.
+    errors = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(keyframes_command(path, size, binary), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=errors)
     except OSError as exc:
+        errors.close()
         raise HealthError(f"cannot start {binary}: {exc}") from exc
-    deadline = time.monotonic() + timeout
+    timer = threading.Timer(timeout, proc.kill)  # a stalled ffmpeg must not stall the sealer
+    timer.start()
     count = 0
     try:
         assert proc.stdout is not None
         while True:
-            if time.monotonic() > deadline:
-                raise HealthError(f"keyframe decoding of {path.name} took more than {timeout:.0f} s")
             data = proc.stdout.read(frame_bytes)
             if len(data) < frame_bytes:
                 break
             count += 1
             yield np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
-        proc.wait(max(1.0, deadline - time.monotonic()))
+        proc.wait()
+        if not timer.is_alive() and proc.returncode != 0:
+            raise HealthError(f"keyframe decoding of {path.name} did not finish in {timeout:.0f} s")
         if proc.returncode != 0:
-            err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+            errors.seek(0)
+            err = errors.read().decode(errors="replace").strip().splitlines()
             raise HealthError(f"ffmpeg could not decode {path.name}: {err[-1] if err else proc.returncode}")
         if count == 0:
             raise HealthError(f"{path.name} has no decodable keyframe")
-    except subprocess.TimeoutExpired as exc:
-        raise HealthError(f"keyframe decoding of {path.name} did not finish in {timeout:.0f} s") from exc
     finally:
+        timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        errors.close()
 
 
 def to_gray(frame: np.ndarray) -> np.ndarray:

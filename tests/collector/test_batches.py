@@ -235,3 +235,26 @@ def test_room_without_camera_is_no_footage_and_running_window_is_pending(harness
         assert batch_report(s, "RUNNING", now=BASE + timedelta(minutes=5)).status == "pending"
         with pytest.raises(BatchNotFound):
             batch_report(s, "NOPE")
+
+
+def test_flagged_and_unsynced_segments_through_the_database(harness: Harness) -> None:
+    """A black segment is a gap named by its flag; an unsynced one covers but names the gap it touches."""
+    sessions = session_factory(harness.engine)
+    agent, prev = harness.agent, None
+    synced = ClockInfo(offset_ms=0.0, synced=True)
+    for seq, changes in [(1, {}), (2, {"health": ("black",)}), (3, {}), (4, {}),
+                         (5, {"clock": ClockInfo(None, False)}), (7, {})]:
+        data = payload_bytes(seq)
+        if seq == 7:
+            prev = _skip_hash(harness, prev, 6)
+        m = agent.manifest(seq, data, prev, **({"clock": synced} | changes))
+        assert harness.send(m, data).state == "stored"
+        prev = m.record_hash()
+    do_import(sessions, batch_csv(BASE, BASE + timedelta(seconds=70), batch="F"))
+    with sessions() as s:
+        (cam,) = batch_report(s, "F", now=BASE + timedelta(days=1)).parts[0].coverage.cameras
+    assert [(g.start - BASE, g.end - BASE, g.causes) for g in cam.gaps] == [
+        (timedelta(seconds=10), timedelta(seconds=20), ("health_black",)),
+        (timedelta(seconds=50), timedelta(seconds=60), ("clock_unsynced", "missing_seq")),
+    ]
+    assert cam.unsynced_segments == 1 and cam.covered_seconds == pytest.approx(50)

@@ -217,3 +217,38 @@ def test_add_agent_script_enrols_the_key_and_creates_a_working_broker_account(br
     assert duplicate.returncode == 1 and "already has a broker account" in duplicate.stderr
     bad = subprocess.run([*args[:2], "bad/id", *args[3:]], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--agent 'bad/id'" in bad.stderr
+
+
+def test_client_certificate_listener_uses_the_cn_as_agent_id(tmp_path):
+    """The config's optional client-certificate listener: the certificate's CN is the username the ACL sees."""
+    from tests.support.deploy_broker import make_client_cert
+    from tests.support.services import free_port
+
+    for tool in ("openssl", "mosquitto_passwd"):
+        if shutil.which(tool) is None:
+            _unavailable(tool)
+    ca = make_test_ca(tmp_path / "ca")
+    instance = DeployBroker(workdir=tmp_path / "broker", ca=ca, cert_port=free_port())
+    instance.workdir.mkdir()
+    add_password(instance.passwd, "collector-1", "collector-secret")
+    instance.start()
+    try:
+        collector = SyncClient(instance, "collector-1", "collector-secret")
+        assert not collector.connect().is_failure
+        collector.subscribe(COLLECTOR_SUBSCRIPTION)
+        agent = SyncClient(instance, None, None, client_id="agent-a",
+                           client_cert=make_client_cert(ca, tmp_path / "clients", "agent-a"))
+        assert not agent.connect().is_failure
+        assert agent.publish("exam/v1/agent-b/seg/cam-1/init", b"forged") == NOT_AUTHORIZED
+        assert not agent.publish("exam/v1/agent-a/seg/cam-1/init", b"mine").is_failure
+        assert _next(collector) == ("exam/v1/agent-a/seg/cam-1/init", b"mine")
+        agent.close()
+        collector.close()
+        # Without a certificate that listener does not even finish the TLS handshake.
+        bare = SyncClient(instance, "agent-a", "guess")
+        bare.port = instance.cert_port
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            bare.client.connect("127.0.0.1", instance.cert_port)
+            bare.client.loop_forever(timeout=5, retry_first_connection=False)
+    finally:
+        instance.stop()

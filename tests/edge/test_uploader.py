@@ -122,3 +122,21 @@ def test_upload_protocol_and_replies(tmp_path: Path, mosquitto, sample_ts: Path)
         uploader.stop()
         side.close()
         journal.close()
+
+
+def test_clock_estimate_ntp_style_and_the_two_second_flag() -> None:
+    from datetime import timedelta
+
+    from edge_agent.uploader import ClockEstimator
+
+    clock = ClockEstimator()
+    assert clock.current().offset_ms is None and not clock.current().synced
+    sent = datetime(2026, 11, 27, 8, 0, 0, tzinfo=timezone.utc)
+    # the collector's clock is 2.5 s ahead; round trip 40 ms, reply stamped at the midpoint
+    clock.add(sent, sent + timedelta(milliseconds=40), sent + timedelta(milliseconds=2520))
+    estimate = clock.current()
+    assert estimate.offset_ms == 2500.0 and estimate.synced is False  # over 2 s: the segment is flagged
+    # a sample with a shorter round trip is more exact and wins
+    clock.add(sent, sent + timedelta(milliseconds=10), sent + timedelta(milliseconds=1805))
+    estimate = clock.current()
+    assert estimate.offset_ms == 1800.0 and estimate.synced is True

@@ -1,6 +1,6 @@
-"""Issue 3 on real parts (the CLIs as subprocesses, mosquitto, ffmpeg, SQLite): a broker outage while
-recording, a slow collector behind an overflowing broker queue, a full collector storage volume, and the
-agent's memory while a large backlog drains. Each ends with: every record the agent journaled is stored
+"""Issue 3 on real parts (the CLIs as subprocesses, mosquitto, ffmpeg, SQLite): a slow collector behind an
+overflowing broker queue, a full collector storage volume, the edge disk budget, and the agent's memory
+while a large backlog drains (a broker outage while recording is part of test_chaos.py). Each ends with: every record the agent journaled is stored
 exactly once by the collector, byte-identical."""
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def assert_all_stored_once(pipeline: Pipeline, storage: Path | None = None, prun
         engine.dispose()
     assert count == len(stored) == len(rows) and rejected == []
     storage = storage or pipeline.root / "collector" / "storage"
+    files = [p for p in storage.rglob("*.ts") if "staging" not in p.relative_to(storage).parts]
+    assert len(files) == sum(1 for r in rows if r[2] == "segment")  # no stray or second copy on disk
     for camera, seq, kind, manifest, record_hash, path, _, _ in rows:
         row = stored[(camera, seq)]
         assert row.record_hash == record_hash
@@ -66,12 +68,20 @@ def assert_all_stored_once(pipeline: Pipeline, storage: Path | None = None, prun
     return rows
 
 
+def disable_health(edge_config: Path) -> None:
+    """Frame analysis is not under test here: spare the 2 cores."""
+    text = edge_config.read_text()
+    text, count = re.subn(r"(?ms)^(\[health\]\s*\n(?:#.*\n)*)enabled\s*=\s*true", r"\1enabled = false", text)
+    if count == 0 and not re.search(r"(?m)^\[health\]", text):
+        text += "\n[health]\nenabled = false\n"
+    edge_config.write_text(text)
+
+
 def make_pipeline(root: Path, broker: Mosquitto, cameras: list[CameraSpec]) -> Pipeline:
     pipeline = Pipeline(root, broker.url, database_url=f"sqlite:///{root / 'collector' / 'collector.db'}",
                         segment_seconds=SEGMENT_SECONDS, cameras=cameras)
     pipeline.set_up()
-    with open(pipeline.edge_config, "a") as handle:
-        handle.write("\n[health]\nenabled = false\n")
+    disable_health(pipeline.edge_config)
     text = re.sub(r"(?m)^listen = .*$", f'listen = "127.0.0.1:{free_port()}"', pipeline.collector_config.read_text())
     pipeline.collector_config.write_text(text)
     return pipeline
@@ -81,30 +91,6 @@ def set_collector_option(pipeline: Pipeline, section: str, line: str) -> None:
     text, count = re.subn(rf"(?m)^\[{section}\]\n", f"[{section}]\n{line}\n", pipeline.collector_config.read_text())
     assert count == 1
     pipeline.collector_config.write_text(text)
-
-
-def test_broker_outage_while_recording_then_backlog_arrives(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """Acceptance 2, short form (the 10-minute outage is bench/backlog.py)."""
-    pipeline = make_pipeline(tmp_path, mosquitto, [
-        CameraSpec("sf-t501-front", "T501", "theory", lavfi_source(rate=10)),
-        CameraSpec("sf-t501-back", "T501", "theory", lavfi_source(rate=10))])
-    try:
-        pipeline.start_collector()
-        pipeline.start_agent("--drain-seconds", "120")
-        wait_until(lambda: (pipeline.edge_data / "journal.sqlite").exists() and journal_rows(pipeline)
-                   and pending(pipeline) == 0, 60, what="first segments stored")
-        mosquitto.stop()
-        down_at = time.time()
-        time.sleep(30)
-        during = [r for r in journal_rows(pipeline) if r[6] != "stored"]
-        assert len(during) >= 2  # recording went on without the network, into the spool
-        mosquitto.start()
-        time.sleep(10)
-        assert pipeline.stop_agent(timeout=180) == 0, pipeline.logs()
-    finally:
-        pipeline.close()
-    rows = assert_all_stored_once(pipeline)
-    print(f"\n{len(rows)} records, {len(during)} sealed during the {time.time() - down_at:.0f} s outage window")
 
 
 def test_slow_collector_behind_an_overflowing_broker_queue(tmp_path: Path) -> None:
@@ -132,7 +118,7 @@ def test_slow_collector_behind_an_overflowing_broker_queue(tmp_path: Path) -> No
         pipeline.start_collector()
         pipeline.start_agent("--drain-seconds", "240")
         freezer.start()
-        time.sleep(35)
+        time.sleep(16)
         stop.set()
         freezer.join()
         pipeline.collector_proc.send_signal(signal.SIGCONT)

@@ -53,15 +53,32 @@ def add_password(passwd_file: Path, username: str, password: str) -> None:
     subprocess.run([*args, str(passwd_file), username, password], check=True, capture_output=True)
 
 
-def adapt_config(text: str, replacements: dict[str, str], port: int) -> str:
-    """The production config with its file paths replaced and its TLS listener moved to 127.0.0.1:port.
-    Every directive in `replacements` must be present, so a renamed key in deploy/ breaks the test."""
-    out, seen = [], set()
+def enable_client_cert_listener(text: str) -> str:
+    """Uncomment the config's optional client-certificate listener block, as an operator enabling it would."""
+    lines, out, inside = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith("#listener "):
+            inside = True
+        if inside and line.startswith("#") and not line.startswith("# "):
+            out.append(line[1:])
+            continue
+        inside = False
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def adapt_config(text: str, replacements: dict[str, str], ports: list[int]) -> str:
+    """The production config with its file paths replaced and its TLS listeners moved to 127.0.0.1 on
+    `ports` (in order). Every directive in `replacements` must be present, so a renamed key in deploy/
+    breaks the test."""
+    out, seen, free = [], set(), list(ports)
     for line in text.splitlines():
         words = line.split(None, 1)
         key = words[0] if words and not line.lstrip().startswith("#") else None
         if key == "listener":
-            out.append(f"listener {port} 127.0.0.1")
+            if not free:
+                raise AssertionError("deploy/mosquitto/mosquitto.conf has more listeners than the test expects")
+            out.append(f"listener {free.pop(0)} 127.0.0.1")
             seen.add(key)
         elif key in replacements:
             out.append(f"{key} {replacements[key]}")
@@ -69,12 +86,27 @@ def adapt_config(text: str, replacements: dict[str, str], port: int) -> str:
         else:
             out.append(line)
     missing = ({"listener"} | set(replacements)) - seen
-    if missing:
-        raise AssertionError(f"deploy/mosquitto/mosquitto.conf lacks {sorted(missing)}")
+    if missing or free:
+        raise AssertionError(f"deploy/mosquitto/mosquitto.conf lacks {sorted(missing) or 'a listener'}")
     # As root mosquitto switches to the `mosquitto` user, who cannot enter pytest's 0700 tmp folders.
     if os.geteuid() == 0:
         out.append("user root")
     return "\n".join(out) + "\n"
+
+
+def make_client_cert(ca: TestCA, directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A client certificate whose CN is the agent id, signed by the test CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key, csr, crt = directory / f"{common_name}.key", directory / f"{common_name}.csr", directory / f"{common_name}.crt"
+    ext = directory / "client.ext"
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    subprocess.run(["openssl", "req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}"],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca.ca_cert), "-CAkey",
+                    str(ca.ca_cert.with_name("ca.key")), "-CAcreateserial", "-out", str(crt), "-days", "2",
+                    "-extfile", str(ext)], check=True, capture_output=True)
+    return crt, key
 
 
 @dataclass
@@ -82,6 +114,7 @@ class DeployBroker:
     workdir: Path
     ca: TestCA
     port: int = field(default_factory=free_port)
+    cert_port: int | None = None  # set: the optional client-certificate listener is enabled on it
     process: subprocess.Popen | None = None
 
     @property
@@ -97,11 +130,14 @@ class DeployBroker:
         shutil.copyfile(MOSQUITTO_DIR / "acl", acl)
         (self.workdir / "persist").mkdir(exist_ok=True)
         config = self.workdir / "mosquitto.conf"
-        config.write_text(adapt_config((MOSQUITTO_DIR / "mosquitto.conf").read_text(), {
+        text = (MOSQUITTO_DIR / "mosquitto.conf").read_text()
+        if self.cert_port is not None:
+            text = enable_client_cert_listener(text)
+        config.write_text(adapt_config(text, {
             "password_file": str(self.passwd), "acl_file": str(acl),
             "persistence_location": f"{self.workdir}/persist/", "log_dest": f"file {self.log}",
             "cafile": str(self.ca.ca_cert), "certfile": str(self.ca.server_cert),
-            "keyfile": str(self.ca.server_key)}, self.port))
+            "keyfile": str(self.ca.server_key)}, [self.port] + ([self.cert_port] if self.cert_port else [])))
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
@@ -124,13 +160,20 @@ class SyncClient:
     """A paho MQTT 5 client over TLS whose results (CONNACK, SUBACK, PUBACK reasons, messages) tests await."""
 
     def __init__(self, broker: DeployBroker, username: str | None, password: str | None,
-                 client_id: str | None = None, ca_file: Path | None = None):
+                 client_id: str | None = None, ca_file: Path | None = None,
+                 client_cert: tuple[Path, Path] | None = None):
         self.broker = broker
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (username or "anon"),
                                   protocol=mqtt.MQTTv5)
         if username is not None:
             self.client.username_pw_set(username, password)
-        self.client.tls_set(ca_certs=str(ca_file or broker.ca.ca_cert))
+        self.port = broker.port
+        if client_cert is None:
+            self.client.tls_set(ca_certs=str(ca_file or broker.ca.ca_cert))
+        else:
+            self.port = broker.cert_port
+            self.client.tls_set(ca_certs=str(ca_file or broker.ca.ca_cert), certfile=str(client_cert[0]),
+                                keyfile=str(client_cert[1]))
         self.connack: queue.Queue = queue.Queue()
         self.subacks: queue.Queue = queue.Queue()
         self.messages: queue.Queue = queue.Queue()
@@ -148,7 +191,7 @@ class SyncClient:
 
     def connect(self, timeout: float = 10):
         """Returns the CONNACK reason code."""
-        self.client.connect("127.0.0.1", self.broker.port, keepalive=30)
+        self.client.connect("127.0.0.1", self.port, keepalive=30)
         self.client.loop_start()
         return self.connack.get(timeout=timeout)
 
