@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -257,7 +258,8 @@ class Ingest:
     def _fin_with_row_lock(self, agent: str, file_id: str, staged: Staged, directory: Path,
                            payload: bytes) -> Reply | None:
         message = staged.message
-        for attempt in range(2):
+        touched = False
+        for attempt in range(4):
             # The lock session writes only at its very end: on SQLite an earlier write would hold the
             # database lock while _finish writes through other sessions.
             with self.sessions() as lock_session, lock_session.begin():
@@ -280,10 +282,16 @@ class Ingest:
                 busy = bool(lock_session.scalar(select(func.count()).select_from(ChunkTransfer).where(
                     ChunkTransfer.agent_id == agent, ChunkTransfer.file_id == file_id)))
             if busy:
-                log.info("agent %s file %s: another instance is finishing it", agent, file_id)
+                # Locked: another instance is finishing it (it replies), or just refreshing the row for a
+                # repeated init. Look again a few times so the latter still gets its answer now.
+                time.sleep(0.2)
+                continue
+            if touched:
                 return None
             # staged before its transfer row existed (e.g. the database failed at init): make the row
             self._touch_transfer(agent, file_id, message, payload)
+            touched = True
+        log.info("agent %s file %s: another instance is finishing it", agent, file_id)
         return None
 
     def _fin_locked(self, session: Session, agent: str, file_id: str, staged: Staged, directory: Path) -> Reply:

@@ -448,9 +448,22 @@ def open_by_any_process(path: Path) -> bool:
 ORPHAN_WAIT_SECONDS = 20.0
 
 
+def _open_by_self(path: Path) -> bool:
+    target = str(path.resolve())
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _wait_closed(path: Path, timeout: float) -> bool:
     """After a SIGKILLed agent its ffmpeg gets SIGTERM (PDEATHSIG) and closes its last segment a moment
     later: wait for that (bounded) so the segment is sealed before the new run's, in time order."""
+    if _open_by_self(path):  # our own writer, not an orphan: nothing to wait for
+        return False
     deadline = time.monotonic() + timeout
     while open_by_any_process(path):
         if time.monotonic() >= deadline:

@@ -245,10 +245,12 @@ def test_client_certificate_listener_uses_the_cn_as_agent_id(tmp_path):
         agent.close()
         collector.close()
         # Without a certificate that listener does not even finish the TLS handshake.
-        bare = SyncClient(instance, "agent-a", "guess")
-        bare.port = instance.cert_port
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            bare.client.connect("127.0.0.1", instance.cert_port)
-            bare.client.loop_forever(timeout=5, retry_first_connection=False)
+        context = ssl.create_default_context(cafile=str(ca.ca_cert))
+        with socket.create_connection(("127.0.0.1", instance.cert_port), timeout=10) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(bytes([0x10, 0x00]))  # the start of a CONNECT
+                    if not tls.recv(1):
+                        raise ConnectionError("the broker closed the connection")
     finally:
         instance.stop()
