@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from collector.models import IngestEvent, SegmentRecord
 from exam_contract.canonical import parse_time
-from tests.support.pipeline import BIN, CameraSpec, Pipeline, sha256_file, wait_until
+from tests.support.pipeline import BIN, CameraSpec, Pipeline, sha256_file
 from tests.integration.test_store_forward import disable_health
 from tests.support.services import free_port, lavfi_source
 
