@@ -21,12 +21,13 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	&& { command -v $$p; break; }; done)
 
-.PHONY: help venv deps test demo bench clean
+.PHONY: help venv deps test demo bench bench-long clean
 
 help:
 	@echo "make demo   - record $(DEMO_SECONDS) s from two synthetic cameras, upload, verify (DEMO_SECONDS=N)"
 	@echo "make test   - run the test suite (PYTEST_ARGS='...' to pass options)"
-	@echo "make bench  - MQTT throughput baseline (BENCH_MIB=N), see docs/benchmarks.md"
+	@echo "make bench  - MQTT baseline, ingest, scrub and export benchmarks, see docs/benchmarks.md"
+	@echo "make bench-long - also coverage at a year's scale, backlog drain, agent CPU (an hour or more)"
 	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
 	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, openssl, systemd, GStreamer RTSP)"
 	@echo "make clean  - remove demo-data/"
@@ -67,10 +68,18 @@ test: deps venv
 demo: deps venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m demo --seconds $(DEMO_SECONDS)
 
+# The quick ones (a few minutes); `make bench-long` adds those that run for 10+ minutes each.
 bench: deps venv
 	$(VENV)/bin/python -m bench.mqtt_baseline --mib $(BENCH_MIB)
-	@if [ -f bench/ingest.py ]; then $(VENV)/bin/python -m bench.ingest; fi
+	$(VENV)/bin/python -m bench.ingest --mib 1024
+	$(VENV)/bin/python -m bench.scrub
 	$(VENV)/bin/python -m bench.export --viewing
+
+bench-long: bench
+	rm -f build/bench-coverage.db && mkdir -p build
+	$(VENV)/bin/python -m bench.coverage --database-url sqlite:///$(CURDIR)/build/bench-coverage.db
+	$(VENV)/bin/python -m bench.backlog
+	$(VENV)/bin/python -m bench.agent_cpu
 
 clean:
 	rm -rf demo-data

@@ -35,7 +35,8 @@ from tests.support.services import Mosquitto, mosquitto_binary
 
 BIN = Path(sys.executable).parent
 AGENT, INSTITUTION, VENUE, CAMERA = "bench-agent", "JL2201001", "JL2201001-01", "t101-bench"
-FILES_IN_FLIGHT = 4  # x 32 chunks of 8 MiB files stays far below mosquitto's 1000-message subscriber queue
+FILES_IN_FLIGHT = 4  # as the edge uploader (max_active 4); 4 x 32 chunks of 8 MiB stays far below mosquitto's
+                     # 1000-message subscriber queue
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,18 @@ def _publish(client: mqtt.Client, manifest: Manifest, signature: str, data: byte
 
 
 def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, database_url: str | None,
-               timeout: float = 600) -> IngestResult:
+               workers: int = 2, in_flight: int = FILES_IN_FLIGHT, timeout: float = 600) -> IngestResult:
     data_dir = workdir / "collector"
     config = data_dir / "collector.toml"
     init = ["--config", str(config), "init", "--data-dir", str(data_dir), "--broker", broker.url]
     if database_url:
         init += ["--database-url", database_url]
     _cli(*init)
+    text = config.read_text(encoding="utf-8")
+    if "\n[collector]\n" not in f"\n{text}":
+        raise BenchError(f"no [collector] table in {config}")
+    config.write_text(f"\n{text}".replace("\n[collector]\n", f"\n[collector]\nworkers = {workers}\n", 1).lstrip(),
+                      encoding="utf-8")
     _cli("--config", str(config), "db", "upgrade")
     key = generate_private_key(workdir / "agent.key")
     _cli("--config", str(config), "enroll", "--agent", AGENT, "--venue", VENUE, "--pubkey", public_key_b64(key),
@@ -153,7 +159,7 @@ def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, 
                 replies.changed.wait_for(lambda: warm_id in replies.stored, 2)
         started = time.perf_counter()
         for number, (manifest, signature, data) in enumerate(segments):
-            replies.wait(lambda n=number: n - (len(replies.stored) - 1) < FILES_IN_FLIGHT, timeout,
+            replies.wait(lambda n=number: n - (len(replies.stored) - 1) < in_flight, timeout,
                          f"stored replies ({len(replies.stored) - 1} of {number})")
             _publish(client, manifest, signature, data)
         wanted = {file_id_for(CAMERA, m.seq) for m, _, _ in segments}
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=256, help="footage to ingest, in MiB (default 256)")
     parser.add_argument("--file-mib", type=int, default=8, help="segment size in MiB (default 8)")
     parser.add_argument("--database-url", help="collector database (default: SQLite in a temporary folder)")
+    parser.add_argument("--in-flight", type=int, default=FILES_IN_FLIGHT,
+                        help=f"files sent before their stored reply (default {FILES_IN_FLIGHT})")
+    parser.add_argument("--workers", type=int, default=2, help="collector ingest workers ([collector] workers, "
+                                                                 "default 2)")
     args = parser.parse_args(argv)
     if mosquitto_binary() is None:
         print("bench: error: mosquitto is not installed; run `make deps`", file=sys.stderr)
@@ -187,14 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         broker = Mosquitto(workdir=workdir / "mosquitto", extra_config="persistence false")
         broker.start()
         try:
-            ingest = run_ingest(broker, workdir, args.mib, args.file_mib, args.database_url)
+            ingest = run_ingest(broker, workdir, args.mib, args.file_mib, args.database_url, args.workers, args.in_flight)
             baseline = run_on_broker("127.0.0.1", broker.port, total_mib=ingest.total_bytes // 2**20)
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 2
         finally:
             broker.stop(kill=True)
-    print(f"ingest ({ingest.database}): {ingest.files} x {args.file_mib} MiB segments, verified + fsynced + "
+    print(f"ingest ({ingest.database}, {args.workers} workers, {args.in_flight} files in flight): {ingest.files} x {args.file_mib} MiB segments, verified + fsynced + "
           f"acknowledged in {ingest.seconds:.2f} s: {ingest.mb_per_s:.0f} MB/s")
     print(f"mqtt baseline, same broker, same bytes: {baseline.seconds:.2f} s: {baseline.mb_per_s:.0f} MB/s")
     print(f"ingest / baseline = {ingest.mb_per_s / baseline.mb_per_s:.2f} (target >= 0.6)")

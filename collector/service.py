@@ -48,6 +48,9 @@ class Work:
     payload: bytes
 
 
+RECEIPT_FLUSH_IDLE_SECONDS = 0.2
+
+
 class _Worker(threading.Thread):
     """One ingest worker: takes work from its own bounded queue until it gets None."""
 
@@ -58,10 +61,17 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         while True:
-            work = self.queue.get()
+            try:
+                work = self.queue.get(timeout=RECEIPT_FLUSH_IDLE_SECONDS)
+            except queue.Empty:
+                self.service.flush_receipts()
+                continue
             if work is None:
+                self.service.flush_receipts()
                 return
             self.service.handle(work)
+            if self.queue.empty():
+                self.service.flush_receipts()
 
 
 class StagingSweeper:
@@ -198,6 +208,17 @@ class CollectorService:
             self.ingest.record_handler_error(
                 topic.agent, topic.file_id,
                 f"{topic.part} handler failed: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+
+    def flush_receipts(self) -> None:
+        """Commit the calling worker's chunk receipts; never raises (lost receipts mean resent chunks)."""
+        try:
+            self.ingest.flush_receipts()
+        except Exception as exc:  # noqa: BLE001 - the agent resends what has no receipt
+            code = classify(exc)
+            if code is not None:
+                self.alarms.raise_alarm(code, f"{type(exc).__name__}: {exc}")
+            log.warning("chunk receipts not committed (%s: %s); those chunks will be asked for again",
+                        type(exc).__name__, exc)
 
     def publish_reply(self, agent: str, reply: Reply) -> None:
         info = self.client.publish(reply_topic(agent), reply.encode(), qos=1)

@@ -246,6 +246,8 @@ def test_two_instances_finishing_the_same_file(harness: Harness) -> None:
     assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
     for i in range(10):
         (harness.ingest if i % 2 else other).on_chunk(AGENT, m.file_id, i, data[i * 1000:(i + 1) * 1000])
+    # each service worker commits its receipts when its queue runs dry; the fins below run on other threads
+    assert harness.ingest.flush_receipts() == 5 and other.flush_receipts() == 5
     replies = []
     barrier = threading.Barrier(2)
 

@@ -47,3 +47,23 @@ def test_datetimes_come_back_aware_utc(database_url: str) -> None:
         got = s.get(Agent, "a").enrolled_at
     engine.dispose()
     assert got == moment and got.tzinfo == timezone.utc and got.hour == 1
+
+
+def test_downgrade_to_base_and_back(database_url: str) -> None:
+    """Every revision can be undone and redone in order, on SQLite and PostgreSQL."""
+    from alembic import command
+
+    from collector.db import alembic_config
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        command.downgrade(alembic_config(engine), "base")
+        assert current_revision(engine) is None
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+        upgrade(engine)
+        assert current_revision(engine) == head_revision()
+        assert "," not in (head_revision() or ""), "migration branches must be merged into one line"
+    finally:
+        engine.dispose()

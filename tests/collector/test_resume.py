@@ -33,11 +33,16 @@ def test_repeated_fin_on_another_instance_names_missing_ranges(harness: Harness)
     assert a.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
     for i in (0, 1, 4, 5, 9):
         a.on_chunk(AGENT, m.file_id, i, _chunk(data, i))
+    # receipts follow the bytes: committed in a batch once the data file is synced (a worker does this
+    # whenever its queue runs dry, every RECEIPT_BATCH chunks, and before answering a fin)
+    assert _rows(harness, ChunkReceipt) == []
+    assert a.flush_receipts() == 5
     assert sorted(r.idx for r in _rows(harness, ChunkReceipt)) == [0, 1, 4, 5, 9]
     reply = b.on_fin(AGENT, m.file_id)  # b never saw a chunk: it answers from the database
     assert reply is not None and reply.state == "missing" and reply.missing == [[2, 3], [6, 8]]
     for i in (2, 3, 6, 7, 8):
         b.on_chunk(AGENT, m.file_id, i, _chunk(data, i))
+    assert b.flush_receipts() == 5
     reply = a.on_fin(AGENT, m.file_id)
     assert reply is not None and reply.state == "stored"
     (stored,) = harness.stored_files()
@@ -53,6 +58,7 @@ def test_claim_left_by_a_dead_instance_is_taken_over(harness: Harness) -> None:
     assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
     for i in range(5):
         harness.ingest.on_chunk(AGENT, m.file_id, i, _chunk(data, i))
+    assert harness.ingest.flush_receipts() == 5
     staging = harness.storage / "staging" / AGENT / m.file_id
     # an instance took the bytes for finishing and was SIGKILLed before it stored anything
     os.rename(staging / "data", staging / "claim.dead-host.4242.abcdef")
@@ -69,6 +75,7 @@ def test_abandoned_transfer_expires_and_is_recorded(harness: Harness) -> None:
     m = harness.agent.manifest(1, data, None)
     assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
     harness.ingest.on_chunk(AGENT, m.file_id, 0, _chunk(data, 0))
+    assert harness.ingest.flush_receipts() == 1
     early = harness.agent.manifest(2, data, "0" * 64)
     harness.ingest.on_chunk(AGENT, early.file_id, 0, _chunk(data, 0))  # chunk of an init that never came
 
@@ -114,3 +121,19 @@ def test_full_storage_keeps_no_receipt_and_recovers(harness: Harness, tmp_path: 
         assert reply.state == "stored"
         stored = [p for p in volume.rglob("*.ts")]
         assert len(stored) == 1 and stored[0].read_bytes() == data
+
+
+def test_restaged_file_drops_receipts_not_yet_committed(harness: Harness) -> None:
+    """A changed init restarts staging; chunks written for the old init must never get a receipt, or the
+    new file would be finished from bytes that are gone."""
+    data = payload_bytes(1, 3000)
+    m = harness.agent.manifest(1, data, None)
+    assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
+    for i in range(3):
+        harness.ingest.on_chunk(AGENT, m.file_id, i, _chunk(data, i))
+    resealed = harness.agent.manifest(1, data, None, duration=9.5)  # same file id, another manifest
+    assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(resealed)) is None
+    assert harness.ingest.flush_receipts() == 0
+    reply = harness.ingest.on_fin(AGENT, m.file_id)
+    assert reply.state == "missing" and reply.missing == [[0, 2]]
+    assert harness.send(resealed, data).state == "stored"

@@ -1,14 +1,14 @@
 """audit log (hash-chained entries, head row, signed checkpoints), legal holds, scrub runs, segment deletion marks
 
 Revision ID: 0003_audit
-Revises: 0001_initial
+Revises: 0002_batches
 Create Date: 2026-11-27
 """
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0003_audit"
-down_revision = "0001_initial"
+down_revision = "0002_batches"
 branch_labels = None
 depends_on = None
 

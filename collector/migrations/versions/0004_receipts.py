@@ -1,14 +1,14 @@
 """chunk receipts: chunk_transfer, chunk_receipt (issue 3, store-and-forward)
 
 Revision ID: 0004_receipts
-Revises: 0001_initial
+Revises: 0003_audit
 Create Date: 2026-11-27
 """
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0004_receipts"
-down_revision = "0001_initial"
+down_revision = "0003_audit"
 branch_labels = None
 depends_on = None
 

@@ -1,14 +1,14 @@
 """portal users and sessions: portal_user, portal_session (issue 6, HTTP API and web portal)
 
 Revision ID: 0005_users
-Revises: 0001_initial
+Revises: 0004_receipts
 Create Date: 2026-11-27
 """
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0005_users"
-down_revision = "0001_initial"
+down_revision = "0004_receipts"
 branch_labels = None
 depends_on = None
 
