@@ -10,6 +10,8 @@ SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
+# pytest-xdist workers: the long tests mostly wait on real-time video, so 4 fit on 2 cores (TEST_WORKERS=0: serial)
+TEST_WORKERS ?= 4
 DEMO_SECONDS ?= 60
 BENCH_MIB ?= 256
 # GStreamer's RTSP server (run by Debian's python3) stands in for IP cameras in tests and bench/agent_cpu.py.
@@ -63,7 +65,7 @@ deps:
 	fi
 
 test: deps venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: deps venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m demo --seconds $(DEMO_SECONDS)

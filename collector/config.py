@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-
-class ConfigError(Exception):
-    """The config is unusable; the message names the TOML key and the fix."""
+from exam_contract import tomlconfig as toml
+from exam_contract.tomlconfig import ConfigError
 
 
 @dataclass(frozen=True)
@@ -164,48 +163,17 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = False) -> dict[str, Any]:
-    value = raw.get(name)
-    if value is None:
-        if required:
-            raise ConfigError(f"[{name}] table is missing: add a [{name}] section (see `exam-collector init`)")
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table, not {type(value).__name__}: write it as a [{name}] section")
-    return value
+    return toml.table(raw, name, required=required, init_command="exam-collector init")
 
 
 def _str(table: dict[str, Any], section: str, key: str, required: bool = False) -> str | None:
-    value = table.get(key)
-    if value is None:
-        if required:
-            raise ConfigError(f"[{section}] {key} is missing: set {key} = \"...\" in the [{section}] table")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"[{section}] {key} = {value!r} must be a non-empty string: quote it")
-    return value.strip()
+    return toml.string(table, section, key, required=required)
 
 
 def _path(table: dict[str, Any], section: str, key: str, base: Path, required: bool = False) -> Path | None:
-    value = _str(table, section, key, required)
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path).resolve()
+    found = toml.path(table, section, key, base, required=required)
+    return found.resolve() if found is not None else None
 
 
-def _int(table: dict[str, Any], section: str, key: str, default: int, low: int, high: int) -> int:
-    value = table.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"[{section}] {key} = {value!r} must be an integer: set a whole number between {low} and {high}")
-    if not low <= value <= high:
-        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} and {high}")
-    return value
-
-
-def _num(table: dict[str, Any], section: str, key: str, default: float, low: float, high: float) -> float:
-    value = table.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"[{section}] {key} = {value!r} must be a number: set a value between {low} and {high}")
-    if not low <= value <= high:
-        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} and {high}")
-    return float(value)
+_int = toml.integer
+_num = toml.number

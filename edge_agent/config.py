@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from exam_contract import tomlconfig as toml
 from exam_contract.manifest import ROOM_KINDS
+from exam_contract.tomlconfig import ConfigError
 
 SEGMENT_SECONDS_DEFAULT = 60
 SEGMENT_SECONDS_RANGE = (10, 300)
@@ -19,10 +21,6 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # Camera and agent ids end up in file names and MQTT topics: no '/', '+', '#', '@' or spaces.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ConfigError(Exception):
-    """The config is unusable; the message names the key and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -185,25 +183,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = True) -> dict[str, Any]:
-    value = raw.get(name)
-    if value is None:
-        if required:
-            raise ConfigError(f"[{name}] section is missing: add it (see `exam-edge init`)")
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table: write it as [{name}] with keys below it")
-    return value
+    return toml.table(raw, name, required=required, init_command="exam-edge init")
 
 
 def _str(table: dict[str, Any], section: str, key: str, required: bool = True) -> str | None:
-    value = table.get(key)
-    if value is None:
-        if required:
-            raise ConfigError(f"[{section}] {key} is missing: add {key} = \"...\"")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"[{section}] {key} = {value!r} must be a non-empty string: quote it")
-    return value.strip()
+    return toml.string(table, section, key, required=required)
 
 
 def _ident(table: dict[str, Any], section: str, key: str) -> str:
@@ -216,17 +200,10 @@ def _ident(table: dict[str, Any], section: str, key: str) -> str:
 
 
 def _path(table: dict[str, Any], section: str, key: str, base_dir: Path, required: bool = True) -> Path | None:
-    value = _str(table, section, key, required)
-    if value is None:
-        return None
-    candidate = Path(value).expanduser()
-    return candidate if candidate.is_absolute() else (base_dir / candidate)
+    return toml.path(table, section, key, base_dir, required=required)
 
 
-def _unknown_keys(table: dict[str, Any], section: str, known: set[str]) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"[{section}] {key} is not a known key: remove it (known: {', '.join(sorted(known))})")
+_unknown_keys = toml.unknown_keys
 
 
 def _agent(table: dict[str, Any], base_dir: Path) -> AgentConfig:

@@ -13,6 +13,10 @@ import pytest
 from tests.support.services import Mosquitto, mosquitto_binary
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Tests that record real-time footage for minutes. Under pytest-xdist (`make test` runs 4 workers) they go
+# out first, so the suite takes about as long as the longest of them plus the rest spread over the others.
+LONG_RUNNING_DIRS = ("integration",)
+LONG_RUNNING_FILES = ("test_crash.py", "test_recording.py", "test_rtsp.py")
 PG_ADMIN_URL = os.environ.get("EXAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -82,3 +86,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'collector.db'}"
     return request.getfixturevalue("pg_url")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def long_running(item: pytest.Item) -> bool:
+        path = Path(str(item.fspath))
+        return path.parent.name in LONG_RUNNING_DIRS or path.name in LONG_RUNNING_FILES
+
+    items.sort(key=lambda item: not long_running(item))  # stable: the order within each group is kept

@@ -108,8 +108,9 @@ def test_planned_deletions_respect_floor_and_holds(sessions, tmp_path: Path, seg
             assert held or now < floor
 
 
-def test_property_run_exercised_both_outcomes(sessions) -> None:
-    """Runs after the property test (same module): the random cases deleted, kept, and kept only by a hold."""
+def test_property_run_exercised_both_outcomes(sessions, tmp_path: Path) -> None:
+    """The random cases deleted, kept, and kept only by a hold. Under pytest-xdist the property test may have
+    run in another worker (or not at all when this one is selected alone): then it runs here."""
     if not any(STATS.values()):
-        pytest.skip("the property test did not run in this session (selected alone)")
+        test_planned_deletions_respect_floor_and_holds(sessions=sessions, tmp_path=tmp_path)
     assert STATS["deleted"] > 0 and STATS["kept"] > 0 and STATS["held_past_floor"] > 0, STATS

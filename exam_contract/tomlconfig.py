@@ -1,0 +1,68 @@
+"""Reading the TOML configs of both commands: every error names the key and says how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The config is unusable; the message names the TOML key and the fix."""
+
+
+def table(raw: dict[str, Any], name: str, *, required: bool, init_command: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{name}] table is missing: add a [{name}] section (see `{init_command}`)")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table, not {type(value).__name__}: write it as a [{name}] section")
+    return value
+
+
+def string(section_table: dict[str, Any], section: str, key: str, *, required: bool) -> str | None:
+    value = section_table.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"[{section}] {key} is missing: set {key} = \"...\" in the [{section}] table")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a non-empty string: quote it")
+    return value.strip()
+
+
+def path(section_table: dict[str, Any], section: str, key: str, base: Path, *, required: bool) -> Path | None:
+    """A path; a relative one is taken relative to `base` (the config file's folder)."""
+    value = string(section_table, section, key, required=required)
+    if value is None:
+        return None
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else base / candidate
+
+
+def integer(section_table: dict[str, Any], section: str, key: str, default: int, low: int, high: int) -> int:
+    value = section_table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be an integer: set a whole number between {low} "
+                          f"and {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} "
+                          f"and {high}")
+    return value
+
+
+def number(section_table: dict[str, Any], section: str, key: str, default: float, low: float, high: float) -> float:
+    value = section_table.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a number: set a value between {low} and {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"[{section}] {key} = {value} is out of range {low}..{high}: set a value between {low} "
+                          f"and {high}")
+    return float(value)
+
+
+def unknown_keys(section_table: dict[str, Any], section: str, known: set[str]) -> None:
+    for key in section_table:
+        if key not in known:
+            raise ConfigError(f"[{section}] {key} is not a known key: remove it (known: {', '.join(sorted(known))})")
