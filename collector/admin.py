@@ -12,9 +12,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, sha256_hex
+from exam_contract.files import hash_file
 from exam_contract.signing import PublicKeyError, parse_public_key, public_key_b64, verify
 
-from .ingest import hash_file, utcnow
+from .ingest import utcnow
 from .models import EVENT_ENROLLED, Agent, IngestEvent, SegmentRecord
 
 log = logging.getLogger(__name__)

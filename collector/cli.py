@@ -649,38 +649,36 @@ def users_list(obj: Obj) -> None:
 
 # ---------------------------------------------------------------------------- entry point
 
-def _error(message: str) -> None:
-    first = " ".join(str(message).split())
-    click.echo(f"{PROG}: error: {first}", err=True)
-
-
-def main(argv: list[str] | None = None) -> None:
+def run_main(group: click.Group, prog: str, argv: list[str] | None) -> None:
+    """Run a click command group as PRODUCT.md asks of every command: each failure is one line on stderr
+    (what is wrong and how to fix it) and its exit code. Shared by exam-collector and exam-retention."""
     from .db import DatabaseUnavailable
     from .service import BrokerUnavailable
 
+    def error(message: str, code: int) -> None:
+        click.echo(f"{prog}: error: {' '.join(str(message).split())}", err=True)
+        sys.exit(code)
+
     try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+        group.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
-        _error("aborted")
-        sys.exit(EXIT_INPUT)
+        error("aborted", EXIT_INPUT)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        _error(exc.format_message() + (f" (see `{PROG} --help`)" if isinstance(exc, click.UsageError) else ""))
-        sys.exit(EXIT_INPUT)
+        error(exc.format_message() + (f" (see `{prog} --help`)" if isinstance(exc, click.UsageError) else ""),
+              EXIT_INPUT)
     except Fail as exc:
-        _error(str(exc))
-        sys.exit(exc.code)
+        error(str(exc), exc.code)
     except (ConfigError, KeyFileError) as exc:
-        _error(str(exc))
-        sys.exit(EXIT_INPUT)
-    except DatabaseUnavailable as exc:
-        _error(str(exc))
-        sys.exit(EXIT_UNREACHABLE)
-    except BrokerUnavailable as exc:
-        _error(str(exc))
-        sys.exit(EXIT_UNREACHABLE)
+        error(str(exc), EXIT_INPUT)
+    except (DatabaseUnavailable, BrokerUnavailable) as exc:
+        error(str(exc), EXIT_UNREACHABLE)
     sys.exit(EXIT_OK)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(cli, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from exam_contract import protocol as P
 from exam_contract.canonical import canonical_bytes, sha256_hex
+from exam_contract.files import fsync_dir, hash_file
 from exam_contract.chain import ChainPosition, LinkVerdict, judge_link
 from exam_contract.chunks import missing_ranges
 from exam_contract.manifest import Manifest, ManifestError, segment_file_name
@@ -57,7 +57,6 @@ from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EV
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,159}$")
-READ_BLOCK = 1 << 20
 REASON_INIT_MISSING = "init_missing"
 EVENT_STAGING_EXPIRED = "staging_expired"
 DEFAULT_STAGING_TTL = timedelta(hours=48)
@@ -88,14 +87,6 @@ def _safe_name(value: str) -> bool:
     return bool(NAME_RE.match(value)) and ".." not in value
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _insert_ignore(session: Session, model: type, rows: list[dict]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on PostgreSQL and SQLite."""
     if session.get_bind().dialect.name == "postgresql":
@@ -110,19 +101,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with open(tmp, "wb") as handle:
         handle.write(data)
     os.replace(tmp, path)
-
-
-def hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, optionally fsyncing it through the same descriptor."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(READ_BLOCK):
-            digest.update(block)
-            size += len(block)
-        if fsync:
-            os.fsync(handle.fileno())
-    return digest.hexdigest(), size
 
 
 def storage_relpath(manifest: Manifest) -> Path:
@@ -535,9 +513,9 @@ class Ingest:
                     continue
                 raise
             break
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         for directory in made:
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         return relpath, True
 
     def _makedirs(self, path: Path) -> list[Path]:

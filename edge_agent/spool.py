@@ -12,7 +12,6 @@ A crash before 3 leaves an unjournaled file in recording/: it is sealed again at
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from exam_contract.canonical import canonical_bytes, format_time, parse_time, sha256_hex, truncate_to_millis
+from exam_contract.files import fsync_dir, hash_file
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, segment_file_name
 from exam_contract.signing import sign
 
@@ -39,7 +39,6 @@ from .config import CameraConfig, EdgeConfig
 log = logging.getLogger(__name__)
 
 UTC = timezone.utc
-READ_BLOCK = 1 << 20
 SEGMENT_SUFFIX = ".ts"
 
 SCHEMA = """
@@ -350,31 +349,6 @@ def probe_segment(path: Path, timeout: float = 60) -> ProbeResult:
     return ProbeResult(duration=round(duration, 6), start_time=float(start) if start is not None else None,
                        video=VideoInfo(codec=str(video.get("codec_name", "unknown")), width=int(video["width"]),
                                        height=int(video["height"]), fps=fps))
-
-
-def hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
-    """(sha256 hex, size); with `fsync` the file's bytes are also made durable before the hash is trusted
-    (a record must never name bytes that a power loss could take back)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(READ_BLOCK)
-            if not block:
-                break
-            digest.update(block)
-            size += len(block)
-        if fsync:
-            os.fsync(handle.fileno())
-    return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- recording file names and segment lists -----------------------------------------------------

@@ -13,18 +13,11 @@ from pathlib import Path
 
 import click
 
-from collector.config import CollectorConfig, ConfigError, load_config
-from exam_contract.signing import KeyFileError
+from collector.cli import EXIT_GAPS, EXIT_INTEGRITY, Fail, run_main
+from collector.config import CollectorConfig, load_config
 
 PROG = "exam-retention"
 DEFAULT_CONFIG = Path("/etc/exam-collector/collector.toml")
-EXIT_OK, EXIT_INPUT, EXIT_UNREACHABLE, EXIT_GAPS, EXIT_INTEGRITY = 0, 1, 2, 3, 4
-
-
-class Fail(Exception):
-    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Obj:
@@ -240,33 +233,8 @@ def audit_cmd(obj: Obj, from_text: str, to_text: str, fmt: str, out: Path) -> No
 
 # ---------------------------------------------------------------------------- entry point
 
-def _error(message: str) -> None:
-    click.echo(f"{PROG}: error: {' '.join(str(message).split())}", err=True)
-
-
 def main(argv: list[str] | None = None) -> None:
-    from collector.db import DatabaseUnavailable
-
-    try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Abort:
-        _error("aborted")
-        sys.exit(EXIT_INPUT)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        _error(exc.format_message() + (f" (see `{PROG} --help`)" if isinstance(exc, click.UsageError) else ""))
-        sys.exit(EXIT_INPUT)
-    except Fail as exc:
-        _error(str(exc))
-        sys.exit(exc.code)
-    except (ConfigError, KeyFileError) as exc:
-        _error(str(exc))
-        sys.exit(EXIT_INPUT)
-    except DatabaseUnavailable as exc:
-        _error(str(exc))
-        sys.exit(EXIT_UNREACHABLE)
-    sys.exit(EXIT_OK)
+    run_main(cli, PROG, argv)
 
 
 if __name__ == "__main__":

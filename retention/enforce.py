@@ -9,7 +9,6 @@ For each deletion, in this order (a crash between steps leaves a state the next 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from collector import audit
 from collector.models import AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
 from exam_contract.canonical import format_time
+from exam_contract.files import fsync_dir
 
 from .policy import (BatchLink, Decision, HoldFacts, HoldWindow, RetentionPolicy, SegmentFacts, decide,
                      earliest_possible_floor, shanghai_text)
@@ -240,17 +240,6 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage
 
 # ---------------------------------------------------------------------------- execution
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Path, policy: RetentionPolicy,
             actor: str, pre: timedelta, post: timedelta) -> EnforceResult:
     result = EnforceResult()
@@ -280,7 +269,8 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Pat
                             "end": item.end, "keep_until": item.keep_until, "rule": item.rule}).seq
         path = storage_dir / item.storage_path
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        if path.parent.is_dir():  # a file already missing may have lost its folder too
+            fsync_dir(path.parent)
         with sessions.begin() as session:
             row = session.get(SegmentRecord, item.segment_id)
             if row is not None:
