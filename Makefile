@@ -10,7 +10,8 @@ SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
-# pytest-xdist workers: the long tests mostly wait on real-time video, so 4 fit on 2 cores (TEST_WORKERS=0: serial)
+# pytest-xdist workers: the long tests mostly wait on real-time video, so 4 fit on 2 cores (TEST_WORKERS=0: serial;
+# tests/conftest.py orders the long ones so that they start at once on different workers)
 TEST_WORKERS ?= 4
 DEMO_SECONDS ?= 60
 BENCH_MIB ?= 256
@@ -65,7 +66,7 @@ deps:
 	fi
 
 test: deps venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxschedchunk 2 $(PYTEST_ARGS)
 
 demo: deps venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m demo --seconds $(DEMO_SECONDS)
