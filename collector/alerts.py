@@ -66,12 +66,16 @@ class CameraAlert:
         return self.venue, self.camera
 
 
-def cameras_in_alert(activity: Sequence[CameraActivity], now: datetime, factor: float = 2.0) -> list[CameraAlert]:
+def cameras_in_alert(activity: Sequence[CameraActivity], now: datetime, factor: float = 2.0,
+                     check_interval: float = 0.0) -> list[CameraAlert]:
+    """Cameras in alert now. Checked every `check_interval` seconds, a silence is flagged up to one interval
+    before it reaches `factor` × the segment length, so the alert is never later than that (2 min for 60 s
+    segments), however the silence falls between two checks."""
     out: list[CameraAlert] = []
     for a in activity:
         reason: str | None = a.new_gap_cause or a.newest_gap_cause
-        if reason is None and (a.last_segment_arrival is None or
-                               now - a.last_segment_arrival > timedelta(seconds=factor * a.segment_seconds)):
+        allowed = timedelta(seconds=max(0.0, factor * a.segment_seconds - check_interval))
+        if reason is None and (a.last_segment_arrival is None or now - a.last_segment_arrival > allowed):
             reason = REASON_NO_SEGMENT
         if reason is not None:
             out.append(CameraAlert(a.venue, a.room, a.camera, a.batch_id, a.part, reason, a.last_segment_arrival))
@@ -168,7 +172,7 @@ class AlertLoop:
                 self._watermark = top  # gap records stored before the loop started are not news
             activity = gather(session, now, self._watermark)
         self._watermark = max(self._watermark, top)
-        current = {a.key: a for a in cameras_in_alert(activity, now, self.factor)}
+        current = {a.key: a for a in cameras_in_alert(activity, now, self.factor, self.interval)}
         for key, alert in current.items():
             previous = self.active.get(key)
             if previous is None or previous.reason != alert.reason:

@@ -36,6 +36,17 @@ def test_decision() -> None:
         ("blip", "recorder_crashed")]
 
 
+def test_silence_is_flagged_no_later_than_twice_the_segment_length() -> None:
+    """Checked every 5 s with 60 s segments: whenever the silence starts, the first check that flags it is at
+    most 120 s after the last segment arrived."""
+    for offset in (0.0, 1.0, 2.5, 4.9):
+        checks = [NOW + timedelta(seconds=offset + 5 * k) for k in range(40)]
+        last_arrival = NOW
+        camera = CameraActivity(VENUE, "T101", "cam", "B1", "theory", last_arrival, 60.0)
+        first = next(t for t in checks if cameras_in_alert([camera], t, 2.0, 5.0))
+        assert timedelta(seconds=115) < first - last_arrival <= timedelta(seconds=120), (offset, first)
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict] = []
 
