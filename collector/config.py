@@ -6,7 +6,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from exam_contract import tomlconfig as toml
 from exam_contract.tomlconfig import ConfigError
@@ -77,17 +76,7 @@ class CollectorConfig:
         return self.storage_dir / "staging"
 
 
-def parse_mqtt_url(url: str, key: str = "[mqtt] url") -> tuple[str, int, bool]:
-    """(host, port, tls) of `mqtt://host[:port]` or `mqtts://host[:port]`."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{key} = {url!r} is not a valid URL ({exc}): use mqtt://host:1883 or mqtts://host:8883") from exc
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"{key} = {url!r} is not an MQTT URL: use mqtt://host:1883 or mqtts://host:8883")
-    tls = parts.scheme == "mqtts"
-    return parts.hostname, port or (8883 if tls else 1883), tls
+parse_mqtt_url = toml.mqtt_url
 
 
 def load_config(path: Path | str) -> CollectorConfig:

@@ -7,7 +7,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from exam_contract import tomlconfig as toml
 from exam_contract.manifest import ROOM_KINDS
@@ -17,7 +16,6 @@ SEGMENT_SECONDS_DEFAULT = 60
 SEGMENT_SECONDS_RANGE = (10, 300)
 LOCAL_KEEP_DAYS_DEFAULT = 7
 MIN_FREE_MB_DEFAULT = 1024
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # Camera and agent ids end up in file names and MQTT topics: no '/', '+', '#', '@' or spaces.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -228,16 +226,7 @@ def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
     _unknown_keys(table, "mqtt", {"url", "username", "password_file", "cert_file", "key_file", "ca_file"})
     url = _str(table, "mqtt", "url")
     assert url is not None
-    parts = urlsplit(url)
-    if parts.scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"[mqtt] url = {url!r} must start with mqtt:// or mqtts://: fix the scheme")
-    try:
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-    except ValueError as exc:
-        raise ConfigError(f"[mqtt] url = {url!r} has an invalid port: use host:port with port 1..65535") from exc
-    if not parts.hostname:
-        raise ConfigError(f"[mqtt] url = {url!r} has no host: write it as mqtt://HOST:PORT")
-    tls = parts.scheme == "mqtts"
+    host, port, tls = toml.mqtt_url(url)
     files = {}
     for key in ("password_file", "cert_file", "key_file", "ca_file"):
         files[key] = _path(table, "mqtt", key, base_dir, required=False)
@@ -248,7 +237,7 @@ def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
     if not tls and any(files[k] for k in ("cert_file", "key_file", "ca_file")):
         raise ConfigError(f"[mqtt] url = {url!r} is plain mqtt:// but TLS files are set: use mqtts:// "
                           "or remove cert_file/key_file/ca_file")
-    return MqttConfig(url=url, host=parts.hostname, port=port, tls=tls,
+    return MqttConfig(url=url, host=host, port=port, tls=tls,
                       username=_str(table, "mqtt", "username", required=False), **files)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
 class ConfigError(Exception):
@@ -66,3 +69,15 @@ def unknown_keys(section_table: dict[str, Any], section: str, known: set[str]) -
     for key in section_table:
         if key not in known:
             raise ConfigError(f"[{section}] {key} is not a known key: remove it (known: {', '.join(sorted(known))})")
+
+
+def mqtt_url(url: str, key: str = "[mqtt] url") -> tuple[str, int, bool]:
+    """(host, port, tls) of `mqtt://host[:port]` or `mqtts://host[:port]`; `key` names where the URL came from."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{key} = {url!r} is not a valid URL ({exc}): use mqtt://host:1883 or mqtts://host:8883") from exc
+    if parts.scheme not in MQTT_DEFAULT_PORTS or not parts.hostname:
+        raise ConfigError(f"{key} = {url!r} is not an MQTT URL: use mqtt://host:1883 or mqtts://host:8883")
+    return parts.hostname, port or MQTT_DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts"
