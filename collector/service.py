@@ -142,6 +142,7 @@ class CollectorService:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -152,6 +153,16 @@ class CollectorService:
         log.info("connected to MQTT broker %s (session present: %s)", self.config.address,
                  flags.session_present)
         client.subscribe(COLLECTOR_SUBSCRIPTION, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        # Ready only once the broker confirms the subscription: a message published between CONNACK and
+        # SUBACK would not reach this instance.
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("MQTT broker %s refused the subscription %s: %s", self.config.address,
+                      COLLECTOR_SUBSCRIPTION, ", ".join(str(code) for code in refused))
+            return
+        log.info("subscribed to %s on %s", COLLECTOR_SUBSCRIPTION, self.config.address)
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001

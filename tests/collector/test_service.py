@@ -10,6 +10,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from collector.config import MqttConfig
 from collector.db import make_engine, session_factory, upgrade
@@ -42,23 +44,40 @@ class Uploader:
         subscribed.get(timeout=10)
 
     def upload(self, agent: SigningAgent, manifest, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reply:
+        """Send init, chunks and fin; answer `missing` as the agent does (resend what is asked for)."""
         fid = manifest.file_id
-        infos = [self.client.publish(init_topic(AGENT, fid), agent.init_payload(manifest, chunk_size), qos=1)]
-        for i in range(chunk_count(len(data), chunk_size)):
-            infos.append(self.client.publish(chunk_topic(AGENT, fid, i), data[i * chunk_size:(i + 1) * chunk_size], qos=1))
-        for info in infos:
-            info.wait_for_publish(timeout=10)
+        count = chunk_count(len(data), chunk_size)
+        init = agent.init_payload(manifest, chunk_size)
+
+        def send(indexes, with_init: bool) -> None:
+            infos = [self.client.publish(init_topic(AGENT, fid), init, qos=1)] if with_init else []
+            for i in indexes:
+                infos.append(self.client.publish(chunk_topic(AGENT, fid, i),
+                                                 data[i * chunk_size:(i + 1) * chunk_size], qos=1))
+            for info in infos:
+                info.wait_for_publish(timeout=10)
+
+        send(range(count), with_init=True)
+        seen: list[Reply] = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             self.client.publish(fin_topic(AGENT, fid), b"", qos=1)
             try:
                 while True:
                     reply = self.replies.get(timeout=2)
-                    if reply.file_id == fid and reply.state != "missing":
+                    if reply.file_id != fid:
+                        continue
+                    seen.append(reply)
+                    if reply.state != "missing":
                         return reply
+                    if reply.missing:
+                        send([i for a, b in reply.missing for i in range(a, b + 1)], with_init=False)
+                    else:  # the collector has no init (it was not subscribed yet): everything again
+                        send(range(count), with_init=True)
+                    break
             except queue.Empty:
                 continue
-        raise AssertionError(f"no final reply for {fid}")
+        raise AssertionError(f"no final reply for {fid}; replies seen: {seen}")
 
     def close(self) -> None:
         self.client.disconnect()
@@ -146,3 +165,23 @@ def test_unreachable_broker_names_host_and_port(tmp_path: Path) -> None:
     service = CollectorService(cfg, Ingest(engine, tmp_path / "storage"))
     with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
         service.start()
+
+
+
+def test_service_is_ready_only_when_the_broker_grants_its_subscription(tmp_path: Path, caplog) -> None:
+    """`connected` means "will receive segments": set on a granted SUBACK, not on CONNACK or a refusal.
+
+    Mosquitto 2.0.11 grants every subscription (its ACL applies at delivery), so the refusal is a paho
+    reason code handed to the callback the broker would trigger."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    port = free_port()
+    cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", host="127.0.0.1", port=port, tls=False)
+    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage"))
+    refused = ReasonCode(PacketTypes.SUBACK, identifier=0x87)
+    with caplog.at_level("ERROR", logger="collector.service"):
+        service.client.on_subscribe(service.client, None, 1, [refused], None)
+    assert not service.connected.is_set()
+    assert f"127.0.0.1:{port} refused the subscription" in caplog.text and "Not authorized" in caplog.text
+    service.client.on_subscribe(service.client, None, 2, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert service.connected.is_set()
+    engine.dispose()
