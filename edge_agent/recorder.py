@@ -116,6 +116,8 @@ class FfmpegRun:
     _max_out_us: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list = field(default_factory=list)
+    # set when something the supervisor waits for happens: first output, or ffmpeg's exit (stdout EOF)
+    changed: threading.Event = field(default_factory=threading.Event)
 
     def start_readers(self) -> None:
         for target in (self._read_progress, self._read_stderr):
@@ -124,26 +126,41 @@ class FfmpegRun:
             self._threads.append(thread)
 
     def _read_progress(self) -> None:
+        # One read per progress block (about a dozen key=value lines every stats_period), not per line.
         assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").strip()
-            if line.startswith("out_time_us="):
-                wall = datetime.now(UTC)
-                try:
-                    out_us = int(line.split("=", 1)[1])
-                except ValueError:
-                    continue  # N/A before the first packet
-                if out_us < 0:
-                    continue
-                with self._lock:
-                    self._max_out_us = max(self._max_out_us, out_us)
-                    if self._anchor is not None:
-                        continue
-                    candidate = wall - timedelta(microseconds=out_us)
-                    self._best = candidate if self._best is None else min(self._best, candidate)
-                    self._samples += 1
-                if self._samples >= ANCHOR_SAMPLES:
-                    self.freeze_anchor()
+        fd = self.proc.stdout.fileno()
+        pending = b""
+        while chunk := os.read(fd, 65536):
+            wall = datetime.now(UTC)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.startswith(b"out_time_us="):
+                    self._progress(wall, line[len(b"out_time_us="):].strip())
+        try:  # stdout closes as ffmpeg exits: reap it so the supervisor sees it dead when woken
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.changed.set()
+
+    def _progress(self, wall: datetime, value: bytes) -> None:
+        try:
+            out_us = int(value)
+        except ValueError:
+            return  # N/A before the first packet
+        if out_us < 0:
+            return
+        with self._lock:
+            if self._max_out_us == 0 and out_us > 0:
+                self.changed.set()
+            self._max_out_us = max(self._max_out_us, out_us)
+            if self._anchor is not None:
+                return
+            candidate = wall - timedelta(microseconds=out_us)
+            self._best = candidate if self._best is None else min(self._best, candidate)
+            self._samples += 1
+            ready = self._samples >= ANCHOR_SAMPLES
+        if ready:
+            self.freeze_anchor()
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -184,7 +201,7 @@ class CameraRecorder:
     reports the lost interval to the sealer, and stops it gracefully."""
 
     def __init__(self, camera: CameraConfig, segment_seconds: int, recording_dir: Path, journal: Journal,
-                 sealer: Sealer, binary: str = "ffmpeg", poll_interval: float = 0.2,
+                 sealer: Sealer, binary: str = "ffmpeg", poll_interval: float = 5.0,
                  on_state: Callable[[str, str], None] | None = None):
         self.camera = camera
         self.segment_seconds = segment_seconds
@@ -205,6 +222,7 @@ class CameraRecorder:
     def hold(self, cause: str, detail: str) -> None:
         """Stop recording (gracefully) and stay stopped until `release()`; the sealer states the outage."""
         self._hold = (cause, detail)
+        self._wake()
 
     def release(self) -> None:
         self._hold = None
@@ -227,12 +245,18 @@ class CameraRecorder:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake()
 
     def stop(self, timeout: float = STOP_TIMEOUT + 10) -> None:
-        self._stop.set()
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def _wake(self) -> None:
+        run = self.current_run()
+        if run is not None:
+            run.changed.set()
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -277,11 +301,15 @@ class CameraRecorder:
             if run is None:
                 self.sealer.submit_outage(self.camera.id, "camera_unreachable", f"cannot start {self.binary}")
             else:
-                while not self._stop.wait(self.poll_interval):
+                # Sleeps until ffmpeg's first output or exit, a hold or a stop wakes it (poll_interval is
+                # only a safety net): eight cameras polling five times a second cost more CPU than hashing.
+                while not self._stop.is_set():
                     if not run.is_alive() or self._hold is not None:
                         break
                     if self.state != "recording" and run.produced:
                         self._set_state("recording")
+                    run.changed.wait(self.poll_interval)
+                    run.changed.clear()
                 if (self._stop.is_set() or self._hold is not None) and run.is_alive():
                     self._graceful_stop(run)
                 run.proc.wait()

@@ -78,7 +78,8 @@ def test_segments_kill_restart_and_agent_restart(tmp_path: Path, mosquitto, ffmp
             assert sha256_file(r.path) == m.sha256 and r.path.stat().st_size == m.size
             probe = probe_segment(r.path)  # readable MPEG-TS
             assert probe.video.codec == "h264" and (probe.video.width, probe.video.height) == (320, 240)
-            assert m.duration == probe.duration
+            # from ffmpeg's segment list (ffprobe reads only a run's first one): within a frame of ffprobe's
+            assert abs(m.duration - probe.duration) <= 1 / probe.video.fps + 0.001, (m.duration, probe.duration)
             assert r.state == "pending"  # no collector: nothing is marked stored
     # a full segment is the configured length; the partial one is shorter and still readable
     assert round(full.duration) == 10 and round((full.end - full.start).total_seconds()) == 10

@@ -80,7 +80,8 @@ def test_rtsp_camera_recorded_by_stream_copy_survives_the_camera_vanishing(tmp_p
             if m.kind == "segment":
                 probe = probe_segment(r.path)
                 assert probe.video.codec == "h264" and (probe.video.width, probe.video.height) == (640, 360)
-                assert m.video == probe.video and m.duration == probe.duration
+                assert m.video == probe.video
+                assert abs(m.duration - probe.duration) <= 1 / probe.video.fps + 0.001, (m.duration, probe.duration)
         for a, b in zip(ms, ms[1:]):
             assert b.prev == a.record_hash()
     finally:

@@ -54,6 +54,47 @@ def test_times_come_from_anchor_and_segment_list(stack, sample_ts: Path) -> None
     assert sealer.seal_file(CAM, first.path) is None  # already journaled: never sealed twice
 
 
+
+def test_ffprobe_reads_the_first_listed_segment_of_a_run_and_every_unlisted_one(stack, sample_ts: Path,
+                                                                                 monkeypatch) -> None:
+    """Listed segments after the first take duration from ffmpeg's list and the stream from the run's probe;
+    a listed file that is not MPEG-TS, and the unlisted partial, still go through ffprobe."""
+    import edge_agent.spool as spool
+
+    config, journal, sealer = stack
+    probed: list[str] = []
+    real_probe = spool.probe_segment
+
+    def counting_probe(path: Path, timeout: float = 60):  # the real ffprobe, counted
+        probed.append(path.name)
+        return real_probe(path, timeout)
+
+    monkeypatch.setattr(spool, "probe_segment", counting_probe)
+    journal.set_run_anchor(CAM, RUN, ANCHOR)
+    names = [f"{RUN}-{i:06d}.ts" for i in range(4)]
+    (config.agent.recording_dir / CAM / segment_list_name(RUN)).write_text(
+        "".join(f"{n},{4 * i:.6f},{4 * i + 4:.6f}\n" for i, n in enumerate(names[:3])))
+    first = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    second = sealer.seal_file(CAM, place(config, sample_ts, 1))
+    broken = place(config, sample_ts, 2)
+    broken.write_bytes(b"not a transport stream" * 100)  # listed, but damaged after ffmpeg closed it
+    gap = sealer.seal_file(CAM, broken)
+    partial = sealer.seal_file(CAM, place(config, sample_ts, 3))
+    assert probed == [names[0], names[2], names[3]]
+    m1, m2, m3, m4 = (Manifest.from_dict(r.manifest_raw) for r in (first, second, gap, partial))
+    assert m2.video == m1.video and m2.duration == 4.0 and m2.end - m2.start == timedelta(seconds=4)
+    assert m3.kind == "gap" and m3.cause == "corrupt_segment" and names[2] in (m3.detail or "")
+    real = real_probe(partial.path)
+    assert m4.kind == "segment" and m4.duration == real.duration and m4.video == real.video
+    # a new run of the camera is probed again
+    other_run = "20261126T090000000000"
+    journal.set_run_anchor(CAM, other_run, ANCHOR + timedelta(hours=1))
+    (config.agent.recording_dir / CAM / segment_list_name(other_run)).write_text(
+        f"{other_run}-000000.ts,0.000000,4.000000\n")
+    sealer.seal_file(CAM, place(config, sample_ts, 0, run=other_run))
+    assert probed[-1] == f"{other_run}-000000.ts"
+
+
 def test_unreadable_segment_becomes_gap_and_is_kept(stack, sample_ts: Path) -> None:
     config, journal, sealer = stack
     journal.set_run_anchor(CAM, RUN, ANCHOR)
