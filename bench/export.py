@@ -4,9 +4,10 @@ Builds a throwaway collector (SQLite, one enrolled agent, N segment files ingest
 collector.ingest.Ingest with signed manifests, one batch covering them), warms the page cache, then
 alternates `export_batch` (copy with SHA-256 of every byte, keys, coverage, package.json signed, audit entry
 and checkpoint) and `cp -r` of the same stored files into a fresh folder, `--rounds` times. Prints best-of
-export MB/s ÷ best-of cp MB/s (target >= 0.8). The viewing MP4s are not part of the ratio (they are a second
-stream-copied file per camera, i.e. twice the bytes written); `--viewing` measures them separately on
-real ffmpeg footage, and `--check-hashes` (SHA-256 of every byte while copying) is shown too. Run from the repo root:
+export MB/s ÷ best-of cp MB/s (target >= 0.8) on random bytes, with `--check-hashes` (SHA-256 of every
+byte while copying) shown too. `--viewing` adds real 720p H.264 footage exported with its viewing MP4s
+(a second, stream-copied file per camera), against `cp -r` plus a bare `ffmpeg -c copy` of the same
+segments into one MP4 run one after the other: the same work done by hand. Run from the repo root:
 
     .venv/bin/python -m bench.export --files 16 --mib 32 --rounds 3 [--viewing]
 """
@@ -86,19 +87,37 @@ def timed_cp(demo: Demo, out: Path) -> float:
     return time.perf_counter() - started
 
 
+def timed_bare_remux(demo: Demo, out: Path) -> float:
+    """`ffmpeg -c copy` of the same stored segments into one MP4, as one byte stream (concat protocol): the
+    least a hand-made viewing copy costs."""
+    sources = sorted(p for p in (demo.storage / SITE_A.institution).rglob("*.ts"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i",
+                    "concat:" + "|".join(str(p) for p in sources), "-map", "0", "-c", "copy", str(out / "bare.mp4")],
+                   check=True)
+    return time.perf_counter() - started
+
+
 def compare(demo: Demo, total: int, rounds: int, viewing: bool, label: str, check_hashes: bool = False) -> float:
+    """Best-of export MB/s ÷ best-of baseline MB/s: `cp -r`, plus a bare `ffmpeg -c copy` when the export
+    makes viewing MP4s (the same work done by hand)."""
     for path in (demo.storage / SITE_A.institution).rglob("*"):   # warm the page cache for both
         if path.is_file():
             path.read_bytes()
-    exports, copies = [], []
+    exports, baselines = [], []
     for i in range(rounds):
         exports.append(total / timed_export(demo, demo.root / f"out-export-{i}", viewing, check_hashes) / MB)
-        copies.append(total / timed_cp(demo, demo.root / f"out-cp-{i}") / MB)
+        seconds = timed_cp(demo, demo.root / f"out-cp-{i}")
+        if viewing:
+            seconds += timed_bare_remux(demo, demo.root / f"out-remux-{i}")
+        baselines.append(total / seconds / MB)
         drop_outputs(demo.root)
-    ratio = max(exports) / max(copies)
+    ratio = max(exports) / max(baselines)
+    baseline = "cp + bare ffmpeg -c copy" if viewing else "cp"
     print(f"{label}: {total / MB:.0f} MB; export {min(exports):.0f}-{max(exports):.0f} MB/s (best {max(exports):.0f}), "
-          f"cp {min(copies):.0f}-{max(copies):.0f} MB/s (best {max(copies):.0f}); export/cp = {ratio:.2f} "
-          f"(target >= 0.8)")
+          f"{baseline} {min(baselines):.0f}-{max(baselines):.0f} MB/s (best {max(baselines):.0f}); "
+          f"export/({baseline}) = {ratio:.2f} (target >= 0.8)", flush=True)
     return ratio
 
 
@@ -124,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 (root / "b").mkdir()
                 real = make_segments(root / "lavfi", count=60, size="1280x720")
                 demo_b, total_b = build(root / "b", 0, 0, real)
-                compare(demo_b, total_b, args.rounds, viewing=True, label="60 x 2 s 720p H.264 with viewing MP4s")
+                ratio_viewing = compare(demo_b, total_b, args.rounds, viewing=True,
+                                        label="60 x 2 s 720p H.264 with viewing MP4s")
+                ratio = min(ratio, ratio_viewing)
                 demo_b.engine.dispose()
     return 0 if ratio >= 0.8 else 3
 

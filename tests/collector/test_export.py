@@ -140,6 +140,33 @@ def test_real_gap_is_ok_with_gaps_and_listed(demo: Demo, tmp_path: Path) -> None
     assert "2026-11-26 09:00:06 – 2026-11-26 09:00:10 (4.0 s)" in readme
 
 
+
+def test_viewing_clip_equals_a_plain_concat_remux_of_its_segments(demo: Demo, tmp_path: Path) -> None:
+    """The probe shortcut for a clip's later files changes nothing: same bytes as ffmpeg's concat demuxer
+    with default probing, every packet of every segment in it."""
+    out = export(demo, "B-GAP", tmp_path / "pkg")
+    package = json.loads((out / "package.json").read_text(encoding="utf-8"))
+    clip = package["viewing"][0]
+    [camera] = [c for c in package["cameras"] if c["camera"] == "t101-front"]
+    sources = [out / r["file"] for r in camera["records"]
+               if r.get("file") and clip["first_seq"] <= r["seq"] <= clip["last_seq"]]
+    assert len(sources) == 3
+    listing = tmp_path / "plain.txt"
+    listing.write_text("".join(f"file '{p}'\n" for p in sources), encoding="utf-8")
+    plain = tmp_path / "plain.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
+                    "-map", "0", "-c", "copy", str(plain)], check=True)
+    assert (out / clip["path"]).read_bytes() == plain.read_bytes()
+
+    def packets(path: Path) -> int:
+        probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets",
+                                "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", str(path)],
+                               capture_output=True, text=True, check=True)
+        return int(probe.stdout.split()[-1])  # MPEG-TS lists the stream under its program too
+
+    assert packets(out / clip["path"]) == sum(packets(p) for p in sources)
+
+
 def test_hidden_gap_and_removed_record_are_caught_even_when_signed(demo: Demo, tmp_path: Path) -> None:
     """A collector that left a gap or a record out of a package it signed is still caught."""
     key = load_private_key(demo.key_file)
