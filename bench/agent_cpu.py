@@ -7,7 +7,7 @@ agent runs the same cameras with frame-health analysis off and on, uploading to 
 collector: each segment is sent once). CPU is user+system time of the process tree (getrusage of waited
 children), so the other load on the machine does not count.
 
-    .venv/bin/python -m bench.agent_cpu [--cameras 8] [--seconds 180] [--segment-seconds 60]
+    .venv/bin/python -m bench.agent_cpu [--cameras 8] [--seconds 180] [--segment-seconds 60] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=180.0, help="recording time of each run")
     parser.add_argument("--segment-seconds", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat bare/off/on this many times, interleaved; each keeps its least CPU")
     args = parser.parse_args(argv)
     if mosquitto_binary() is None:
         raise SystemExit("bench.agent_cpu: error: mosquitto is not installed; run `make deps`")
@@ -124,16 +126,23 @@ def main(argv: list[str] | None = None) -> int:
         broker = Mosquitto(workdir=root / "mosquitto", max_packet_size=1024 * 1024)
         broker.start()
         try:
-            runs = {}
-            for name, health in (("bare", False), ("off", False), ("on", True)):
-                config = write_config(root / name, broker.url, source, args.cameras, args.segment_seconds, health)
-                print(f"{name}: {args.cameras} cameras for {args.seconds:.0f} s ...", flush=True)
-                runs[name] = bare_ffmpeg(config, args.seconds) if name == "bare" else agent(config, args.seconds)
+            runs: dict[str, Cost] = {}
+            for round_no in range(1, args.rounds + 1):
+                for name, health in (("bare", False), ("off", False), ("on", True)):
+                    config = write_config(root / f"{name}-{round_no}", broker.url, source, args.cameras,
+                                          args.segment_seconds, health)
+                    print(f"round {round_no}/{args.rounds}, {name}: {args.cameras} cameras for {args.seconds:.0f} s ...",
+                          flush=True)
+                    cost = bare_ffmpeg(config, args.seconds) if name == "bare" else agent(config, args.seconds)
+                    print(f"  {cost.cpu:.2f} CPU-s" + (f" (agent process {cost.own:.2f})" if cost.own else ""),
+                          flush=True)
+                    if name not in runs or cost.cpu < runs[name].cpu:
+                        runs[name] = cost
         finally:
             broker.stop()
     bare = runs["bare"].cpu
     print(f"\n{args.cameras} cameras, 1080p25 ~3 Mbit/s stream copy, {args.segment_seconds} s segments, "
-          f"{args.seconds:.0f} s each run")
+          f"{args.seconds:.0f} s each run, least of {args.rounds} round(s)")
     print(f"bare ffmpeg segmenting           {bare:7.2f} CPU-s   1.00")
     for name, target in (("off", TARGET_OFF), ("on", TARGET_ON)):
         cost = runs[name]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,6 +24,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import ffmpeg
+
+from exam_contract.manifest import VideoInfo
 
 from .config import CameraConfig, source_kind
 from .spool import Journal, Sealer, recording_name, segment_list_name
@@ -61,6 +64,33 @@ def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> str:
     return "recorder_crashed"
 
 
+QUIET_LEVELS = frozenset({"info", "verbose", "debug", "trace"})
+_LOG_LINE = re.compile(r"^(?P<context>\[[^\]]* @ 0x[0-9a-f]+\] )?\[(?P<level>[a-z]+)\] (?P<text>.*)$")
+_STREAM_CODEC = re.compile(r"\bVideo: (?P<codec>[A-Za-z0-9_]+)")
+_STREAM_SIZE = re.compile(r", (?P<width>\d{2,5})x(?P<height>\d{2,5})\b")
+_STREAM_RATE = re.compile(r", (?P<rate>\d+(?:\.\d+)?)(?P<k>k?) (?P<unit>fps|tbr)\b")
+
+
+def split_log_level(line: str) -> tuple[str | None, str]:
+    """('error', '[segment @ 0x..] message') from ffmpeg's `-loglevel level+...` line; (None, line) if untagged."""
+    match = _LOG_LINE.match(line)
+    if match is None:
+        return None, line
+    return match["level"], (match["context"] or "") + match["text"].strip()
+
+
+def parse_video_stream(text: str) -> VideoInfo | None:
+    """VideoInfo from ffmpeg's stream line (`Stream #0:0: Video: h264 (High), yuv420p, 1920x1080 [SAR 1:1
+    DAR 16:9], 25 fps, 25 tbr, 90k tbn`); fps from `fps`, else `tbr`. None if the line is not that."""
+    codec = _STREAM_CODEC.search(text)
+    size = _STREAM_SIZE.search(text)
+    if not text.startswith("Stream #") or codec is None or size is None:
+        return None
+    rates = {m["unit"]: float(m["rate"]) * (1000 if m["k"] else 1) for m in _STREAM_RATE.finditer(text)}
+    fps = rates.get("fps") or rates.get("tbr") or 0.0
+    return VideoInfo(codec=codec["codec"], width=int(size["width"]), height=int(size["height"]), fps=round(fps, 3))
+
+
 def new_run_id(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
 
@@ -95,7 +125,9 @@ def build_command(camera: CameraConfig, segment_seconds: int, out_dir: Path, run
     cmd = (ffmpeg.input(source, **in_opts)
            .output(f"{escaped_dir}/{recording_name(run_id)}", **out_opts)
            .compile(cmd=binary))
-    cmd[1:1] = ["-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning",
+    # level+info: each line carries its level; warnings and errors are kept for the gap's detail, and the
+    # info lines give the output stream (codec, size, fps) so segments need no ffprobe.
+    cmd[1:1] = ["-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+info",
                 "-progress", "pipe:1", "-stats_period", "0.5"]
     return cmd
 
@@ -116,6 +148,7 @@ class FfmpegRun:
     _max_out_us: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list = field(default_factory=list)
+    video: VideoInfo | None = None  # the output stream, from ffmpeg's own report
     # set when something the supervisor waits for happens: first output, or ffmpeg's exit (stdout EOF)
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -164,11 +197,19 @@ class FfmpegRun:
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
+        in_output = False
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").strip()
-            if line:
-                self.stderr_tail.append(line)
-                log.debug("ffmpeg %s: %s", self.camera, line)
+            if not line:
+                continue
+            log.debug("ffmpeg %s: %s", self.camera, line)
+            level, text = split_log_level(line)
+            if level not in QUIET_LEVELS:
+                self.stderr_tail.append(text)
+            elif text.startswith("Output #0"):
+                in_output = True
+            elif in_output and self.video is None and (video := parse_video_stream(text)) is not None:
+                self.video = video
 
     def freeze_anchor(self) -> datetime | None:
         """Fix the run's anchor (once) and journal it; None if ffmpeg never reported a position."""
@@ -375,6 +416,11 @@ class Recorders:
         recorder = self.by_camera.get(camera)
         run = recorder.current_run() if recorder else None
         return run is not None and run.run_id == run_id and run.is_alive()
+
+    def video(self, camera: str, run_id: str) -> VideoInfo | None:
+        recorder = self.by_camera.get(camera)
+        run = recorder.current_run() if recorder else None
+        return run.video if run is not None and run.run_id == run_id else None
 
     def start(self) -> None:
         for recorder in self.by_camera.values():

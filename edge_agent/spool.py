@@ -467,6 +467,10 @@ class RunInfo(Protocol):
 
     def is_live(self, camera: str, run_id: str) -> bool: ...
 
+    def video(self, camera: str, run_id: str) -> VideoInfo | None:
+        """The stream the run writes, as ffmpeg reported it (None when unknown)."""
+        ...
+
 
 class JournalRuns:
     """RunInfo from the journal only (no live recorders, e.g. at startup)."""
@@ -479,6 +483,9 @@ class JournalRuns:
 
     def is_live(self, camera: str, run_id: str) -> bool:
         return False
+
+    def video(self, camera: str, run_id: str) -> VideoInfo | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -667,16 +674,20 @@ class Sealer:
         return entries
 
     def _probe(self, camera: str, run_id: str, path: Path, listed: tuple[float, float] | None) -> ProbeResult:
-        """The segment's duration and stream. ffmpeg lists a segment only once it has closed it, and every
-        segment of one run carries the same stream, so ffprobe reads the run's first listed segment and
-        every unlisted (partial) one; the others take their duration from the list, saving an ffprobe
-        process per segment (about 0.06 CPU-s, the agent's largest cost with analysis off)."""
-        video = self._run_video.get((camera, run_id))
+        """The segment's duration and stream. ffmpeg lists a segment only once it has closed it, with its
+        start and end on the run's timeline, and every segment of a run carries the stream ffmpeg reported
+        when it opened its output. So a listed segment needs no ffprobe (a process costs about 0.1 CPU-s,
+        as much as the agent's own work on a segment); ffprobe reads unlisted (partial) segments, and listed
+        ones when ffmpeg's report is unknown (after a restart of the agent), once per run."""
+        key = (camera, run_id)
+        video = self._run_video.get(key)
+        if video is None and (video := self.runs.video(camera, run_id)) is not None:
+            self._run_video[key] = video
         if listed is not None and video is not None and listed[1] > listed[0] and _starts_like_mpegts(path):
             return ProbeResult(duration=round(listed[1] - listed[0], 6), start_time=listed[0], video=video)
         probe = probe_segment(path)
         if listed is not None:
-            self._run_video[(camera, run_id)] = probe.video
+            self._run_video[key] = probe.video
         return probe
 
     def _segment_times(self, camera: str, path: Path, run_id: str, index: int,

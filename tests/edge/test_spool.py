@@ -95,6 +95,32 @@ def test_ffprobe_reads_the_first_listed_segment_of_a_run_and_every_unlisted_one(
     assert probed[-1] == f"{other_run}-000000.ts"
 
 
+
+def test_no_ffprobe_when_ffmpeg_reported_the_stream(stack, sample_ts: Path, monkeypatch) -> None:
+    """With the live recorder's report of the run's stream, a listed segment is sealed without ffprobe."""
+    import edge_agent.spool as spool
+    from edge_agent.spool import JournalRuns, probe_segment
+
+    config, journal, sealer = stack
+    reported = probe_segment(sample_ts).video
+
+    class ReportingRuns(JournalRuns):
+        def video(self, camera: str, run_id: str):  # what Recorders answers from ffmpeg's stream line
+            return reported if (camera, run_id) == (CAM, RUN) else None
+
+    sealer.runs = ReportingRuns(journal)
+    probed: list[str] = []
+    real_probe = spool.probe_segment
+    monkeypatch.setattr(spool, "probe_segment", lambda path, timeout=60: probed.append(path.name) or real_probe(path))
+    journal.set_run_anchor(CAM, RUN, ANCHOR)
+    (config.agent.recording_dir / CAM / segment_list_name(RUN)).write_text(f"{RUN}-000000.ts,0.000000,4.000000\n")
+    record = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    partial = sealer.seal_file(CAM, place(config, sample_ts, 1))  # unlisted: still read by ffprobe
+    assert probed == [f"{RUN}-000001.ts"]
+    m = Manifest.from_dict(record.manifest_raw)
+    assert m.video == reported and m.duration == 4.0 and Manifest.from_dict(partial.manifest_raw).kind == "segment"
+
+
 def test_unreadable_segment_becomes_gap_and_is_kept(stack, sample_ts: Path) -> None:
     config, journal, sealer = stack
     journal.set_run_anchor(CAM, RUN, ANCHOR)
