@@ -32,6 +32,7 @@ class MqttConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:8080"
+    export_keep_hours: int = 72  # evidence packages made over HTTP are removed from data_dir/exports after this
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
         raise ConfigError("[mqtt] cert_file and key_file go together: set both or neither")
 
     http_raw = _table(raw, "http")
-    http = HttpConfig(listen=_str(http_raw, "http", "listen") or "127.0.0.1:8080")
+    http = HttpConfig(listen=_str(http_raw, "http", "listen") or "127.0.0.1:8080",
+                      export_keep_hours=_int(http_raw, "http", "export_keep_hours", 72, 1, 24 * 366))
     cov_raw = _table(raw, "coverage")
     coverage = CoverageConfig(
         pre_margin_minutes=_int(cov_raw, "coverage", "pre_margin_minutes", 15, 0, 24 * 60),

@@ -17,11 +17,12 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -120,6 +121,28 @@ class Portal:
     @property
     def exports_dir(self) -> Path:
         return self.config.data_dir / "exports"
+
+
+def remove_old_exports(exports_dir: Path, keep: timedelta, now: datetime | None = None) -> list[str]:
+    """Remove the HTTP exports (data_dir/exports/ID) made longer than `keep` ago; their ids. Only these
+    downloadable copies go: the stored footage and the audit entries of the exports stay."""
+    cutoff = (now or datetime.now(timezone.utc)).timestamp() - keep.total_seconds()
+    removed: list[str] = []
+    if not exports_dir.is_dir():
+        return removed
+    for folder in sorted(exports_dir.iterdir()):
+        if not (folder.is_dir() and EXPORT_ID_RE.match(folder.name)):
+            continue
+        made = folder / "export.json"
+        try:
+            made_at = (made if made.exists() else folder).stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if made_at < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed HTTP export %s (older than %s h)", folder.name, keep.total_seconds() / 3600)
+            removed.append(folder.name)
+    return removed
 
 
 _remux_locks: dict[str, threading.Lock] = {}
@@ -357,6 +380,7 @@ def create_app(portal: Portal) -> FastAPI:
         with sessions() as session:
             batch = visible_batch(session, user, batch_id)
             institution = batch.institution
+        remove_old_exports(portal.exports_dir, timedelta(hours=cfg.http.export_keep_hours))
         export_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
         folder = portal.exports_dir / export_id
         settings = ExportSettings(tolerance_seconds=cfg.coverage.gap_tolerance_seconds,

@@ -197,3 +197,26 @@ def test_hostile_inputs_are_4xx_not_5xx(client, web_demo: Demo) -> None:
     assert weird.status_code == 422
     chinese = client.get("/api/batches/批次-不存在", headers=admin)
     assert chinese.status_code == 404
+
+
+def test_http_exports_are_removed_after_export_keep_hours(client, web_demo: Demo) -> None:
+    """Downloadable packages do not pile up in data_dir/exports: a new export removes those older than
+    [http] export_keep_hours (72 by default); their audit entries stay."""
+    import os
+    import time
+
+    a = token_for(client, "insp-a")
+    first = client.post("/api/batches/B-GAP/exports", headers=a, json={"reason": "case 30"}).json()
+    exports_dir = web_demo.root / "data" / "exports"
+    old = exports_dir / first["export_id"]
+    assert (old / "export.json").is_file()
+    four_days_ago = time.time() - 4 * 24 * 3600
+    os.utime(old / "export.json", (four_days_ago, four_days_ago))
+    second = client.post("/api/batches/B-GAP/exports", headers=a, json={"reason": "case 31"}).json()
+    assert not old.exists() and (exports_dir / second["export_id"] / "export.json").is_file()
+    assert client.get(first["download"], headers=a).status_code == 404
+    assert client.get(second["download"], headers=a).status_code == 200
+    with web_demo.sessions() as s:
+        reasons = s.scalars(select(AuditEntry.reason).where(AuditEntry.actor == "user:insp-a",
+                                                            AuditEntry.action == ACTION_FOOTAGE_EXPORT)).all()
+    assert {"case 30", "case 31"} <= set(reasons)
