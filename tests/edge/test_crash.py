@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from exam_contract.canonical import parse_time
 from tests.edge.conftest import Cam, write_config
-from tests.support.pipeline import BIN, wait_until
+from tests.support.pipeline import BIN, read_journal, wait_until
 from tests.integration.test_store_forward import disable_health
 from tests.support.services import lavfi_source
 
@@ -25,12 +24,8 @@ CAMERA = "crash-t111"
 
 
 def _records(data: Path) -> list[tuple]:
-    db = sqlite3.connect(f"file:{data / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute("select seq, kind, manifest, path from records where camera = ? order by seq",
-                          (CAMERA,)).fetchall()
-    finally:
-        db.close()
+    return read_journal(data / "journal.sqlite",
+                        "select seq, kind, manifest, path from records where camera = ? order by seq", (CAMERA,))
 
 
 def test_sigkill_twice_then_restart_states_every_downtime(tmp_path: Path, mosquitto) -> None:

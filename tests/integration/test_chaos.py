@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from collector.models import IngestEvent, SegmentRecord
 from exam_contract.canonical import parse_time
-from tests.support.pipeline import BIN, CameraSpec, Pipeline, sha256_file
+from tests.support.pipeline import BIN, CameraSpec, Pipeline, read_journal, sha256_file
 from tests.integration.test_store_forward import disable_health
 from tests.support.services import free_port, lavfi_source
 
@@ -106,12 +105,8 @@ class Collectors:
 
 
 def journal(pipeline: Pipeline) -> list[tuple]:
-    db = sqlite3.connect(f"file:{pipeline.edge_data / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute("select camera, seq, kind, manifest, record_hash, path, state from records "
-                          "order by camera, seq").fetchall()
-    finally:
-        db.close()
+    return read_journal(pipeline.edge_data / "journal.sqlite", "select camera, seq, kind, manifest, record_hash, "
+                        "path, state from records order by camera, seq")
 
 
 def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from collector.models import IngestEvent, SegmentRecord
-from tests.support.pipeline import CameraSpec, Pipeline, sha256_file, wait_until
+from tests.support.pipeline import CameraSpec, Pipeline, read_journal, sha256_file, wait_until
 from tests.support.services import Mosquitto, free_port, lavfi_source, small_filesystem
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.ffmpeg]
@@ -28,12 +27,8 @@ SEGMENT_SECONDS = 10
 
 
 def journal_rows(pipeline: Pipeline) -> list[tuple]:
-    db = sqlite3.connect(f"file:{pipeline.edge_data / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute("select camera, seq, kind, manifest, record_hash, path, state, created_at "
-                          "from records order by camera, seq").fetchall()
-    finally:
-        db.close()
+    return read_journal(pipeline.edge_data / "journal.sqlite", "select camera, seq, kind, manifest, record_hash, "
+                        "path, state, created_at from records order by camera, seq")
 
 
 def pending(pipeline: Pipeline) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from collector.models import SegmentRecord
 from exam_contract.canonical import canonical_bytes, parse_time, sha256_hex
-from tests.support.pipeline import CameraSpec, Pipeline, sha256_file, wait_until
+from tests.support.pipeline import CameraSpec, Pipeline, read_journal, sha256_file, wait_until
 from tests.support.services import Mosquitto, lavfi_source
 
 RECORD_SECONDS = 185
@@ -42,11 +41,8 @@ class EdgeRecord:
 
 
 def edge_records(pipeline: Pipeline) -> list[EdgeRecord]:
-    db = sqlite3.connect(f"file:{pipeline.edge_data / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("select camera, seq, kind, manifest, path, state from records order by camera, seq").fetchall()
-    finally:
-        db.close()
+    rows = read_journal(pipeline.edge_data / "journal.sqlite",
+                        "select camera, seq, kind, manifest, path, state from records order by camera, seq")
     return [EdgeRecord(camera, seq, kind, json.loads(manifest), Path(path) if path else None, state)
             for camera, seq, kind, manifest, path, state in rows]
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -134,6 +135,22 @@ def _stop(proc: subprocess.Popen | None, timeout: float) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def read_journal(journal: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of an edge journal, read-only while the agent runs; none yet if the agent has not created it
+    (the file can exist a moment before its tables do)."""
+    if not journal.exists():
+        return []
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        db.close()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition") -> None:
