@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import zipfile
@@ -233,11 +234,46 @@ def _copy_segments(cameras: list[_Camera], folder: Path, storage_dir: Path, chec
     return camera_entries, problems
 
 
+@dataclass(frozen=True)
+class ClipSources:
+    """A clip's stored files, in groups whose bytes are one continuous MPEG-TS stream (consecutive segments
+    of one ffmpeg run: each starts at the very millisecond the previous one ends), and their total length."""
+
+    groups: tuple[tuple[Path, ...], ...]
+    seconds: float
+
+    @property
+    def files(self) -> int:
+        return sum(len(group) for group in self.groups)
+
+    def one_per_file(self) -> "ClipSources":
+        return ClipSources(tuple((path,) for group in self.groups for path in group), self.seconds)
+
+
+MAX_GROUP_URL = 3000  # characters of one `concat:a|b|…` URL (libavformat keeps some URLs in 4 KiB buffers)
+
+
+def _clip_sources(run: list[SegmentRecord], storage_dir: Path) -> ClipSources:
+    groups: list[list[Path]] = []
+    previous: SegmentRecord | None = None
+    for record in run:
+        path = (storage_dir / record.storage_path).resolve()
+        joinable = "|" not in str(path) and "'" not in str(path)
+        if (previous is not None and joinable and record.start_at == previous.end_at
+                and groups[-1] and "|" not in str(groups[-1][-1])
+                and sum(len(str(p)) + 1 for p in groups[-1]) + len(str(path)) < MAX_GROUP_URL):
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+        previous = record
+    return ClipSources(tuple(tuple(group) for group in groups), sum(r.duration for r in run))
+
+
 def _plan_clips(cameras: list[_Camera], tolerance: timedelta,
-                storage_dir: Path) -> tuple[list[tuple[Clip, list[Path]]], list[tuple[str, datetime, datetime]]]:
+                storage_dir: Path) -> tuple[list[tuple[Clip, ClipSources]], list[tuple[str, datetime, datetime]]]:
     """One viewing clip per gap-free run of stored segments, and the gaps between runs. A run with a
     missing stored file gets no clip: the clip would hide the hole."""
-    planned: list[tuple[Clip, list[Path]]] = []
+    planned: list[tuple[Clip, ClipSources]] = []
     gaps_between: list[tuple[str, datetime, datetime]] = []
     for cam in cameras:
         runs = _runs(cam.records, tolerance)
@@ -249,32 +285,90 @@ def _plan_clips(cameras: list[_Camera], tolerance: timedelta,
                 continue
             name = (f"viewing/{cam.venue}_{cam.camera}_{_local_text(run[0].start_at, '%Y%m%d-%H%M%S')}"
                     f"_{_local_text(run[-1].end_at, '%H%M%S')}.mp4")
-            planned.append((Clip(name, run[0].start_at, run[-1].end_at, run[0].seq, run[-1].seq), sources))
+            planned.append((Clip(name, run[0].start_at, run[-1].end_at, run[0].seq, run[-1].seq),
+                            _clip_sources(run, storage_dir)))
     return planned, gaps_between
 
 
-def make_clip(sources: list[Path], out: Path) -> None:
+def make_clip(sources: ClipSources, out: Path) -> None:
     """Stream-copy the sources, in order, into one MP4 (ffmpeg concat demuxer, no re-encode).
 
-    The first file is probed as usual; the others, segments of the same stream, with the smallest probe,
-    which leaves the MP4 byte-identical and halves ffmpeg's CPU time (it decodes frames to probe each file)."""
+    The demuxer probes every file it opens, and for H.264 that means decoding frames: most of its CPU time.
+    So each group of one run's segments is opened as one byte stream (the concat protocol, which cannot
+    rebase timestamps but needs not within a run), the demuxer joins the groups and rebases them, and every
+    entry after the first gets the smallest probe. The MP4 is the same, byte for byte. If the grouped MP4's
+    length is not the segments' total (two runs taken for one), it is made again file by file."""
+    if sources.files > len(sources.groups):
+        try:
+            _remux(sources, out)
+            made = mp4_seconds(out)
+            if made is not None and abs(made - sources.seconds) <= CLIP_LENGTH_TOLERANCE:
+                return
+            log.warning("viewing clip %s: %s s instead of %.3f s from grouped segments; remuxing file by file",
+                        out.name, made, sources.seconds)
+        except ExportError as exc:
+            log.warning("viewing clip %s: grouped remux failed (%s); remuxing file by file", out.name, exc)
+    _remux(sources.one_per_file(), out)
+
+
+CLIP_LENGTH_TOLERANCE = 1.0  # seconds; a wrongly joined run loses at least a segment
+
+
+def _remux(sources: ClipSources, out: Path) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".ffconcat", delete=False, encoding="utf-8") as listing:
         listing.write("ffconcat version 1.0\n")
-        for index, src in enumerate(sources):
-            escaped = str(src.resolve()).replace("'", "'\\''")
+        for index, group in enumerate(sources.groups):
+            url = ("concat:" + "|".join(str(p) for p in group)) if len(group) > 1 else str(group[0].resolve())
+            escaped = url.replace("'", "'\\''")
             listing.write(f"file '{escaped}'\n")
             if index:
                 listing.write("option analyzeduration 0\noption probesize 32\n")
     try:
-        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "concat",
-                        "-safe", "0", "-i", listing.name, "-map", "0", "-c", "copy", str(out)],
-                       check=True, capture_output=True, timeout=3600)
+        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+                        "-protocol_whitelist", "file,concat", "-f", "concat", "-safe", "0", "-i", listing.name,
+                        "-map", "0", "-c", "copy", str(out)], check=True, capture_output=True, timeout=3600)
     except subprocess.CalledProcessError as exc:
         raise ExportError(f"ffmpeg could not remux {out.name}: {exc.stderr.decode(errors='replace').strip()[-300:]}") from exc
     except subprocess.TimeoutExpired as exc:
         raise ExportError(f"ffmpeg did not finish {out.name} within {exc.timeout:.0f} s") from exc
     finally:
         os.unlink(listing.name)
+
+
+def mp4_seconds(path: Path) -> float | None:
+    """The movie length in an MP4's `moov/mvhd` box; None if there is none."""
+    def boxes(handle, end: int):  # noqa: ANN001, ANN202
+        while handle.tell() + 8 <= end:
+            start = handle.tell()
+            size, kind = struct.unpack(">I4s", handle.read(8))
+            if size == 1:
+                size = struct.unpack(">Q", handle.read(8))[0]
+            elif size == 0:
+                size = end - start
+            if size < 8:
+                return
+            yield kind, start, handle.tell(), start + size
+            handle.seek(start + size)
+
+    try:
+        with open(path, "rb") as handle:
+            total = os.fstat(handle.fileno()).st_size
+            for kind, _, body, moov_end in boxes(handle, total):
+                if kind != b"moov":
+                    continue
+                handle.seek(body)
+                for inner, _, inner_body, _ in boxes(handle, moov_end):
+                    if inner == b"mvhd":
+                        handle.seek(inner_body)
+                        version = handle.read(4)[0]
+                        if version == 1:
+                            _, _, timescale, duration = struct.unpack(">QQIQ", handle.read(28))
+                        else:
+                            _, _, timescale, duration = struct.unpack(">IIII", handle.read(16))
+                        return duration / timescale if timescale else None
+    except (OSError, struct.error, IndexError):
+        return None
+    return None
 
 
 def _coverage_html(report: BatchReport, gaps: list[dict[str, Any]], exported: dict[str, Any],
@@ -399,7 +493,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
     # is not): one ffmpeg per core, alongside the copy.
     notes: list[str] = []
     gaps_between: list[tuple[str, datetime, datetime]] = []
-    planned: list[tuple[Clip, list[Path]]] = []
+    planned: list[tuple[Clip, ClipSources]] = []
     if settings.viewing and segments:
         if shutil.which("ffmpeg") is None:
             notes.append("ffmpeg is not installed: no viewing MP4s were made (the evidence in segments/ is complete)")

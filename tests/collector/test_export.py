@@ -266,3 +266,29 @@ def test_damaged_storage_is_reported_at_export_with_check_hashes(demo: Demo, tmp
     for out in (tmp_path / "a", tmp_path / "b"):
         result = verify_package(out)
         assert result.verdict == NOT_OK and stored.name in result.problems[0]
+
+
+def test_two_runs_taken_for_one_are_remuxed_file_by_file(tmp_path: Path, caplog) -> None:
+    """Segments of two ffmpeg runs joined as one byte stream lose footage (their timestamps restart);
+    make_clip notices by the MP4's length and remuxes file by file, so the clip has all of it."""
+    from collector.export import ClipSources, make_clip, mp4_seconds
+
+    runs = []
+    for name in ("a", "b"):
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                        "testsrc2=size=320x240:rate=25", "-t", "4", "-c:v", "libx264", "-preset", "ultrafast",
+                        "-g", "25", "-pix_fmt", "yuv420p", "-f", "segment", "-segment_time", "2",
+                        "-segment_format", "mpegts", str(tmp_path / f"{name}-%03d.ts")], check=True)
+        runs.append(sorted(tmp_path.glob(f"{name}-*.ts")))
+    assert [len(r) for r in runs] == [2, 2]
+    one_run = tmp_path / "one.mp4"
+    make_clip(ClipSources((tuple(runs[0]),), 4.0), one_run)
+    assert abs(mp4_seconds(one_run) - 4.0) < 0.05
+    wrong = tmp_path / "wrong.mp4"
+    with caplog.at_level("WARNING", logger="collector.export"):
+        make_clip(ClipSources((tuple(runs[0] + runs[1]),), 8.0), wrong)
+    assert "remuxing file by file" in caplog.text
+    assert abs(mp4_seconds(wrong) - 8.0) < 0.05
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0",
+                            str(wrong)], capture_output=True, text=True, check=True)
+    assert abs(float(probe.stdout) - mp4_seconds(wrong)) < 0.01
