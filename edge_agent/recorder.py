@@ -53,12 +53,15 @@ _SOURCE_LOST = ("connection reset", "connection refused", "connection timed out"
 
 
 def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> str:
-    """Why a run ended by itself: `camera_unreachable` when the camera never delivered, or when a live camera
-    stopped delivering (the stream ended or the network failed); otherwise `recorder_crashed`."""
+    """Why a run ended by itself: `disk_full` when ffmpeg could not write (ENOSPC, before the disk keeper's
+    next check holds the camera); `camera_unreachable` when the camera never delivered, or when a live
+    camera stopped delivering (the stream ended or the network failed); otherwise `recorder_crashed`."""
+    said = " ".join(run.stderr_tail).lower()
+    if "no space left on device" in said:
+        return "disk_full"
     if not run.produced:
         return "camera_unreachable"
     if source_kind(camera.source) in ("rtsp", "v4l2"):
-        said = " ".join(run.stderr_tail).lower()
         if run.proc.returncode == 0 or any(words in said for words in _SOURCE_LOST):
             return "camera_unreachable"
     return "recorder_crashed"

@@ -48,3 +48,31 @@ def test_ffmpeg_reports_what_ffprobe_reads(tmp_path: Path) -> None:
     output_at = next(i for i, (_, text) in enumerate(lines) if text.startswith("Output #0"))
     reported = next(v for _, text in lines[output_at:] if (v := parse_video_stream(text)) is not None)
     assert reported == probe_segment(tmp_path / "x-000.ts").video == VideoInfo("h264", 640, 360, 15.0)
+
+
+@pytest.mark.ffmpeg
+def test_ffmpeg_stopped_by_a_full_disk_is_a_disk_full_gap(tmp_path: Path) -> None:
+    """ENOSPC between two disk checks: the run's end is stated as `disk_full`, not `recorder_crashed`."""
+    from edge_agent.config import CameraConfig
+    from edge_agent.recorder import FfmpegRun, build_command, new_run_id, run_end_cause
+    from edge_agent.spool import Journal
+    from tests.support.services import lavfi_source, small_filesystem
+
+    camera = CameraConfig(id="t101-front", room="T101", room_kind="theory", source=lavfi_source(size="640x480"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    with small_filesystem(tmp_path / "tiny", size_kib=256) as out:
+        run_id = new_run_id()
+        proc = subprocess.Popen(build_command(camera, 10, out, run_id), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        run = FfmpegRun(camera.id, run_id, proc, journal)
+        run.start_readers()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        run.join_readers()
+    journal.close()
+    assert proc.returncode != 0 and run.produced
+    assert "no space left on device" in " ".join(run.stderr_tail).lower()
+    assert run_end_cause(camera, run) == "disk_full"
