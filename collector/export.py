@@ -254,13 +254,14 @@ MAX_GROUP_URL = 3000  # characters of one `concat:a|b|…` URL (libavformat keep
 
 
 def _clip_sources(run: list[SegmentRecord], storage_dir: Path) -> ClipSources:
+    """The run's files grouped by ffmpeg run: a segment that starts at the very millisecond the previous
+    one ended joins its group (`|` separates files in a concat URL, so a path holding one stays alone)."""
     groups: list[list[Path]] = []
     previous: SegmentRecord | None = None
     for record in run:
         path = (storage_dir / record.storage_path).resolve()
-        joinable = "|" not in str(path) and "'" not in str(path)
-        if (previous is not None and joinable and record.start_at == previous.end_at
-                and groups[-1] and "|" not in str(groups[-1][-1])
+        same_run = previous is not None and record.start_at == previous.end_at
+        if (same_run and "|" not in str(path) and "|" not in str(groups[-1][-1])
                 and sum(len(str(p)) + 1 for p in groups[-1]) + len(str(path)) < MAX_GROUP_URL):
             groups[-1].append(path)
         else:

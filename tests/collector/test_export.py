@@ -292,3 +292,28 @@ def test_two_runs_taken_for_one_are_remuxed_file_by_file(tmp_path: Path, caplog)
     probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0",
                             str(wrong)], capture_output=True, text=True, check=True)
     assert abs(float(probe.stdout) - mp4_seconds(wrong)) < 0.01
+
+
+def test_clip_sources_group_one_runs_segments_only(tmp_path: Path) -> None:
+    """Segments join a group only when each starts at the very millisecond the previous one ended, no path
+    holds a `|`, and the concat URL stays short; otherwise a new group (the demuxer joins groups)."""
+    from datetime import datetime, timedelta, timezone
+
+    from collector.export import MAX_GROUP_URL, _clip_sources
+    from collector.models import SegmentRecord
+
+    t0 = datetime(2026, 11, 26, 1, 0, tzinfo=timezone.utc)
+
+    def seg(name: str, start: float, end: float) -> SegmentRecord:
+        return SegmentRecord(storage_path=name, start_at=t0 + timedelta(seconds=start),
+                             end_at=t0 + timedelta(seconds=end), duration=end - start)
+
+    run = [seg("a.ts", 0, 2), seg("b.ts", 2, 4), seg("c.ts", 4.001, 6), seg("d|e.ts", 6, 8), seg("f.ts", 8, 10)]
+    sources = _clip_sources(run, tmp_path)
+    assert [[p.name for p in g] for g in sources.groups] == [["a.ts", "b.ts"], ["c.ts"], ["d|e.ts"], ["f.ts"]]
+    assert abs(sources.seconds - 9.999) < 1e-9 and sources.files == 5
+    assert [len(g) for g in sources.one_per_file().groups] == [1] * 5
+    many = [seg(f"{i:04d}-{'x' * 60}.ts", 2 * i, 2 * i + 2) for i in range(200)]
+    groups = _clip_sources(many, tmp_path).groups
+    assert len(groups) > 1 and sum(len(g) for g in groups) == 200
+    assert all(sum(len(str(p)) + 1 for p in g) <= MAX_GROUP_URL for g in groups)
