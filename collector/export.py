@@ -38,6 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, truncate_to_millis
+from exam_contract.files import hash_file
 from exam_contract.signing import public_key_b64, sign
 
 from . import audit
@@ -169,13 +170,8 @@ def copy_and_hash(src: Path, dst: Path, progress: Callable[[int], None] | None =
 
 
 def _file_entry(root: Path, path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(COPY_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return {"path": path.relative_to(root).as_posix(), "size": size, "sha256": digest.hexdigest()}
+    sha256, size = hash_file(path)
+    return {"path": path.relative_to(root).as_posix(), "size": size, "sha256": sha256}
 
 
 def _runs(records: list[SegmentRecord], tolerance: timedelta) -> list[list[SegmentRecord]]:

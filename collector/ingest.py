@@ -154,7 +154,7 @@ class Ingest:
             previous = None
         if previous is not None and previous != payload:
             log.warning("agent %s file %s: init changed, restarting its staging", agent, file_id)
-            self._pending_receipts().pop(directory / "data", None)
+            self._forget_pending_receipts(directory)
             self._remove(directory / "data")
             self._delete_receipts(agent, file_id)
         if previous != payload:
@@ -411,7 +411,6 @@ class Ingest:
 
     def _finish(self, agent: str, file_id: str, staged: Staged, claim: Path | None) -> Reply:
         manifest = staged.manifest
-        directory = self._dir(agent, file_id)
         if claim is not None:
             digest, size = hash_file(claim, fsync=True)
             if size != manifest.size:
@@ -593,6 +592,10 @@ class Ingest:
             pending = self._receipts.pending = {}
         return pending
 
+    def _forget_pending_receipts(self, directory: Path) -> None:
+        """The staged data is being removed: its unsynced chunks get no receipt."""
+        self._pending_receipts().pop(directory / "data", None)
+
     def flush_receipts(self) -> int:
         """Make this thread's written chunks durable: fdatasync each data file, then commit all their receipt
         rows in one transaction. A receipt is never durable before its bytes; chunks whose receipt is lost
@@ -639,7 +642,7 @@ class Ingest:
     def _remove_staging(self, agent: str, file_id: str) -> None:
         """Staging folder, receipts and transfer row of a decided file. The transfer row a finishing thread
         holds locked is deleted by that thread's own locking session instead."""
-        self._pending_receipts().pop(self._dir(agent, file_id) / "data", None)
+        self._forget_pending_receipts(self._dir(agent, file_id))
         self._remove(self._dir(agent, file_id))
         with self.sessions.begin() as session:
             session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,

@@ -243,14 +243,8 @@ def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
 
 def _recording(table: dict[str, Any]) -> RecordingConfig:
     _unknown_keys(table, "recording", {"segment_seconds"})
-    seconds = table.get("segment_seconds", SEGMENT_SECONDS_DEFAULT)
     low, high = SEGMENT_SECONDS_RANGE
-    if not isinstance(seconds, int) or isinstance(seconds, bool):
-        raise ConfigError(f"[recording] segment_seconds = {seconds!r} is not a whole number: "
-                          f"set a value between {low} and {high}")
-    if not low <= seconds <= high:
-        raise ConfigError(f"[recording] segment_seconds = {seconds} is out of range {low}..{high}: "
-                          f"set a value between {low} and {high}")
+    seconds = toml.integer(table, "recording", "segment_seconds", SEGMENT_SECONDS_DEFAULT, low, high)
     return RecordingConfig(segment_seconds=seconds)
 
 

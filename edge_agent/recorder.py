@@ -406,24 +406,25 @@ class Recorders:
     def add(self, recorder: CameraRecorder) -> None:
         self.by_camera[recorder.camera.id] = recorder
 
-    def anchor(self, camera: str, run_id: str) -> datetime | None:
+    def _current(self, camera: str, run_id: str) -> FfmpegRun | None:
+        """The camera's current ffmpeg run if it is `run_id`."""
         recorder = self.by_camera.get(camera)
         run = recorder.current_run() if recorder else None
-        if run is not None and run.run_id == run_id:
-            anchor = run.freeze_anchor()
-            if anchor is not None:
-                return anchor
+        return run if run is not None and run.run_id == run_id else None
+
+    def anchor(self, camera: str, run_id: str) -> datetime | None:
+        run = self._current(camera, run_id)
+        if run is not None and (anchor := run.freeze_anchor()) is not None:
+            return anchor
         return self.journal.run_anchor(camera, run_id)
 
     def is_live(self, camera: str, run_id: str) -> bool:
-        recorder = self.by_camera.get(camera)
-        run = recorder.current_run() if recorder else None
-        return run is not None and run.run_id == run_id and run.is_alive()
+        run = self._current(camera, run_id)
+        return run is not None and run.is_alive()
 
     def video(self, camera: str, run_id: str) -> VideoInfo | None:
-        recorder = self.by_camera.get(camera)
-        run = recorder.current_run() if recorder else None
-        return run.video if run is not None and run.run_id == run_id else None
+        run = self._current(camera, run_id)
+        return run.video if run is not None else None
 
     def start(self) -> None:
         for recorder in self.by_camera.values():
