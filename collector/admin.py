@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -13,10 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, sha256_hex
 from exam_contract.files import hash_file
-from exam_contract.signing import PublicKeyError, parse_public_key, public_key_b64, verify
+from exam_contract.identifiers import IDENTIFIER_RULE, is_identifier
+from exam_contract.signing import PublicKeyError, key_fingerprint, parse_public_key, public_key_b64, verify
 
 from .ingest import utcnow
-from .models import EVENT_ENROLLED, Agent, IngestEvent, SegmentRecord
+from .models import EVENT_ENROLLED, Agent, AgentKey, IngestEvent, SegmentRecord
+from .placement import UnsafePath, stored_path
 
 log = logging.getLogger(__name__)
 
@@ -27,45 +31,109 @@ class EnrollError(ValueError):
 
 def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
            institution: str | None = None, replace: bool = False) -> str:
-    """Enrol (or re-enrol with `replace`) an agent; returns a one-line description of what happened."""
-    if not agent.strip() or "/" in agent or "+" in agent or "#" in agent:
-        raise EnrollError(f"--agent {agent!r} is not a usable agent id: use letters, digits, '-', '.', '_'")
-    if not venue.strip():
-        raise EnrollError("--venue is empty: give the venue code, e.g. JL2201001-01")
+    """Enrol (or re-enrol with `replace`) an agent; returns a one-line description of what happened.
+
+    A new enrolment needs the institution. An enrolment made before institutions were required gets one by
+    enrolling again with the same key and venue and `institution` (no `replace` needed). A replaced key is
+    retired, not forgotten: it stays in `agent_key` with its validity, so what it signed still verifies."""
+    for value, option in ((agent, "--agent"), (venue, "--venue")):
+        if not is_identifier(value):
+            raise EnrollError(f"{option} {value!r} is not a usable id: use {IDENTIFIER_RULE}")
+    if institution is not None and not is_identifier(institution):
+        raise EnrollError(f"--institution {institution!r} is not a usable institution code (机构代码): use "
+                          f"{IDENTIFIER_RULE}, e.g. JL2201001")
     try:
         key = public_key_b64(parse_public_key(pubkey))
     except PublicKeyError as exc:
         raise EnrollError(f"--pubkey: {exc}; pass the line `exam-edge pubkey` prints") from exc
+    fingerprint = key_fingerprint(key)
     with sessions.begin() as session:
         row = session.get(Agent, agent)
         now = utcnow()
+        retired: str | None = None
         if row is None:
+            if institution is None:
+                raise EnrollError(f"--institution is required to enrol agent {agent}: give its institution code "
+                                  "(机构代码), e.g. JL2201001")
             session.add(Agent(id=agent, venue=venue, institution=institution, public_key=key, enrolled_at=now))
-            what = f"enrolled agent {agent} for venue {venue}"
-        elif row.public_key == key and row.venue == venue and (institution is None or row.institution == institution):
-            return f"agent {agent} is already enrolled for venue {venue} with this key; nothing changed"
-        elif not replace:
-            changes = []
-            if row.public_key != key:
-                changes.append("a different key")
-            if row.venue != venue:
-                changes.append(f"venue {venue} instead of {row.venue}")
-            if institution is not None and row.institution != institution:
-                changes.append(f"institution {institution} instead of {row.institution}")
-            raise EnrollError(f"agent {agent} is already enrolled; this enrolment has {' and '.join(changes)}: "
-                              "add --replace to re-enrol it")
+            session.flush()
+            what = f"enrolled agent {agent} for venue {venue} of institution {institution}"
         else:
-            row.public_key, row.venue, row.enrolled_at = key, venue, now
-            if institution is not None:
+            same_key, same_venue = row.public_key == key, row.venue == venue
+            fills_institution = row.institution is None and institution is not None
+            same_institution = institution is None or row.institution == institution
+            if same_key and same_venue and same_institution and not fills_institution:
+                _ensure_current_key(session, row, now)
+                return f"agent {agent} is already enrolled for venue {venue} with this key; nothing changed"
+            if same_key and same_venue and fills_institution:
                 row.institution = institution
-            what = f"re-enrolled agent {agent} for venue {venue} (replaced)"
+                what = f"agent {agent} now belongs to institution {institution}"
+            elif not replace:
+                changes = []
+                if not same_key:
+                    changes.append("a different key")
+                if not same_venue:
+                    changes.append(f"venue {venue} instead of {row.venue}")
+                if not same_institution:
+                    changes.append(f"institution {institution} instead of {row.institution}")
+                raise EnrollError(f"agent {agent} is already enrolled; this enrolment has {' and '.join(changes)}: "
+                                  "add --replace to re-enrol it")
+            else:
+                if not same_key:
+                    retired = _retire_keys(session, row, now, f"replaced by key {fingerprint} (enroll --replace)")
+                row.public_key, row.venue, row.enrolled_at = key, venue, now
+                if institution is not None:
+                    row.institution = institution
+                what = f"re-enrolled agent {agent} for venue {venue} (replaced)"
+        _ensure_current_key(session, session.get(Agent, agent), now)
         session.add(IngestEvent(at=now, agent_id=agent, venue=venue, event=EVENT_ENROLLED, reason=None,
-                                detail=f"{what}; key {key}"))
+                                detail=f"{what}; key {key} (SHA-256 {fingerprint})"))
         from . import audit
 
         audit.record(session, audit.ACTION_ENROLL, actor=audit.local_actor(), target=agent,
-                     detail={"venue": venue, "institution": institution, "public_key": key, "replaced": replace})
-    return what
+                     detail={"venue": venue, "institution": institution, "public_key": key,
+                             "fingerprint": fingerprint, "replaced": replace, "retired_key": retired})
+    return what + (f"; key {retired[:16]}… retired, it still verifies what it signed" if retired else "")
+
+
+def _retire_keys(session: Session, agent: Agent, now: datetime, reason: str) -> str | None:
+    """Close the validity of the agent's open keys; returns the fingerprint of the one that was current."""
+    _ensure_current_key(session, agent, now)
+    current = None
+    for old in session.scalars(select(AgentKey).where(AgentKey.agent_id == agent.id, AgentKey.valid_to.is_(None))):
+        old.valid_to, old.retired_reason = now, reason
+        current = old.fingerprint
+    return current
+
+
+def _ensure_current_key(session: Session, agent: Agent, now: datetime) -> None:
+    """The agent's current key has an open `agent_key` row (enrolments written before key history have none)."""
+    fingerprint = key_fingerprint(agent.public_key)
+    found = session.scalars(select(AgentKey).where(AgentKey.agent_id == agent.id, AgentKey.fingerprint == fingerprint,
+                                                   AgentKey.valid_to.is_(None))).first()
+    if found is None:
+        session.add(AgentKey(agent_id=agent.id, public_key=agent.public_key, fingerprint=fingerprint,
+                             valid_from=min(agent.enrolled_at, now)))
+        session.flush()
+
+
+@dataclass(frozen=True)
+class KeyView:
+    agent: str
+    public_key: str
+    fingerprint: str
+    valid_from: datetime
+    valid_to: datetime | None
+    retired_reason: str | None
+
+
+def agent_keys(session: Session, agents: Iterable[str] | None = None) -> list[KeyView]:
+    """Every key of the given agents (all agents when None), oldest first."""
+    query = select(AgentKey).order_by(AgentKey.agent_id, AgentKey.valid_from, AgentKey.id)
+    if agents is not None:
+        query = query.where(AgentKey.agent_id.in_(list(agents)))
+    return [KeyView(k.agent_id, k.public_key, k.fingerprint, k.valid_from, k.valid_to, k.retired_reason)
+            for k in session.scalars(query)]
 
 
 @dataclass
@@ -126,10 +194,12 @@ class Problem:
 
 
 def verify_all(sessions: sessionmaker[Session], storage_dir: Path) -> list[Problem]:
-    """Re-hash every stored file, re-verify every signature with the enrolled key, re-walk every chain."""
+    """Re-hash every stored file, re-verify every signature with the key that verified it at ingest (the
+    agent's key history), re-walk every chain."""
     problems: list[Problem] = []
     with sessions() as session:
-        keys = {a.id: a.public_key for a in session.scalars(select(Agent))}
+        current = {a.id: a.public_key for a in session.scalars(select(Agent))}
+        keys = {(k.agent, k.fingerprint): k.public_key for k in agent_keys(session)}
         records = session.scalars(select(SegmentRecord).order_by(
             SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)).all()
     previous: SegmentRecord | None = None
@@ -148,15 +218,20 @@ def verify_all(sessions: sessionmaker[Session], storage_dir: Path) -> list[Probl
         if (manifest.get("seq"), manifest.get("camera"), manifest.get("venue"), manifest.get("sha256")) != \
                 (rec.seq, rec.camera, rec.venue, rec.sha256):
             bad("row fields differ from the signed manifest")
-        key_text = keys.get(rec.agent_id)
+        key_text = (keys.get((rec.agent_id, rec.key_fingerprint)) if rec.key_fingerprint
+                    else current.get(rec.agent_id))
         if key_text is None:
-            bad(f"agent {rec.agent_id} is not enrolled")
+            bad(f"the key {rec.key_fingerprint or '(current)'} of agent {rec.agent_id} is not in the key history")
         elif not verify(parse_public_key(key_text), canonical, rec.signature):
-            bad(f"signature does not verify with the key enrolled for {rec.agent_id}")
-        if rec.kind == "segment" and rec.storage_path:
-            path = storage_dir / rec.storage_path
+            bad(f"signature does not verify with key {key_fingerprint(key_text)[:16]}… of {rec.agent_id}")
+        if rec.deleted_at is not None:
+            pass  # deleted by retention after its keep; its tombstone is in the audit log
+        elif rec.kind == "segment" and rec.storage_path:
             try:
+                path = stored_path(storage_dir, rec.storage_path)
                 digest, size = hash_file(path)
+            except UnsafePath as exc:
+                bad(str(exc))
             except FileNotFoundError:
                 bad(f"file {rec.storage_path} is missing")
             except OSError as exc:

@@ -11,14 +11,16 @@ TEXT = {
         "batch": "批次", "institution": "机构", "occupation": "职业", "level": "等级", "status": "状态",
         "theory": "理论知识考场", "practical": "操作技能考场", "venue": "场所", "camera": "摄像头",
         "covered": "覆盖率", "gaps": "覆盖缺口", "no_gaps": "无覆盖缺口", "cause": "原因", "seconds": "秒",
-        "no_camera": "该考场没有已知的摄像头", "unsynced": "时钟未同步的片段", "parts": "考场数",
+        "no_camera": "该考场没有已知的摄像头", "unsynced": "时钟未同步的片段", "suspect": "时钟可疑片段",
+        "parts": "考场数",
         "tz": "北京时间", "tolerance": "缺口容差", "none": "尚未导入批次",
         "imported": "已导入 {rows} 行（编码 {encoding}）：新建 {created} 个批次，更新 {updated} 个，未变 {unchanged} 个",
         "warning": "注意",
         "complete": "完整", "gaps_status": "有缺口", "no_footage": "无录像", "pending": "进行中/待上传",
         "recorder_crashed": "录像进程崩溃", "camera_unreachable": "摄像头不可达", "corrupt_segment": "片段损坏",
         "disk_full": "磁盘已满", "agent_stopped": "采集端停止", "missing_seq": "序号缺失",
-        "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "unknown": "原因不明",
+        "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "clock_suspect": "时钟可疑",
+        "unknown": "原因不明",
         "health_black": "黑屏", "health_frozen": "画面冻结", "health_obstructed": "镜头遮挡",
     },
     "en": {
@@ -26,7 +28,8 @@ TEXT = {
         "status": "status", "theory": "theory room", "practical": "practical room", "venue": "venue",
         "camera": "camera", "covered": "covered", "gaps": "coverage gaps", "no_gaps": "no coverage gaps",
         "cause": "cause", "seconds": "s", "no_camera": "no known camera in this room",
-        "unsynced": "segments with unsynced clock", "parts": "parts", "tz": "Asia/Shanghai",
+        "unsynced": "segments with unsynced clock", "suspect": "segments with suspect clock", "parts": "parts",
+        "tz": "Asia/Shanghai",
         "tolerance": "gap tolerance", "none": "no batches imported yet",
         "imported": "imported {rows} rows (encoding {encoding}): {created} batches created, {updated} updated, "
                     "{unchanged} unchanged",
@@ -35,6 +38,7 @@ TEXT = {
         "recorder_crashed": "recorder crashed", "camera_unreachable": "camera unreachable",
         "corrupt_segment": "corrupt segment", "disk_full": "disk full", "agent_stopped": "agent stopped",
         "missing_seq": "missing seq", "rejected_upload": "upload rejected", "clock_unsynced": "clock not synced",
+        "clock_suspect": "agent clock suspect",
         "unknown": "unknown", "health_black": "black video", "health_frozen": "frozen video",
         "health_obstructed": "obstructed view",
     },
@@ -67,6 +71,8 @@ def render_report(report: BatchReport, lang: str = "zh") -> str:
                     + (f"{L['gaps']} {len(cam.gaps)}" if cam.gaps else L["no_gaps"]))
             if cam.unsynced_segments:
                 head += f"  {L['unsynced']} {cam.unsynced_segments}"
+            if cam.suspect_segments:
+                head += f"  {L['suspect']} {cam.suspect_segments}"
             lines.append(head)
             for gap in cam.gaps:
                 causes = "、".join(L.get(c, c) for c in gap.causes) if lang == "zh" else \

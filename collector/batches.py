@@ -488,7 +488,8 @@ def _fast_flags(manifest: str) -> tuple[tuple[str, ...], bool, str | None]:
 _DRIVER_TIME = DateTime(timezone=True)
 _RECORD_COLUMNS = (SegmentRecord.seq, SegmentRecord.kind, SegmentRecord.room,
                    type_coerce(SegmentRecord.start_at, _DRIVER_TIME).label("start_at"),
-                   type_coerce(SegmentRecord.end_at, _DRIVER_TIME).label("end_at"), SegmentRecord.manifest)
+                   type_coerce(SegmentRecord.end_at, _DRIVER_TIME).label("end_at"), SegmentRecord.manifest,
+                   SegmentRecord.clock_suspect)
 
 
 def camera_input(session: Session, venue: str, room: str | None, camera: str, window: Window,
@@ -496,7 +497,8 @@ def camera_input(session: Session, venue: str, room: str | None, camera: str, wi
                  rows: Iterable[Any] | None = None) -> CameraInput:
     """What the database knows about one camera around the window, for the coverage engine. Footage counts
     only while the camera was in `room` (None: in any room). Consecutive clean segments (no health flag,
-    clock synced) are handed over merged into one span: the union, and so the coverage, is the same.
+    clock synced, not clock-suspect) are handed over merged into one span: the union, and so the coverage,
+    is the same.
     `rows` may bring the camera's records starting in [window.start - RECORD_SLACK, window.end), in start
     order, as `_RECORD_COLUMNS` (a period audit streams them for all cameras in one query)."""
     conn = session.connection()
@@ -527,15 +529,15 @@ def camera_input(session: Session, venue: str, room: str | None, camera: str, wi
     chain: list[tuple[int, datetime, datetime]] = []   # (seq, start, end) of every record, for the seq holes
     run_start = run_end = None
     for records in (((before,) if before is not None else ()), rows, ((after,) if after is not None else ())):
-        for seq, kind, r_room, start, end, manifest in records:
+        for seq, kind, r_room, start, end, manifest, suspect in records:
             chain.append((seq, start, end))
             if (room is not None and r_room != room) or end <= w_start or start >= w_end:
                 continue
             health, synced, cause = _fast_flags(manifest)
             if kind == "gap":
                 gaps.append(GapRecord(utc(start), utc(end), cause or "unknown"))
-            elif health or not synced:
-                segments.append(SegmentSpan(utc(start), utc(end), health, synced))
+            elif health or not synced or suspect:
+                segments.append(SegmentSpan(utc(start), utc(end), health, synced, bool(suspect)))
             elif run_end is not None and start <= run_end:
                 if end > run_end:
                     run_end = end
@@ -696,7 +698,7 @@ def report_json(report: BatchReport) -> dict[str, Any]:
             "cameras": [{
                 "camera": c.camera, "status": c.status, "covered_percent": round(c.percent, 3),
                 "covered_seconds": round(c.covered_seconds, 3), "window_seconds": c.window_seconds,
-                "unsynced_segments": c.unsynced_segments,
+                "unsynced_segments": c.unsynced_segments, "clock_suspect_segments": c.suspect_segments,
                 "gaps": [{"start": format_time(g.start), "end": format_time(g.end), "start_local": _local(g.start),
                           "end_local": _local(g.end), "seconds": round(g.seconds, 3), "causes": list(g.causes)}
                          for g in c.gaps],

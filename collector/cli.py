@@ -86,7 +86,8 @@ url = {broker}
 # username = "collector-1"
 # password_file = "/etc/exam-collector/mqtt.pass"
 # ca_file = "/etc/exam-collector/ca.pem"     # for mqtts://
-# client_id = "exam-collector-1"             # stable per instance: the broker keeps its session
+# client_id: leave unset (derived from this collector's key and host; the production broker binds ids to
+# accounts anyway: give each collector instance its own account)
 
 [http]
 listen = "127.0.0.1:8080"   # HTTP API and web portal (create accounts with `exam-collector users add`)
@@ -104,7 +105,18 @@ gap_tolerance_seconds = 2
 
 [retention]
 margin_days = 7
-# unlinked_retention_days = 90   # optional: shorter keep for footage never linked to a batch
+# unlinked_retention_days = 400   # optional, 365 or more: a longer keep for footage never linked to a batch
+
+[ingest]
+# What one agent may ask of the collector (rejected with a named reason beyond these):
+# max_segment_mb = 4096         # largest segment
+# min_chunk_kb = 64             # allowed chunk sizes (agents send 256 KiB)
+# max_chunk_kb = 1024
+# max_open_transfers = 32       # unfinished uploads per agent
+# max_staging_mb = 8192         # bytes those uploads announce, per agent
+# max_early_chunks = 256        # chunks held per agent before their init arrives
+# clock_future_minutes = 10     # a record ending this far after its receipt is flagged clock_suspect
+# clock_backlog_days = 30       # ... or ending this long before it
 """
 
 
@@ -167,6 +179,15 @@ def _engine(cfg: CollectorConfig, check_schema: bool = True):  # -> Engine
     return engine
 
 
+def _checkpoint_after(obj: Obj) -> None:
+    """Sign an audit checkpoint over what the command just appended (see audit.checkpoint_after_command)."""
+    from .audit import checkpoint_after_command
+    from .db import session_factory
+
+    cfg = obj.config()
+    checkpoint_after_command(session_factory(_engine(cfg)), cfg.key_file)
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""
@@ -190,11 +211,13 @@ def db_upgrade(obj: Obj) -> None:
 @click.option("--agent", required=True, help="Agent id (also its MQTT username).")
 @click.option("--venue", required=True, help="Venue code (备案场所), e.g. JL2201001-01.")
 @click.option("--pubkey", required=True, help="Agent public key as `exam-edge pubkey` prints it.")
-@click.option("--institution", default=None, help="Institution code (机构代码).")
-@click.option("--replace", is_flag=True, help="Re-enrol an agent that is enrolled with another key or venue.")
+@click.option("--institution", required=True, help="Institution code (机构代码), e.g. JL2201001; uploads naming "
+              "another institution are rejected.")
+@click.option("--replace", is_flag=True, help="Re-enrol an agent with another key or venue (the old key is kept "
+              "in the agent's key history and still verifies what it signed).")
 @click.pass_obj
-def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str | None, replace: bool) -> None:
-    """Enrol an edge agent's public key for its venue."""
+def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str, replace: bool) -> None:
+    """Enrol an edge agent's public key for its venue and institution."""
     from .admin import EnrollError, enroll as do_enroll
     from .db import session_factory
 
@@ -209,6 +232,75 @@ def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str | Non
         click.echo(do_enroll(session_factory(engine), agent, venue, pubkey, institution, replace))
     except EnrollError as exc:
         raise Fail(str(exc))
+    _checkpoint_after(obj)
+
+
+@cli.command("keys")
+@click.option("--agent", default=None, help="Only this agent.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def keys_cmd(obj: Obj, agent: str | None, as_json: bool) -> None:
+    """Every key each agent was enrolled with, and when it was valid (records name the key that signed them)."""
+    from exam_contract.canonical import format_time
+
+    from .admin import agent_keys
+    from .db import session_factory
+
+    with session_factory(_engine(obj.config()))() as session:
+        views = agent_keys(session, [agent] if agent else None)
+    if agent and not views:
+        raise Fail(f"agent {agent} has no enrolled key: enrol it with `{PROG} enroll`")
+    if as_json:
+        click.echo(json.dumps([{"agent": v.agent, "public_key": v.public_key, "fingerprint": v.fingerprint,
+                                "valid_from": format_time(v.valid_from),
+                                "valid_to": format_time(v.valid_to) if v.valid_to else None,
+                                "retired_reason": v.retired_reason} for v in views], indent=2))
+        return
+    for v in views:
+        until = f"until {format_time(v.valid_to)} ({v.retired_reason})" if v.valid_to else "current"
+        click.echo(f"{v.agent}  {v.fingerprint}  from {format_time(v.valid_from)}  {until}")
+
+
+@cli.command("rotate-key")
+@click.option("--reason", required=True, help="Why the key is replaced (audit log), e.g. yearly rotation or suspected leak.")
+@click.pass_obj
+def rotate_key(obj: Obj, reason: str) -> None:
+    """Replace the collector key (it signs audit checkpoints and evidence packages). Stop every `serve` first.
+
+    The old key hands over to the new one in the audit log and the new key vouches for the old, so the whole
+    log keeps verifying with the new key alone; packages exported before keep verifying with the key they
+    carry. The old private key is kept beside the new one as KEY_FILE.retired-STAMP: store it offline or
+    destroy it."""
+    import os
+    from datetime import datetime, timezone
+
+    from exam_contract.files import fsync_dir
+    from exam_contract.signing import key_fingerprint, load_private_key, public_key_b64
+
+    from . import audit
+    from .db import session_factory
+
+    cfg = obj.config()
+    key_file = cfg.key_file
+    old = load_private_key(key_file)
+    sessions = session_factory(_engine(cfg))
+    pending = key_file.with_name(key_file.name + ".new")
+    new = load_private_key(pending) if pending.exists() else generate_private_key(pending)
+    with sessions() as session:
+        recorded = audit.retired_by_rotation(session, public_key_b64(old))
+    if recorded is None:
+        handover, rotation = audit.rotate_collector_key(sessions, old, new, audit.local_actor(), reason)
+        note = f"audit checkpoints {handover.id} (old key) and {rotation.id} (new key)"
+    else:  # an earlier run recorded the rotation and stopped before the files were swapped
+        note = f"recorded before in audit entry {recorded}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    retired = key_file.with_name(f"{key_file.name}.retired-{stamp}")
+    os.link(key_file, retired)
+    os.replace(pending, key_file)
+    fsync_dir(key_file.parent)
+    click.echo(f"collector key rotated ({note}): old SHA-256 {key_fingerprint(old)}, new SHA-256 "
+               f"{key_fingerprint(new)}; old private key kept in {retired} (store it offline or destroy it); "
+               f"start `{PROG} serve` again and publish the new fingerprint to those who pin it")
 
 
 # ---------------------------------------------------------------------------- serve
@@ -231,13 +323,15 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = obj.config()
     engine = _engine(cfg)
-    ingest = Ingest(engine, cfg.storage_dir)
+    ingest = Ingest(engine, cfg.storage_dir, limits=cfg.ingest)
     service = CollectorService(cfg.mqtt, ingest, workers=cfg.workers, queue_size=cfg.queue_size,
                                staging_ttl=timedelta(hours=cfg.staging_ttl_hours))
     from exam_contract.signing import load_private_key
-    from .audit import CheckpointLoop
+    from .audit import CHECKPOINT_TOPIC, CheckpointLoop
 
-    checkpoints = CheckpointLoop(ingest.sessions, load_private_key(cfg.key_file))  # signed audit checkpoints
+    # Signed audit checkpoints, each also published (retained) so that a copy is held off this host.
+    checkpoints = CheckpointLoop(ingest.sessions, load_private_key(cfg.key_file), publish=lambda payload: (
+        service.client.publish(CHECKPOINT_TOPIC, payload, qos=1, retain=True)))
     from .alerts import AlertLoop
 
     alerts = AlertLoop(ingest.sessions, lambda topic, payload, retain: service.client.publish(
@@ -266,12 +360,16 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     alerts.start()
     log.info("collector %s serving MQTT ingest from %s, storage %s", ingest.instance_id, cfg.mqtt.address,
              cfg.storage_dir)
+    def before_disconnect() -> None:
+        # The workers have drained: the shutdown checkpoint covers everything they appended, and is still
+        # published (retained) while the broker connection is up.
+        http.stop()
+        checkpoints.stop()
+
     try:
         service.wait(duration)
     finally:
-        service.shutdown()
-        http.stop()
-        checkpoints.stop()
+        service.shutdown(before_disconnect=before_disconnect)
         alerts.stop()
     log.info("stopped; %s messages handled, %s handler errors", service.handled, service.errors)
 
@@ -401,6 +499,7 @@ def hold_add(obj: Obj, batch_id: str | None, camera: str | None, venue: str | No
                 click.echo(f"note: batch {batch_id} is not imported; until it is, hold {view.id} keeps ALL footage "
                            "from deletion", err=True)
     click.echo(f"hold {view.id} placed on {view.scope()} (case {view.case_ref})")
+    _checkpoint_after(obj)
 
 
 @hold.command("release")
@@ -418,6 +517,7 @@ def hold_release(obj: Obj, hold_id: int, reason: str) -> None:
     except HoldError as exc:
         raise Fail(str(exc))
     click.echo(f"hold {view.id} on {view.scope()} released")
+    _checkpoint_after(obj)
 
 
 @hold.command("list")
@@ -480,6 +580,7 @@ def batches_import(obj: Obj, file: Path, actor: str | None, allow_room_change: b
         raise Fail(f"{file}: {len(exc.errors)} problem(s), nothing imported; fix the rows listed above and "
                    "import the file again")
     click.echo(render_import(result, lang))
+    _checkpoint_after(obj)
 
 
 @batches.command("show")
@@ -633,6 +734,7 @@ def users_add(obj: Obj, username: str, role: str, institutions: tuple[str, ...])
         raise Fail(str(exc))
     scope = "all institutions" if user.is_admin else ", ".join(user.institutions)
     click.echo(f"user {user.username} ({user.role}) created; sees {scope}")
+    _checkpoint_after(obj)
 
 
 @users.command("list")

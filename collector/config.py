@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +13,8 @@ from typing import Any
 
 from exam_contract import tomlconfig as toml
 from exam_contract.tomlconfig import ConfigError
+
+from .admission import KIB, MIB, IngestLimits
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class CollectorConfig:
     source: Path | None = None
     staging_ttl_hours: float = 48.0  # abandoned transfers' staging is removed after this (issue 3)
     alerts: AlertsConfig = AlertsConfig()
+    ingest: IngestLimits = IngestLimits()
 
     @property
     def staging_dir(self) -> Path:
@@ -121,7 +128,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
         ca_file=_path(mqtt_raw, "mqtt", "ca_file", base),
         cert_file=_path(mqtt_raw, "mqtt", "cert_file", base),
         key_file=_path(mqtt_raw, "mqtt", "key_file", base),
-        client_id=_str(mqtt_raw, "mqtt", "client_id") or f"exam-collector-{_str(mqtt_raw, 'mqtt', 'username') or '1'}",
+        client_id=(_str(mqtt_raw, "mqtt", "client_id")
+                   or default_client_id(_str(mqtt_raw, "mqtt", "username"), key_file)),
     )
     if (mqtt.cert_file is None) != (mqtt.key_file is None):
         raise ConfigError("[mqtt] cert_file and key_file go together: set both or neither")
@@ -150,7 +158,53 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
     return CollectorConfig(data_dir=data_dir, database_url=database_url, storage_dir=storage_dir,
                            key_file=key_file, mqtt=mqtt, http=http, coverage=coverage,
                            retention=retention, workers=workers, queue_size=queue_size, source=source,
-                           staging_ttl_hours=staging_ttl_hours, alerts=alerts)
+                           staging_ttl_hours=staging_ttl_hours, alerts=alerts,
+                           ingest=_ingest(_table(raw, "ingest")))
+
+
+INGEST_KEYS = {"max_segment_mb", "min_chunk_kb", "max_chunk_kb", "max_open_transfers", "max_staging_mb",
+               "max_early_chunks", "clock_future_minutes", "clock_backlog_days"}
+
+
+def _ingest(table: dict[str, Any]) -> IngestLimits:
+    """[ingest]: what one agent may ask of the collector (sizes, open uploads, staging, clock tolerance)."""
+    toml.unknown_keys(table, "ingest", INGEST_KEYS)
+    default = IngestLimits()
+    min_chunk_kb = _int(table, "ingest", "min_chunk_kb", default.min_chunk_bytes // KIB, 1, 64 * 1024)
+    max_chunk_kb = _int(table, "ingest", "max_chunk_kb", default.max_chunk_bytes // KIB, 1, 64 * 1024)
+    if min_chunk_kb > max_chunk_kb:
+        raise ConfigError(f"[ingest] min_chunk_kb = {min_chunk_kb} is above max_chunk_kb = {max_chunk_kb}: set "
+                          "min_chunk_kb <= max_chunk_kb (agents send 256 KiB chunks)")
+    max_segment_mb = _int(table, "ingest", "max_segment_mb", default.max_segment_bytes // MIB, 1, 1024 * 1024)
+    max_staging_mb = _int(table, "ingest", "max_staging_mb", default.max_staging_bytes // MIB, 1, 1024 * 1024 * 1024)
+    if max_staging_mb < max_segment_mb:
+        raise ConfigError(f"[ingest] max_staging_mb = {max_staging_mb} is below max_segment_mb = {max_segment_mb}: "
+                          "an agent could never upload its largest segment; raise max_staging_mb")
+    return IngestLimits(
+        max_segment_bytes=max_segment_mb * MIB, min_chunk_bytes=min_chunk_kb * KIB, max_chunk_bytes=max_chunk_kb * KIB,
+        max_open_transfers=_int(table, "ingest", "max_open_transfers", default.max_open_transfers, 1, 100_000),
+        max_staging_bytes=max_staging_mb * MIB,
+        max_early_chunks=_int(table, "ingest", "max_early_chunks", default.max_early_chunks, 0, 1_000_000),
+        clock_future_minutes=_int(table, "ingest", "clock_future_minutes", default.clock_future_minutes, 1, 24 * 60),
+        clock_backlog_days=_int(table, "ingest", "clock_backlog_days", default.clock_backlog_days, 1, 3660))
+
+
+def default_client_id(username: str | None, key_file: Path) -> str:
+    """`{username}-{16 hex}`: the same for one collector key on one host, and not guessable without the key.
+
+    A predictable id let any account that knew it take over the collector's session. It must stay stable
+    across restarts, since the session (SESSION_EXPIRY_SECONDS) keeps the shared subscription's queued
+    messages for a restart; the HMAC of the hostname under the private key gives that without writing
+    anything at config load. Without a readable key, which `serve` refuses to run without anyway, the
+    suffix is random. The deploy broker replaces client ids with usernames (use_username_as_clientid);
+    this id matters on brokers that do not."""
+    try:
+        secret = key_file.read_bytes()
+    except OSError:
+        suffix = secrets.token_hex(8)
+    else:
+        suffix = hmac.new(secret, socket.gethostname().encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{username or 'collector'}-{suffix}"
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = False) -> dict[str, Any]:

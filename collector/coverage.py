@@ -7,7 +7,10 @@ exam window and every uncovered stretch of at least `gap_tolerance` with the cau
 All intervals are half-open `[start, end)` in UTC. A segment covers its interval unless its health flags
 make it useless as evidence (black, frozen, obstructed video); such a stretch is then a gap whose cause is
 the flag. A segment recorded while the agent's clock was not synced still covers, but any gap touching it
-(within `tolerance`) names `clock_unsynced` as a cause, because the gap may only be a misplacement.
+(within `tolerance`) names `clock_unsynced` as a cause, because the gap may only be a misplacement. The
+same holds for a segment the collector flagged `clock_suspect` (its own times were far from its arrival,
+so the agent's clock is not to be believed): it is kept and covers the interval it claims, and any gap
+touching it names `clock_suspect`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ STATUS_PENDING: Status = "pending"
 CAUSE_MISSING_SEQ = "missing_seq"
 CAUSE_REJECTED = "rejected_upload"
 CAUSE_CLOCK_UNSYNCED = "clock_unsynced"
+CAUSE_CLOCK_SUSPECT = "clock_suspect"
 CAUSE_UNKNOWN = "unknown"
 HEALTH_PREFIX = "health_"
 DISQUALIFYING_HEALTH: frozenset[str] = frozenset({"black", "frozen", "obstructed"})
@@ -53,6 +57,7 @@ class SegmentSpan(NamedTuple):
     end: datetime
     health: tuple[str, ...] = ()
     clock_synced: bool = True
+    clock_suspect: bool = False      # the collector does not believe the agent's times (SegmentRecord)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class CameraCoverage:
     gaps: tuple[Gap, ...]
     status: Status
     unsynced_segments: int = 0
+    suspect_segments: int = 0
 
     @property
     def percent(self) -> float:
@@ -159,8 +165,8 @@ def _overlaps(a_start: datetime | None, a_end: datetime | None, b_start: datetim
 def gap_causes(start: datetime, end: datetime, camera: CameraInput, tolerance: timedelta,
                disqualifying: frozenset[str] = DISQUALIFYING_HEALTH,
                special: Sequence[SegmentSpan] | None = None) -> tuple[str, ...]:
-    """Causes of the gap [start, end). `special` may pre-select the segments that can name a cause (flagged
-    or unsynced); by default all segments are looked at."""
+    """Causes of the gap [start, end). `special` may pre-select the segments that can name a cause (flagged,
+    unsynced or clock-suspect); by default all segments are looked at."""
     causes: set[str] = set()
     for record in camera.gap_records:
         if _overlaps(record.start, record.end, start, end):
@@ -174,6 +180,8 @@ def gap_causes(start: datetime, end: datetime, camera: CameraInput, tolerance: t
             causes.update(HEALTH_PREFIX + flag for flag in flags)
         if not seg.clock_synced and _overlaps(seg.start - tolerance, seg.end + tolerance, start, end):
             causes.add(CAUSE_CLOCK_UNSYNCED)
+        if seg.clock_suspect and _overlaps(seg.start - tolerance, seg.end + tolerance, start, end):
+            causes.add(CAUSE_CLOCK_SUSPECT)
     return tuple(sorted(causes)) or (CAUSE_UNKNOWN,)
 
 
@@ -182,7 +190,8 @@ def camera_coverage(window: Window, camera: CameraInput, tolerance: timedelta, n
                     disqualifying: frozenset[str] = DISQUALIFYING_HEALTH) -> CameraCoverage:
     covered = covered_intervals(window, camera.segments, disqualifying)
     covered_seconds = sum((end - start).total_seconds() for start, end in covered)
-    special = [s for s in camera.segments if not s.clock_synced or disqualifying.intersection(s.health)]
+    special = [s for s in camera.segments
+               if not s.clock_synced or s.clock_suspect or disqualifying.intersection(s.health)]
     gaps = tuple(Gap(start, end, gap_causes(start, end, camera, tolerance, disqualifying, special))
                  for start, end in _uncovered(window, covered) if end - start >= tolerance)
     arriving = (now < window.end + settle and
@@ -196,7 +205,9 @@ def camera_coverage(window: Window, camera: CameraInput, tolerance: timedelta, n
     else:
         status = STATUS_COMPLETE
     unsynced = sum(1 for s in camera.segments if not s.clock_synced and _overlaps(s.start, s.end, window.start, window.end))
-    return CameraCoverage(camera.venue, camera.camera, covered_seconds, window.seconds, gaps, status, unsynced)
+    suspect = sum(1 for s in camera.segments if s.clock_suspect and _overlaps(s.start, s.end, window.start, window.end))
+    return CameraCoverage(camera.venue, camera.camera, covered_seconds, window.seconds, gaps, status, unsynced,
+                          suspect)
 
 
 def part_coverage(window: Window, cameras: Sequence[CameraInput], tolerance: timedelta, now: datetime,

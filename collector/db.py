@@ -46,7 +46,9 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before it returns. With NORMAL a power cut can roll back a commit that
+            # the collector already answered `stored` for, and the agent would then prune footage we lost.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

@@ -10,14 +10,20 @@ and what `exam-collector verify-package` runs, so the two verdicts cannot differ
 What is checked:
   1. package.json is signed (package.sig) by the collector key in keys/collector.pub (compare its
      fingerprint with the one the collector operator publishes, or pin it with --collector-key);
-  2. every segment and gap record: its manifest is signed by its agent's key in keys/agents/;
+  2. every segment and gap record: its manifest is signed by the agent key the record names (`key`, the
+     SHA-256 fingerprint of the raw key), read from keys/agents/{agent}/{fingerprint}.pub; each key file
+     must hash to its fingerprint and be the key package.json lists for that agent. The validity listed
+     with each key is not checked against the records: it says when the collector accepted the key, not
+     when the agent recorded, and the collector checked each signature at ingest with the key then valid.
+     Packages before v 2 name no key per record: their records are verified with keys/agents/{agent}.pub;
   3. every segment file is present, with the size and SHA-256 its signed manifest states;
   4. per camera, the hash chain: each record's `prev` is the SHA-256 of the previous record's manifest,
      and every missing sequence number is declared as a chain hole;
   5. no gap is hidden: coverage of each exam part is recomputed from the signed manifests, and every
      uncovered stretch of at least the gap tolerance must be among the gaps the package declares;
   6. the other listed files (coverage report, viewing MP4s) have their listed size and SHA-256;
-  7. the audit-log checkpoint the export cites is signed by the same collector key (the export was logged).
+  7. the audit-log checkpoint the export cites is signed by the same collector key (the export was logged);
+     `exam-retention verify-log --checkpoint package.json` compares it with the collector's audit log.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 try:
     from cryptography.exceptions import InvalidSignature
@@ -52,6 +59,8 @@ PACKAGE_FORMAT = "exam-footage evidence package"
 CHECKPOINT_KIND = "exam-collector audit checkpoint"   # must match collector/audit.py
 READ_BLOCK = 4 << 20
 SHANGHAI = timezone(timedelta(hours=8))  # Asia/Shanghai has no DST; no tzdata needed
+KEYED_VERSION = 2   # from this package version on, every record names its key by fingerprint
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class PackageUnreadable(Exception):
@@ -101,11 +110,17 @@ def _local(moment: datetime) -> str:
     return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S") + " 北京时间"
 
 
-def _public_key(text: str) -> Ed25519PublicKey:
+def _raw_key(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"public key {text!r} is not text")
     raw = base64.b64decode(text.strip(), validate=True)
     if len(raw) != 32:
         raise ValueError(f"public key is {len(raw)} bytes, not 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+def _public_key(text: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(_raw_key(text))
 
 
 def _verify(key: Ed25519PublicKey, data: bytes, signature_b64: Any) -> bool:
@@ -155,6 +170,76 @@ def _check_file(root: Path, relative: Any, size: Any, sha256: Any, what: str, pr
         problems.append(f"{relative}: SHA-256 {actual_sha} does not match the signed {sha256} ({what}): "
                         "the file was altered or corrupted")
     return actual_size
+
+
+def _seq_ranges(seqs: List[Any]) -> str:
+    """`[1, 2, 3, 7]` -> "1..3, 7" (the notation of chain holes)."""
+    spans: List[List[int]] = []
+    for n in sorted({s for s in seqs if isinstance(s, int)}):
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join([str(a) if a == b else f"{a}..{b}" for a, b in spans] +
+                     [repr(s) for s in seqs if not isinstance(s, int)])
+
+
+def _agent_keyring(root: Path, listed: Any,
+                   problems: List[str]) -> Tuple[Dict[Tuple[str, str], Optional[Ed25519PublicKey]], Set[str]]:
+    """The agent keys package.json lists (`keys.agents`: {agent: [{fingerprint, public_key, valid_from,
+    valid_to, retired_reason}]}), each read from keys/agents/{agent}/{fingerprint}.pub and checked: the file
+    holds a key whose SHA-256 is the fingerprint and which is the listed public_key. Returns
+    {(agent, fingerprint): key, or None when unusable (its problem listed)} and the key files expected."""
+    ring: Dict[Tuple[str, str], Optional[Ed25519PublicKey]] = {}
+    expected: Set[str] = set()
+    if not isinstance(listed, dict):
+        problems.append("package.json: keys.agents is not a map of agent to its keys")
+        return ring, expected
+    for agent, entries in listed.items():
+        if not isinstance(entries, list):
+            problems.append(f"package.json: keys.agents[{agent!r}] is not a list of keys")
+            continue
+        plain_name = bool(agent) and "/" not in agent and "\\" not in agent and agent not in (".", "..")
+        for entry in entries:
+            fingerprint = entry.get("fingerprint") if isinstance(entry, dict) else None
+            if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
+                problems.append(f"package.json: keys.agents[{agent!r}] has an entry whose fingerprint "
+                                f"{fingerprint!r} is not a SHA-256 (64 lowercase hex digits)")
+                continue
+            rel = f"keys/agents/{agent}/{fingerprint}.pub"
+            ring[(agent, fingerprint)] = None
+            if not plain_name:
+                problems.append(f"package.json: keys.agents names agent {agent!r}, which is not a plain folder name")
+                continue
+            expected.add(rel)
+            usable = True
+            try:
+                listed_raw: Optional[bytes] = _raw_key(entry.get("public_key"))
+            except ValueError as exc:
+                problems.append(f"package.json: key {fingerprint} of agent {agent}: public_key is not a base64 "
+                                f"Ed25519 public key ({exc})")
+                listed_raw, usable = None, False
+            if listed_raw is not None and hashlib.sha256(listed_raw).hexdigest() != fingerprint:
+                problems.append(f"package.json: key {fingerprint} of agent {agent}: its public_key has SHA-256 "
+                                f"{hashlib.sha256(listed_raw).hexdigest()}, not that fingerprint")
+                usable = False
+            try:
+                file_raw = _raw_key((root / rel).read_text(encoding="ascii"))
+            except (OSError, ValueError) as exc:   # UnicodeDecodeError and binascii.Error are ValueErrors
+                problems.append(f"{rel}: missing or not a base64 Ed25519 public key ({exc})")
+                continue
+            actual = hashlib.sha256(file_raw).hexdigest()
+            if actual != fingerprint:
+                problems.append(f"{rel}: holds a key whose SHA-256 is {actual}, not {fingerprint}: the key file "
+                                "was replaced or altered")
+                continue
+            if listed_raw is not None and file_raw != listed_raw:
+                problems.append(f"{rel}: is not the public_key package.json lists for key {fingerprint} of "
+                                f"agent {agent}")
+                usable = False
+            if usable:
+                ring[(agent, fingerprint)] = Ed25519PublicKey.from_public_bytes(file_raw)
+    return ring, expected
 
 
 def _merge(intervals: List[Tuple[datetime, datetime]]) -> List[Tuple[datetime, datetime]]:
@@ -231,7 +316,15 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
                         "was altered, or signed by another key")
 
     # 2-4. records, files, chains
-    agent_keys: Dict[str, Optional[Ed25519PublicKey]] = {}
+    version = package.get("v", 1)
+    keyed = isinstance(version, int) and version >= KEYED_VERSION
+    agent_keys: Dict[str, Optional[Ed25519PublicKey]] = {}     # packages before v 2: one key per agent
+    ring: Dict[Tuple[str, str], Optional[Ed25519PublicKey]] = {}
+    expected_key_files: Set[str] = set()
+    if keyed:
+        ring, expected_key_files = _agent_keyring(root, (package.get("keys") or {}).get("agents"), problems)
+    # (camera, agent, key, why) -> seqs of the records whose signature could not be checked
+    unverifiable: Dict[Tuple[str, str, str, str], List[Any]] = {}
     tolerance = timedelta(seconds=float((package.get("coverage_rule") or {}).get("gap_tolerance_seconds", 2)))
     disqualifying = set((package.get("coverage_rule") or {}).get("disqualifying_health") or [])
     spans: Dict[Tuple[str, str], List[Tuple[datetime, datetime, str, Tuple[str, ...]]]] = {}
@@ -260,17 +353,31 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
             seq = manifest.get("seq")
             where = f"{label} seq {seq}"
             agent = str(manifest.get("agent"))
-            if agent not in agent_keys:
-                key_file = _safe_path(root, f"keys/agents/{agent}.pub")
-                try:
-                    agent_keys[agent] = _public_key(key_file.read_text(encoding="ascii")) if key_file else None
-                except (OSError, ValueError, UnicodeDecodeError):
-                    agent_keys[agent] = None
-                if agent_keys[agent] is None:
-                    problems.append(f"keys/agents/{agent}.pub: missing or not a base64 Ed25519 public key")
-            key = agent_keys[agent]
-            if key is not None and not _verify(key, raw, rec.get("signature")):
-                problems.append(f"{where}: the agent signature on the manifest does not verify")
+            if keyed or "key" in rec:
+                named = rec.get("key")
+                fingerprint = str(named)
+                agent_key = ring.get((agent, fingerprint))
+                if not isinstance(named, str):
+                    unverifiable.setdefault((label, agent, fingerprint, "unnamed"), []).append(seq)
+                elif (agent, fingerprint) not in ring:
+                    unverifiable.setdefault((label, agent, fingerprint, "missing"), []).append(seq)
+                elif agent_key is None:
+                    unverifiable.setdefault((label, agent, fingerprint, "unusable"), []).append(seq)
+                elif not _verify(agent_key, raw, rec.get("signature")):
+                    problems.append(f"{where}: the agent signature on the manifest does not verify with its key "
+                                    f"keys/agents/{agent}/{fingerprint}.pub")
+            else:  # a package before v 2: one key per agent, in keys/agents/{agent}.pub
+                if agent not in agent_keys:
+                    key_file = _safe_path(root, f"keys/agents/{agent}.pub")
+                    try:
+                        agent_keys[agent] = _public_key(key_file.read_text(encoding="ascii")) if key_file else None
+                    except (OSError, ValueError, UnicodeDecodeError):
+                        agent_keys[agent] = None
+                    if agent_keys[agent] is None:
+                        problems.append(f"keys/agents/{agent}.pub: missing or not a base64 Ed25519 public key")
+                key = agent_keys[agent]
+                if key is not None and not _verify(key, raw, rec.get("signature")):
+                    problems.append(f"{where}: the agent signature on the manifest does not verify")
             if manifest.get("venue") != venue or manifest.get("camera") != camera:
                 problems.append(f"{where}: manifest names {manifest.get('venue')}/{manifest.get('camera')}, "
                                 f"listed under {label}")
@@ -303,6 +410,25 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
                                 "declared as a hole (a record was removed)")
         if parsed and parsed[0][0] == 1 and parsed[0][1].get("prev") is not None:
             problems.append(f"{label} seq 1: prev must be null")
+
+    for (label, agent, fingerprint, why), seqs in unverifiable.items():
+        if why == "unnamed":
+            problems.append(f"{label} seq {_seq_ranges(seqs)}: the record names no agent key (`key`), which "
+                            f"every record of a package v {version} must: the signature cannot be checked")
+        elif why == "missing":
+            problems.append(f"{label} seq {_seq_ranges(seqs)}: signed with key {fingerprint}, which the package "
+                            f"does not carry for agent {agent} (no keys/agents/{agent}/{fingerprint}.pub listed in "
+                            "package.json): the signature cannot be checked")
+        else:
+            problems.append(f"{label} seq {_seq_ranges(seqs)}: signed with key {fingerprint}, whose key file "
+                            f"keys/agents/{agent}/{fingerprint}.pub is not usable: the signature cannot be checked")
+    agents_dir = root / "keys" / "agents"
+    if keyed and agents_dir.is_dir():
+        for path in sorted(agents_dir.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(root).as_posix()
+                if rel not in expected_key_files:
+                    problems.append(f"{rel}: a key file package.json does not list")
 
     segments_dir = root / "segments"
     if segments_dir.is_dir():
@@ -354,11 +480,12 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
     if not isinstance(checkpoint, dict):
         problems.append("package.json: no audit checkpoint: the export is not shown to be logged")
     elif collector_key is not None:
-        signed = json.dumps({"v": 1, "kind": CHECKPOINT_KIND, "count": checkpoint.get("entry_count"),
-                             "head": checkpoint.get("head_hash"), "at": checkpoint.get("at"),
-                             "occasion": checkpoint.get("occasion"), "key": checkpoint.get("public_key")},
-                            sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if checkpoint.get("public_key") != key_text or not _verify(collector_key, signed, checkpoint.get("signature")):
+        signed = checkpoint_signed_bytes(checkpoint)
+        if signed is None:
+            problems.append(f"package.json: the audit checkpoint has version {checkpoint.get('version')!r}, which "
+                            "this verify.py does not know (it knows 1 and 2): use the verify.py of a newer package")
+        elif checkpoint.get("public_key") != key_text or not _verify(collector_key, signed,
+                                                                     checkpoint.get("signature")):
             problems.append("package.json: the audit checkpoint is not signed by the collector key")
 
     if problems:
@@ -368,6 +495,20 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
     else:
         result.verdict = OK
     return result
+
+
+def checkpoint_signed_bytes(checkpoint: Dict[str, Any]) -> Optional[bytes]:
+    """The bytes an audit checkpoint signs (collector/audit.py `checkpoint_bytes`), from its JSON document.
+    Packages written before checkpoint version 2 carry no `version` and the version-1 layout."""
+    version = checkpoint.get("version", 1)
+    fields = {"v": version, "kind": CHECKPOINT_KIND, "count": checkpoint.get("entry_count"),
+              "head": checkpoint.get("head_hash"), "at": checkpoint.get("at"),
+              "occasion": checkpoint.get("occasion"), "key": checkpoint.get("public_key")}
+    if version == 2 and not isinstance(version, bool):
+        fields.update(prev=checkpoint.get("prev_hash"), host=checkpoint.get("host"))
+    elif version != 1 or isinstance(version, bool):
+        return None
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def verify_package(path: Path, pinned_key: Optional[str] = None) -> Verification:

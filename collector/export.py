@@ -5,7 +5,11 @@ Layout of a package:
                       coverage, who exported it, when and why, the audit checkpoint; and the size and SHA-256
                       of every other file below
   package.sig         base64 Ed25519 signature by the collector key over the exact bytes of package.json
-  keys/               collector.pub and agents/{agent}.pub (base64 raw 32-byte keys)
+  keys/               collector.pub and agents/{agent}/{fingerprint}.pub (base64 raw 32-byte keys): every key
+                      of each agent with an exported record, the retired ones too; package.json's
+                      keys.agents gives each key's validity, and every record names the `key` (SHA-256
+                      fingerprint of the raw key) that verified it at ingest. Packages before v 2 had one
+                      keys/agents/{agent}.pub and no `key` per record; verify.py still reads them.
   segments/           {venue}/{camera}/{file}: the stored files, bit-identical
   viewing/            per-camera MP4s stream-copied (concat demuxer, `-c copy`), split at every gap, and a
                       README.txt listing each clip and each gap between clips in Asia/Shanghai time
@@ -39,18 +43,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, truncate_to_millis
 from exam_contract.files import hash_file
-from exam_contract.signing import public_key_b64, sign
+from exam_contract.signing import key_fingerprint, public_key_b64, sign
 
 from . import audit
 from .batch_view import TEXT
 from .batches import SHANGHAI, BatchReport, batch_report, linked_records, report_json
 from .coverage import DISQUALIFYING_HEALTH
+from .admin import KeyView, agent_keys
 from .evidence_verify import PACKAGE_FORMAT
 from .models import Agent, SegmentRecord
+from .placement import UnsafePath, stored_path
 
 log = logging.getLogger(__name__)
 
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 2   # 2: agent keys by fingerprint with their validity, every record names its key
 COPY_BLOCK = 8 << 20
 VERIFIER_SOURCE = Path(__file__).resolve().parent / "evidence_verify.py"
 Progress = Callable[[int, int], None]
@@ -89,9 +95,30 @@ class ExportResult:
     bytes: int
     gaps: tuple[dict[str, Any], ...]
     clips: tuple[Clip, ...]
-    source_problems: tuple[str, ...]   # stored files that are missing or differ from their manifest
+    # stored files that are missing, unsafe or differ from their manifest; records whose key is not on file
+    source_problems: tuple[str, ...]
     audit_seq: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class PackageKeys:
+    """The agent keys a package carries: the whole key history (oldest first) of every agent with an exported
+    record, not only the keys that signed one, so a retirement's reason ("replaced by key …") names a key the
+    package holds and the list equals what `exam-collector keys` shows for the agent."""
+
+    history: dict[str, tuple[KeyView, ...]]
+    current: dict[str, str]     # agent -> fingerprint of its enrolled key (Agent.public_key)
+
+    def of(self, record: SegmentRecord) -> str:
+        """The fingerprint of the key that verified `record` at ingest. Rows stored before key history (and
+        not migrated) name none: the agent had one key then, its current one."""
+        return record.key_fingerprint or self.current.get(record.agent_id, "")
+
+    def entries(self, agent: str) -> list[dict[str, Any]]:
+        return [{"fingerprint": k.fingerprint, "public_key": k.public_key, "valid_from": format_time(k.valid_from),
+                 "valid_to": format_time(k.valid_to) if k.valid_to is not None else None,
+                 "retired_reason": k.retired_reason} for k in self.history.get(agent, ())]
 
 
 @dataclass
@@ -127,8 +154,8 @@ def _gaps(report: BatchReport) -> list[dict[str, Any]]:
 
 
 def collect(session: Session, batch_id: str, settings: ExportSettings,
-            staging_dir: Path | None = None) -> tuple[BatchReport, list[_Camera], dict[str, str]]:
-    """The batch's coverage, its linked records per camera (seq order) and the agents' public keys."""
+            staging_dir: Path | None = None) -> tuple[BatchReport, list[_Camera], PackageKeys]:
+    """The batch's coverage, its linked records per camera (seq order) and its agents' keys."""
     report = batch_report(session, batch_id, tolerance_seconds=settings.tolerance_seconds,
                           pre_margin_minutes=settings.pre_margin_minutes,
                           post_margin_minutes=settings.post_margin_minutes, staging_dir=staging_dir)
@@ -139,9 +166,24 @@ def collect(session: Session, batch_id: str, settings: ExportSettings,
             cameras.setdefault((record.venue, record.camera), {})[record.id] = record
     out = [_Camera(venue, camera, sorted(rows.values(), key=lambda r: r.seq))
            for (venue, camera), rows in sorted(cameras.items())]
-    agent_ids = {r.agent_id for c in out for r in c.records}
-    keys = {a.id: a.public_key for a in session.scalars(select(Agent).where(Agent.id.in_(agent_ids)))} if agent_ids else {}
-    return report, out, keys
+    agent_ids = sorted({r.agent_id for c in out for r in c.records})
+    return report, out, _package_keys(session, agent_ids)
+
+
+def _package_keys(session: Session, agent_ids: list[str]) -> PackageKeys:
+    if not agent_ids:
+        return PackageKeys({}, {})
+    history: dict[str, list[KeyView]] = {agent: [] for agent in agent_ids}
+    current: dict[str, str] = {}
+    for view in agent_keys(session, agent_ids):
+        history[view.agent].append(view)
+    for agent in session.scalars(select(Agent).where(Agent.id.in_(agent_ids))):
+        fingerprint = key_fingerprint(agent.public_key)
+        current[agent.id] = fingerprint
+        if not any(k.fingerprint == fingerprint for k in history[agent.id]):
+            # an enrolment from before key history that nothing has touched since: its key is the current one
+            history[agent.id].append(KeyView(agent.id, agent.public_key, fingerprint, agent.enrolled_at, None, None))
+    return PackageKeys({agent: tuple(views) for agent, views in history.items()}, current)
 
 
 def _holes(records: list[SegmentRecord]) -> list[dict[str, Any]]:
@@ -192,22 +234,44 @@ def _runs(records: list[SegmentRecord], tolerance: timedelta) -> list[list[Segme
     return runs
 
 
+def _key_problems(cameras: list[_Camera], keys: PackageKeys) -> list[str]:
+    """Records whose key the package cannot carry (not in their agent's key history): verify.py will say NOT_OK."""
+    problems: list[str] = []
+    known = {agent: {k.fingerprint for k in views} for agent, views in keys.history.items()}
+    for cam in cameras:
+        for r in cam.records:
+            fingerprint = keys.of(r)
+            if fingerprint not in known.get(r.agent_id, set()):
+                problems.append(f"{r.venue}/{r.camera} seq {r.seq}: verified at ingest with key "
+                                f"{fingerprint or '(none)'}, which is not in agent {r.agent_id}'s key history "
+                                "(agent_key): the package cannot carry it")
+    return problems
+
+
 def _copy_segments(cameras: list[_Camera], folder: Path, storage_dir: Path, check_hashes: bool,
-                   advance: Callable[[int], None]) -> tuple[list[dict[str, Any]], list[str]]:
+                   advance: Callable[[int], None],
+                   keys: PackageKeys) -> tuple[list[dict[str, Any]], list[str]]:
     """Copy every stored segment into segments/; package.json's camera entries and the source problems."""
     problems: list[str] = []
     camera_entries: list[dict[str, Any]] = []
     for cam in cameras:
         entries = []
         for r in cam.records:
-            item: dict[str, Any] = {"seq": r.seq, "kind": r.kind, "manifest": r.manifest, "signature": r.signature}
+            item: dict[str, Any] = {"seq": r.seq, "kind": r.kind, "manifest": r.manifest, "signature": r.signature,
+                                    "key": keys.of(r)}
             if r.kind == "segment":
                 name = Path(r.storage_path).name if r.storage_path else f"{r.camera}-{r.seq}.ts"
                 rel = f"segments/{r.venue}/{r.camera}/{name}"
                 item["file"] = rel
                 dst = folder / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                src = storage_dir / r.storage_path if r.storage_path else None
+                try:
+                    src = stored_path(storage_dir, r.storage_path) if r.storage_path else None
+                except UnsafePath as exc:
+                    problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file not read: {exc}")
+                    advance(r.size)
+                    entries.append(item)
+                    continue
                 if src is None or r.deleted_at is not None or not src.is_file():
                     problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file "
                                     f"{r.storage_path or '-'} is missing (deleted {r.deleted_at or 'no'})")
@@ -249,13 +313,14 @@ class ClipSources:
 MAX_GROUP_URL = 3000  # characters of one `concat:a|b|…` URL (libavformat keeps some URLs in 4 KiB buffers)
 
 
-def _clip_sources(run: list[SegmentRecord], storage_dir: Path) -> ClipSources:
-    """The run's files grouped by ffmpeg run: a segment that starts at the very millisecond the previous
-    one ended joins its group (`|` separates files in a concat URL, so a path holding one stays alone)."""
+def _clip_sources(run: list[SegmentRecord], files: list[Path]) -> ClipSources:
+    """The run's files (`files[i]` is `run[i]`'s stored file, from `stored_path`) grouped by ffmpeg run: a
+    segment that starts at the very millisecond the previous one ended joins its group (`|` separates files
+    in a concat URL, so a path holding one stays alone)."""
     groups: list[list[Path]] = []
     previous: SegmentRecord | None = None
-    for record in run:
-        path = (storage_dir / record.storage_path).resolve()
+    for record, file in zip(run, files, strict=True):
+        path = file.resolve()
         same_run = previous is not None and record.start_at == previous.end_at
         if (same_run and "|" not in str(path) and "|" not in str(groups[-1][-1])
                 and sum(len(str(p)) + 1 for p in groups[-1]) + len(str(path)) < MAX_GROUP_URL):
@@ -277,13 +342,17 @@ def _plan_clips(cameras: list[_Camera], tolerance: timedelta,
         for a, b in zip(runs, runs[1:]):
             gaps_between.append((f"{cam.venue}/{cam.camera}", a[-1].end_at, b[0].start_at))
         for run in runs:
-            sources = [storage_dir / r.storage_path for r in run if r.storage_path and r.deleted_at is None]
+            try:
+                sources = [stored_path(storage_dir, r.storage_path) for r in run
+                           if r.storage_path and r.deleted_at is None]
+            except UnsafePath:
+                continue   # _copy_segments reports it as a source problem
             if len(sources) != len(run) or not all(src.is_file() for src in sources):
                 continue
             name = (f"viewing/{cam.venue}_{cam.camera}_{_local_text(run[0].start_at, '%Y%m%d-%H%M%S')}"
                     f"_{_local_text(run[-1].end_at, '%H%M%S')}.mp4")
             planned.append((Clip(name, run[0].start_at, run[-1].end_at, run[0].seq, run[-1].seq),
-                            _clip_sources(run, storage_dir)))
+                            _clip_sources(run, sources)))
     return planned, gaps_between
 
 
@@ -456,7 +525,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
         if target is not None and target.exists() and (target.is_file() or any(target.iterdir())):
             raise ExportError(f"{target} already exists and is not empty: choose a new --out")
     with sessions() as session:
-        report, cameras, agent_keys = collect(session, batch_id, settings, staging_dir)
+        report, cameras, keys = collect(session, batch_id, settings, staging_dir)
     tolerance = timedelta(seconds=settings.tolerance_seconds)
     gaps = _gaps(report)
     segments = [r for c in cameras for r in c.records if r.kind == "segment"]
@@ -502,7 +571,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
     pool.shutdown(wait=False)
     try:
         camera_entries, source_problems = _copy_segments(cameras, folder, storage_dir, settings.check_hashes,
-                                                         advance)
+                                                         advance, keys)
     except BaseException:
         for _, future in remuxing:
             future.cancel()
@@ -521,13 +590,16 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
 
     collector_pub = public_key_b64(key)
     (folder / "keys" / "collector.pub").write_text(collector_pub + "\n", encoding="ascii")
-    for agent_id, pub in sorted(agent_keys.items()):
-        (folder / "keys" / "agents" / f"{agent_id}.pub").write_text(pub + "\n", encoding="ascii")
+    source_problems += _key_problems(cameras, keys)
+    for agent_id, views in sorted(keys.history.items()):
+        (folder / "keys" / "agents" / agent_id).mkdir(parents=True, exist_ok=True)
+        for view in views:
+            (folder / "keys" / "agents" / agent_id / f"{view.fingerprint}.pub").write_text(view.public_key + "\n",
+                                                                                          encoding="ascii")
     exported = {"by": actor, "at": format_time(now), "at_local": _local(now), "reason": reason,
                 "host": socket.gethostname(), "audit_entry": audit_seq,
-                "audit_checkpoint": {"entry_count": checkpoint.entry_count, "head_hash": checkpoint.head_hash,
-                                     "at": format_time(checkpoint.at), "occasion": checkpoint.occasion,
-                                     "public_key": checkpoint.public_key, "signature": checkpoint.signature}}
+                # the same document `exam-collector serve` publishes, so `verify-log --checkpoint` takes either
+                "audit_checkpoint": audit.checkpoint_document(checkpoint)}
     coverage = report_json(report)
     coverage["gaps"] = gaps
     (folder / "coverage.json").write_text(json.dumps(coverage, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
@@ -561,7 +633,8 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
                      "start_local": _local(c.start), "end_local": _local(c.end), "first_seq": c.first_seq,
                      "last_seq": c.last_seq} for c in clips],
         "exported": exported,
-        "keys": {"collector": collector_pub, "agents": dict(sorted(agent_keys.items()))},
+        "keys": {"collector": collector_pub,
+                 "agents": {agent: keys.entries(agent) for agent in sorted(keys.history)}},
         "files": [_file_entry(folder, p) for p in listed],
         "notes": notes,
     }

@@ -17,6 +17,11 @@ database. The `chunk_transfer` row of a file is its finishing claim: an instance
 holding that row's lock (PostgreSQL `FOR UPDATE SKIP LOCKED`), so two instances never finish one file, and a
 claim left by an instance that died mid-finish is taken over at once (its lock died with its connection).
 `Ingest.sweep_staging` removes transfers that saw no init or fin for the staging TTL, recording each.
+
+Everything an agent sends is untrusted, even under a valid signature: ids are checked by one rule before
+they name a folder or a topic, an init is weighed against `IngestLimits` (collector/admission.py) before
+anything is staged, early chunks are capped per agent, and every reply names the record it is about
+(`Reply.record`), so a `stored` answer can only ever acknowledge the bytes the agent itself sealed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import threading
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,19 +48,22 @@ from exam_contract import protocol as P
 from exam_contract.canonical import canonical_bytes, sha256_hex
 from exam_contract.files import fsync_dir, hash_file
 from exam_contract.chain import ChainPosition, LinkVerdict, judge_link
-from exam_contract.chunks import missing_ranges
-from exam_contract.manifest import Manifest, ManifestError, segment_file_name
-from exam_contract.protocol import InitMessage, ProtocolError, Reply
-from exam_contract.signing import PublicKeyError, parse_public_key, verify
+from exam_contract.chunks import chunk_span, ranges_from_sorted
+from exam_contract.identifiers import is_file_id, is_identifier
+from exam_contract.manifest import Manifest, ManifestError
+from exam_contract.protocol import InitMessage, ProtocolError, Reply, decode_fin
+from exam_contract.signing import PublicKeyError, key_fingerprint, parse_public_key, verify
 
+from .admission import (AgentLoad, IngestLimits, Refusal, check_agent_load, check_init_shape, check_plausible,
+                        clock_suspicion)
 from .db import session_factory
 from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EVENT_CHAIN_LINKED,
-                     EVENT_HANDLER_ERROR, EVENT_REJECTED, Agent, ChunkReceipt, ChunkTransfer, IngestEvent,
-                     SegmentRecord)
+                     EVENT_CHUNK_DROPPED, EVENT_CLOCK_SUSPECT, EVENT_HANDLER_ERROR, EVENT_REJECTED, Agent,
+                     ChunkReceipt, ChunkTransfer, IngestEvent, SegmentRecord)
+from .placement import UnsafePath, contained, storage_relpath
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,159}$")
 REASON_INIT_MISSING = "init_missing"
 EVENT_STAGING_EXPIRED = "staging_expired"
 DEFAULT_STAGING_TTL = timedelta(hours=48)
@@ -67,24 +74,87 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Rejection(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 @dataclass(frozen=True)
 class Staged:
-    """A parsed, identity-checked init."""
+    """A parsed init whose sender, signature and limits are checked."""
 
     message: InitMessage
     manifest: Manifest
     record_hash: str
+    key_fingerprint: str       # the enrolled key that verified the signature
+    institution: str           # the enrolled institution (equal to the manifest's, or it was refused)
 
 
-def _safe_name(value: str) -> bool:
-    return bool(NAME_RE.match(value)) and ".." not in value
+def _topic_ids_ok(agent: str, file_id: str) -> bool:
+    return is_identifier(agent) and is_file_id(file_id)
+
+
+class _Throttle:
+    """At most `per_minute` notes per key and minute; what is held back is counted and reported with the next
+    note, so a flood from one agent neither fills the database nor disappears."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}   # key -> (window start, notes, held back)
+
+    def admit(self, key: str) -> tuple[bool, int]:
+        """(note it now?, how many were held back before it)."""
+        now = time.monotonic()
+        with self._lock:
+            start, notes, held = self._windows.get(key, (now, 0, 0))
+            if now - start >= 60:
+                start, notes = now, 0
+            if notes < self.per_minute:
+                self._windows[key] = (start, notes + 1, 0)
+                return True, held
+            self._windows[key] = (start, notes, held + 1)
+            if len(self._windows) > 10_000:  # ids are checked, but do not let the table grow without end
+                self._windows.pop(next(iter(self._windows)))
+            return False, 0
+
+
+class _EarlyChunks:
+    """Chunks held per agent before their init arrives (staging/{agent}/*/early/*), capped. The count is kept
+    in memory and recounted from the volume when it reaches the cap (at most once a second per agent), so
+    files removed by another instance or the sweep free their place."""
+
+    def __init__(self, staging_dir: Path, cap: int) -> None:
+        self.staging_dir = staging_dir
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._counted_at: dict[str, float] = {}
+
+    def _recount(self, agent: str) -> int:
+        total = 0
+        try:
+            folders = list(os.scandir(self.staging_dir / agent))
+        except FileNotFoundError:
+            return 0
+        for folder in folders:
+            try:
+                total += sum(1 for _ in os.scandir(os.path.join(folder.path, "early")))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return total
+
+    def admit(self, agent: str) -> bool:
+        with self._lock:
+            count = self._counts.get(agent)
+            if count is None or (count >= self.cap and time.monotonic() - self._counted_at.get(agent, 0) >= 1):
+                count = self._recount(agent)
+                self._counted_at[agent] = time.monotonic()
+            if count >= self.cap:
+                self._counts[agent] = count
+                return False
+            self._counts[agent] = count + 1
+            return True
+
+    def released(self, agent: str, count: int = 1) -> None:
+        with self._lock:
+            if agent in self._counts:
+                self._counts[agent] = max(0, self._counts[agent] - count)
 
 
 def _insert_ignore(session: Session, model: type, rows: list[dict]) -> None:
@@ -103,17 +173,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def storage_relpath(manifest: Manifest) -> Path:
-    start = manifest.start.astimezone(timezone.utc)
-    return (Path(manifest.institution) / manifest.venue / manifest.camera / f"{start:%Y}" / f"{start:%m}"
-            / f"{start:%d}" / segment_file_name(manifest.camera, manifest.start))
-
-
 class Ingest:
     """Ingest of protocol v1 segment messages into `storage_dir` and the database."""
 
-    def __init__(self, engine: Engine, storage_dir: Path, instance_id: str | None = None) -> None:
+    def __init__(self, engine: Engine, storage_dir: Path, instance_id: str | None = None,
+                 limits: IngestLimits = IngestLimits()) -> None:
         self.engine = engine
+        self.limits = limits
         self.sessions = session_factory(engine)
         self.storage_dir = Path(storage_dir)
         self.staging_dir = self.storage_dir / "staging"
@@ -121,27 +187,43 @@ class Ingest:
         self.instance_id = instance_id or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._held = threading.local()  # the (agent, file_id) whose transfer row this thread has locked
         self._receipts = threading.local()  # chunks this thread wrote whose receipts are not committed yet
+        self._early = _EarlyChunks(self.staging_dir, limits.max_early_chunks)
+        # When a database connection was last checked out successfully: the evidence that clears the
+        # database_unreachable alarm (a message answered without the database proves nothing).
+        self.database_ok_at = 0.0
+        event.listen(engine, "checkout", self._database_answered)
+        self._rejection_notes = _Throttle(per_minute=60)
+        self._drop_notes = _Throttle(per_minute=6)
+
+    def _database_answered(self, *_: object) -> None:
+        self.database_ok_at = time.monotonic()
 
     # ------------------------------------------------------------------ messages
 
     def on_init(self, agent: str, file_id: str, payload: bytes) -> Reply | None:
         """Check and stage an init. Returns a reply only when the file is already decided here:
         `rejected`, or `stored` for a resend of a record stored with the same hash."""
-        if not (_safe_name(agent) and _safe_name(file_id)):
+        if not _topic_ids_ok(agent, file_id):
             return self._reject(agent, file_id, None, P.REJECT_MALFORMED,
-                                "agent or file_id in the topic has characters outside [A-Za-z0-9._@+-]",
-                                stage=False)
+                                "agent or file_id in the topic is not a valid id", stage=False)
         try:
             staged = self._check_init(agent, file_id, payload)
-        except Rejection as rej:
-            return self._reject(agent, file_id, _manifest_or_none(payload), rej.code, rej.detail,
-                                marker=True)
+        except Refusal as rej:
+            manifest, record = _manifest_and_hash(payload)
+            return self._reject(agent, file_id, manifest, rej.code, rej.detail, marker=True, record=record)
         manifest = staged.manifest
         with self.sessions() as session:
             existing = self._record(session, manifest.venue, manifest.camera, manifest.seq)
+            load = None if existing is not None else self._agent_load(session, agent, file_id)
         if existing is not None:
             # A resend of a stored file (e.g. its reply was lost) is answered now, before any upload.
             return self._existing(agent, file_id, staged, existing, marker=True)
+        try:
+            assert load is not None
+            check_agent_load(staged.message, load, self.limits)
+        except Refusal as rej:
+            return self._reject(agent, file_id, manifest, rej.code, rej.detail, marker=True,
+                                record=staged.record_hash)
         directory = self._dir(agent, file_id)
         directory.mkdir(parents=True, exist_ok=True)
         marker = directory / "rejected.json"
@@ -165,9 +247,14 @@ class Ingest:
         return None
 
     def on_chunk(self, agent: str, file_id: str, index: int, payload: bytes) -> None:
-        """Write chunk `index` into the staged file and mark it received."""
-        if not (_safe_name(agent) and _safe_name(file_id)) or index < 0:
-            log.warning("agent %s file %s: chunk %s dropped, bad topic names", agent, file_id, index)
+        """Write chunk `index` into the staged file and mark it received. A chunk that cannot belong to the file
+        is dropped (and noted); the agent resends whatever the collector still misses."""
+        if not _topic_ids_ok(agent, file_id) or index < 0:
+            self._note_drop(agent, file_id, "bad_topic", f"chunk {index}: agent or file_id is not a valid id")
+            return
+        if len(payload) > self.limits.max_chunk_bytes:
+            self._note_drop(agent, file_id, "chunk_too_large", f"chunk {index} has {len(payload)} bytes, above "
+                                                               f"{self.limits.max_chunk_bytes}")
             return
         directory = self._dir(agent, file_id)
         if (directory / "rejected.json").exists():
@@ -178,43 +265,68 @@ class Ingest:
                 log.debug("agent %s file %s: late chunk %s of a stored file dropped", agent, file_id, index)
                 return
             early = directory / "early"
+            if (early / str(index)).exists():  # a resend of a chunk already held takes its place
+                _write_atomic(early / str(index), payload)
+                return
+            if not self._early.admit(agent):
+                self._note_drop(agent, file_id, "early_chunk_limit",
+                                f"chunk {index} arrived before its init and the agent already has "
+                                f"{self.limits.max_early_chunks} such chunks held ([ingest] max_early_chunks)")
+                return
             early.mkdir(parents=True, exist_ok=True)
             _write_atomic(early / str(index), payload)
             return
-        if index >= message.chunks:
-            log.warning("agent %s file %s: chunk %s dropped, init announced %s chunks",
-                        agent, file_id, index, message.chunks)
+        if not _chunk_fits(message, index, payload):
+            self._note_drop(agent, file_id, "chunk_out_of_range",
+                            f"chunk {index} ({len(payload)} bytes) does not fit the init "
+                            f"({message.chunks} chunks of {message.chunk_size} bytes)")
             return
         self._write_chunk(agent, file_id, directory, message.chunk_size, index, payload)
 
-    def on_fin(self, agent: str, file_id: str) -> Reply | None:
-        """Finish a file: `missing`, `stored` or `rejected`.
+    def on_fin(self, agent: str, file_id: str, payload: bytes = b"") -> Reply | None:
+        """Finish a file: `missing`, `stored` or `rejected`. `payload` is the record hash the agent finishes
+        (empty from an agent that names none: such a `fin` is never answered `stored` without its init).
 
         Returns None only when another instance sharing the volume has claimed the file and
         is finishing it right now; that instance replies."""
-        if not (_safe_name(agent) and _safe_name(file_id)):
+        if not _topic_ids_ok(agent, file_id):
             return self._reject(agent, file_id, None, P.REJECT_MALFORMED,
-                                "agent or file_id in the topic has characters outside [A-Za-z0-9._@+-]",
-                                stage=False)
+                                "agent or file_id in the topic is not a valid id", stage=False)
+        try:
+            asked = decode_fin(payload)
+        except ProtocolError as exc:
+            return self._reject(agent, file_id, None, P.REJECT_MALFORMED, str(exc), stage=False)
         directory = self._dir(agent, file_id)
         marker = directory / "rejected.json"
         if marker.exists():
             try:
                 raw = json.loads(marker.read_text())
-                reply = self._reply(file_id, "rejected", reason=raw.get("reason"))
-            except (OSError, ValueError):
+                about = raw.get("record")
+                reply = self._reply(file_id, "rejected", reason=raw.get("reason"), record=about)
+                if asked is not None and about is not None and about != asked:
+                    reply = None  # the rejection was about another record; answer for the one asked about
+            except (OSError, ValueError, AttributeError):
                 reply = None
             self._remove_staging(agent, file_id)
             if reply is not None:
                 return reply
         try:
-            payload = (directory / "init.json").read_bytes()
+            init_payload = (directory / "init.json").read_bytes()
         except FileNotFoundError:
-            return self._status_without_staging(agent, file_id)
+            return self._status_without_staging(agent, file_id, asked)
         try:
-            staged = self._check_init(agent, file_id, payload)
-        except Rejection as rej:
-            return self._reject(agent, file_id, _manifest_or_none(payload), rej.code, rej.detail)
+            staged = self._check_init(agent, file_id, init_payload)
+        except Refusal as rej:
+            manifest, record = _manifest_and_hash(init_payload)
+            return self._reject(agent, file_id, manifest, rej.code, rej.detail, record=record)
+        if asked is not None and asked != staged.record_hash:
+            # Staging holds the init of another record under this file id (e.g. sent by a previous journal):
+            # ask for the init of the record the agent is finishing now; that init replaces the staged one.
+            log.info("agent %s file %s: fin names record %s but staging holds %s; asking for its init", agent,
+                     file_id, asked[:12], staged.record_hash[:12])
+            return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: staging holds another record's "
+                                                          "init; send this record's init and all chunks",
+                               record=asked)
         manifest = staged.manifest
         with self.sessions() as session:
             existing = self._record(session, manifest.venue, manifest.camera, manifest.seq)
@@ -232,10 +344,10 @@ class Ingest:
                 log.info("agent %s file %s: another instance is finishing it", agent, file_id)
                 return None
             try:
-                return self._fin_with_row_lock(agent, file_id, staged, directory, payload)
+                return self._fin_with_row_lock(agent, file_id, staged, directory, init_payload)
             finally:
                 guard.release()
-        return self._fin_with_row_lock(agent, file_id, staged, directory, payload)
+        return self._fin_with_row_lock(agent, file_id, staged, directory, init_payload)
 
     def _fin_with_row_lock(self, agent: str, file_id: str, staged: Staged, directory: Path,
                            payload: bytes) -> Reply | None:
@@ -281,23 +393,25 @@ class Ingest:
         message = staged.message
         claim: Path | None = None
         if message.chunks:
-            received = set(session.scalars(select(ChunkReceipt.idx).where(
-                ChunkReceipt.agent_id == agent, ChunkReceipt.file_id == file_id)))
-            gaps = missing_ranges(received, message.chunks)
+            # Ranges are read off the sorted receipt rows: the work grows with what arrived, never with the
+            # chunk count an init claims.
+            received = session.scalars(select(ChunkReceipt.idx).where(
+                ChunkReceipt.agent_id == agent, ChunkReceipt.file_id == file_id).order_by(ChunkReceipt.idx))
+            gaps = ranges_from_sorted(received, message.chunks, limit=P.MAX_MISSING_RANGES)
             if gaps:
-                log.info("agent %s file %s: %s of %s chunks missing", agent, file_id,
-                         message.chunks - len(received & set(range(message.chunks))), message.chunks)
-                return self._reply(file_id, "missing", missing=gaps)
+                log.info("agent %s file %s: chunks missing in %s range(s) of %s chunks", agent, file_id,
+                         len(gaps), message.chunks)
+                return self._reply(file_id, "missing", missing=gaps, record=staged.record_hash)
             claim = self._claim(directory)
             if claim is None:
                 log.warning("agent %s file %s: receipts without data, asking for every chunk", agent, file_id)
                 session.execute(delete(ChunkReceipt).where(ChunkReceipt.agent_id == agent,
                                                            ChunkReceipt.file_id == file_id))
-                return self._reply(file_id, "missing", missing=missing_ranges((), message.chunks))
+                return self._reply(file_id, "missing", missing=[[0, message.chunks - 1]], record=staged.record_hash)
         try:
             return self._finish(agent, file_id, staged, claim)
-        except Rejection as rej:
-            return self._reject(agent, file_id, staged.manifest, rej.code, rej.detail)
+        except Refusal as rej:
+            return self._reject(agent, file_id, staged.manifest, rej.code, rej.detail, record=staged.record_hash)
 
     # ------------------------------------------------------------------ staging TTL
 
@@ -371,41 +485,59 @@ class Ingest:
     # ------------------------------------------------------------------ checks
 
     def _check_init(self, agent: str, file_id: str, payload: bytes) -> Staged:
+        """Parse and weigh an init: shape and limits first (cheap, no allocation proportional to its claims),
+        then the enrolment it must match, the signature, and whether the record is plausible at all."""
         try:
             message = InitMessage.decode(payload)
         except ProtocolError as exc:
-            raise Rejection(P.REJECT_MALFORMED, str(exc)) from exc
+            raise Refusal(P.REJECT_MALFORMED, str(exc)) from exc
         try:
             manifest = message.manifest()
         except ManifestError as exc:
-            raise Rejection(P.REJECT_MALFORMED, str(exc)) from exc
+            raise Refusal(P.REJECT_MALFORMED, str(exc)) from exc
         if manifest.file_id != file_id:
-            raise Rejection(P.REJECT_MALFORMED, f"topic file_id {file_id!r} is not the manifest's "
-                                                f"camera-seq {manifest.file_id!r}")
-        with self.sessions() as session:
-            enrolled = session.get(Agent, agent)
-        if enrolled is None:
-            raise Rejection(P.REJECT_UNKNOWN_AGENT, f"agent {agent!r} is not enrolled: enrol it with "
-                                                    "`exam-collector enroll`")
-        if manifest.venue != enrolled.venue:
-            raise Rejection(P.REJECT_VENUE_MISMATCH, f"agent {agent!r} is enrolled for venue "
-                                                     f"{enrolled.venue!r}, manifest says {manifest.venue!r}")
-        if manifest.agent != agent:
-            raise Rejection(P.REJECT_AGENT_MISMATCH, f"topic agent {agent!r} is not manifest agent "
-                                                     f"{manifest.agent!r}")
-        try:
-            public = parse_public_key(enrolled.public_key)
-        except PublicKeyError as exc:
-            raise Rejection(P.REJECT_BAD_SIGNATURE, f"enrolled key of {agent!r} unusable: {exc}") from exc
-        canonical = canonical_bytes(message.manifest_raw)
-        if not verify(public, canonical, message.signature):
-            raise Rejection(P.REJECT_BAD_SIGNATURE, f"signature does not verify with the key enrolled "
-                                                    f"for {agent!r}")
+            raise Refusal(P.REJECT_MALFORMED, f"topic file_id {file_id!r} is not the manifest's "
+                                              f"camera-seq {manifest.file_id!r}")
+        check_init_shape(message, manifest, self.limits)
         try:
             message.check_chunk_count(manifest)
         except ProtocolError as exc:
-            raise Rejection(P.REJECT_WRONG_CHUNK_COUNT, str(exc)) from exc
-        return Staged(message, manifest, sha256_hex(canonical))
+            raise Refusal(P.REJECT_WRONG_CHUNK_COUNT, str(exc)) from exc
+        with self.sessions() as session:
+            enrolled = session.get(Agent, agent)
+        if enrolled is None:
+            raise Refusal(P.REJECT_UNKNOWN_AGENT, f"agent {agent!r} is not enrolled: enrol it with "
+                                                  "`exam-collector enroll`")
+        if manifest.venue != enrolled.venue:
+            raise Refusal(P.REJECT_VENUE_MISMATCH, f"agent {agent!r} is enrolled for venue "
+                                                   f"{enrolled.venue!r}, manifest says {manifest.venue!r}")
+        if enrolled.institution is None:
+            raise Refusal(P.REJECT_INSTITUTION_MISMATCH, f"agent {agent!r} is enrolled without an institution: "
+                                                         f"set it with `exam-collector enroll --agent {agent} "
+                                                         "--institution CODE`")
+        if manifest.institution != enrolled.institution:
+            raise Refusal(P.REJECT_INSTITUTION_MISMATCH, f"agent {agent!r} is enrolled for institution "
+                                                         f"{enrolled.institution!r}, manifest says "
+                                                         f"{manifest.institution!r}")
+        if manifest.agent != agent:
+            raise Refusal(P.REJECT_AGENT_MISMATCH, f"topic agent {agent!r} is not manifest agent "
+                                                   f"{manifest.agent!r}")
+        try:
+            public = parse_public_key(enrolled.public_key)
+        except PublicKeyError as exc:
+            raise Refusal(P.REJECT_BAD_SIGNATURE, f"enrolled key of {agent!r} unusable: {exc}") from exc
+        canonical = canonical_bytes(message.manifest_raw)
+        if not verify(public, canonical, message.signature):
+            raise Refusal(P.REJECT_BAD_SIGNATURE, f"signature does not verify with the key enrolled "
+                                                  f"for {agent!r}")
+        check_plausible(manifest, self.limits)
+        return Staged(message, manifest, sha256_hex(canonical), key_fingerprint(public), enrolled.institution)
+
+    def _agent_load(self, session: Session, agent: str, file_id: str) -> AgentLoad:
+        count, announced = session.execute(select(
+            func.count(), func.coalesce(func.sum(ChunkTransfer.chunks * ChunkTransfer.chunk_size), 0)).where(
+            ChunkTransfer.agent_id == agent, ChunkTransfer.file_id != file_id)).one()
+        return AgentLoad(int(count), int(announced))
 
     # ------------------------------------------------------------------ finishing
 
@@ -414,15 +546,12 @@ class Ingest:
         if claim is not None:
             digest, size = hash_file(claim, fsync=True)
             if size != manifest.size:
-                raise Rejection(P.REJECT_SIZE_MISMATCH, f"received {size} bytes, manifest says {manifest.size}")
+                raise Refusal(P.REJECT_SIZE_MISMATCH, f"received {size} bytes, manifest says {manifest.size}")
             if digest != manifest.sha256:
-                raise Rejection(P.REJECT_HASH_MISMATCH, f"received bytes hash to {digest}, manifest says "
-                                                        f"{manifest.sha256}")
-        elif manifest.kind == "segment":
-            if manifest.size != 0:
-                raise Rejection(P.REJECT_SIZE_MISMATCH, f"no bytes received, manifest says {manifest.size}")
-            if manifest.sha256 != sha256_hex(b""):
-                raise Rejection(P.REJECT_HASH_MISMATCH, "an empty segment must carry the hash of no bytes")
+                raise Refusal(P.REJECT_HASH_MISMATCH, f"received bytes hash to {digest}, manifest says "
+                                                      f"{manifest.sha256}")
+        elif manifest.kind == "segment":  # check_plausible refuses empty segments; never store one without bytes
+            raise Refusal(P.REJECT_EMPTY_SEGMENT, "a segment without bytes holds no footage")
 
         with self.sessions() as session:
             verdict, missing_seqs, successor = self._judge_chain(session, staged)
@@ -430,21 +559,26 @@ class Ingest:
         relpath: Path | None = None
         created = False
         if claim is not None:
-            relpath, created = self._place(claim, manifest)
+            relpath, created = self._place(claim, manifest, staged.institution)
 
         now = utcnow()
+        suspicion = clock_suspicion(manifest, now, self.limits)
         row = SegmentRecord(
-            agent_id=agent, institution=manifest.institution, venue=manifest.venue, room=manifest.room,
+            agent_id=agent, institution=staged.institution, venue=manifest.venue, room=manifest.room,
             room_kind=manifest.room_kind, camera=manifest.camera, seq=manifest.seq, file_id=file_id,
             kind=manifest.kind, start_at=manifest.start, end_at=manifest.end, duration=manifest.duration,
             size=manifest.size, sha256=manifest.sha256, record_hash=staged.record_hash,
             prev_hash=manifest.prev, manifest=canonical_bytes(staged.message.manifest_raw).decode("utf-8"),
             signature=staged.message.signature, storage_path=relpath.as_posix() if relpath else None,
             chain_status={LinkVerdict.FIRST: CHAIN_FIRST, LinkVerdict.LINKED: CHAIN_LINKED}.get(verdict, CHAIN_HOLE),
-            stored_at=now)
+            stored_at=now, key_fingerprint=staged.key_fingerprint, stored_by=self.instance_id,
+            clock_suspect=suspicion is not None)
         try:
             with self.sessions.begin() as session:
                 session.add(row)
+                if suspicion is not None:
+                    session.add(self._event(agent, manifest, file_id, EVENT_CLOCK_SUSPECT, None, suspicion, at=now,
+                                            record=staged.record_hash))
                 if verdict == LinkVerdict.HOLE:
                     session.add(self._event(agent, manifest, file_id, EVENT_CHAIN_HOLE, None,
                                             f"seq {_ranges_text(missing_seqs)} not received before seq "
@@ -470,7 +604,9 @@ class Ingest:
         self._remove_staging(agent, file_id)
         log.info("camera %s seq %s stored (%s, chain %s)", manifest.camera, manifest.seq, manifest.kind,
                  row.chain_status)
-        return self._reply(file_id, "stored")
+        if suspicion is not None:
+            log.warning("camera %s seq %s: clock suspect: %s", manifest.camera, manifest.seq, suspicion)
+        return self._reply(file_id, "stored", record=staged.record_hash)
 
     def _judge_chain(self, session: Session, staged: Staged) -> tuple[LinkVerdict, list[int], int | None]:
         manifest = staged.manifest
@@ -479,11 +615,11 @@ class Ingest:
         verdict = judge_link(ChainPosition(manifest.seq, manifest.prev),
                              predecessor.record_hash if predecessor else None)
         if verdict == LinkVerdict.BROKEN:
-            raise Rejection(P.REJECT_CHAIN_BROKEN, f"prev {manifest.prev} is not the hash of stored seq "
+            raise Refusal(P.REJECT_CHAIN_BROKEN, f"prev {manifest.prev} is not the hash of stored seq "
                                                    f"{manifest.seq - 1}")
         successor = self._record(session, manifest.venue, manifest.camera, manifest.seq + 1)
         if successor is not None and successor.prev_hash != staged.record_hash:
-            raise Rejection(P.REJECT_CHAIN_BROKEN, f"stored seq {manifest.seq + 1} names a different "
+            raise Refusal(P.REJECT_CHAIN_BROKEN, f"stored seq {manifest.seq + 1} names a different "
                                                    f"predecessor ({successor.prev_hash})")
         missing: list[int] = []
         if verdict == LinkVerdict.HOLE:
@@ -493,12 +629,17 @@ class Ingest:
             missing = list(range((below or 0) + 1, manifest.seq))
         return verdict, missing, successor.id if successor is not None else None
 
-    def _place(self, claim: Path, manifest: Manifest) -> tuple[Path, bool]:
+    def _place(self, claim: Path, manifest: Manifest, institution: str) -> tuple[Path, bool]:
         """Hard-link the verified file into its final path (never overwriting); (relpath, created).
-        The claim stays until the row is committed, so a failed commit can be retried without a re-upload."""
-        relpath = storage_relpath(manifest)
-        final = self.storage_dir / relpath
-        made = self._makedirs(final.parent)
+        The claim stays until the row is committed, so a failed commit can be retried without a re-upload.
+        The path is checked to stay inside storage_dir before any folder is made and again after."""
+        try:
+            relpath = storage_relpath(manifest, institution)
+            final = contained(self.storage_dir, relpath)
+            made = self._makedirs(final.parent)
+            contained(self.storage_dir, relpath)
+        except (UnsafePath, ValueError) as exc:
+            raise Refusal(P.REJECT_UNSAFE_PATH, str(exc)) from exc
         for attempt in range(2):
             try:
                 os.link(claim, final)
@@ -508,7 +649,7 @@ class Ingest:
                     return relpath, False
                 if attempt == 0:
                     relpath = relpath.with_name(f"{relpath.stem}~seq{manifest.seq}{relpath.suffix}")
-                    final = self.storage_dir / relpath
+                    final = contained(self.storage_dir, relpath)
                     continue
                 raise
             break
@@ -532,25 +673,32 @@ class Ingest:
             log.info("camera %s seq %s: duplicate of the stored record, nothing stored", existing.camera,
                      existing.seq)
             self._remove_staging(agent, file_id)
-            return self._reply(file_id, "stored")
+            return self._reply(file_id, "stored", record=staged.record_hash)
         return self._reject(agent, file_id, staged.manifest, P.REJECT_SEQ_REPLAYED,
                             f"seq {existing.seq} of camera {existing.camera} is already stored with "
-                            f"a different manifest (record hash {existing.record_hash})", marker=marker)
+                            f"a different manifest (record hash {existing.record_hash})", marker=marker,
+                            record=staged.record_hash)
 
-    def _status_without_staging(self, agent: str, file_id: str) -> Reply:
-        """A fin with no staged init: answer from the database (a repeat after stored or rejected)."""
+    def _status_without_staging(self, agent: str, file_id: str, asked: str | None) -> Reply:
+        """A fin with no staged init: answer from the database, but only about the record the fin names. A stored
+        row or a rejection of another record under the same file id (e.g. from a lost journal) is not an answer
+        about this one: the agent is asked for its init instead, and never told `stored` for bytes it did not
+        send."""
+        if asked is None:
+            return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: this fin names no record; "
+                                                          "send init and all chunks again")
         row = self._stored_row_for(agent, file_id)
-        if row is not None:
-            return self._reply(file_id, "stored")
+        if row is not None and row.record_hash == asked:
+            return self._reply(file_id, "stored", record=asked)
         with self.sessions() as session:
             last = session.scalars(select(IngestEvent).where(
-                IngestEvent.agent_id == agent, IngestEvent.file_id == file_id,
+                IngestEvent.agent_id == agent, IngestEvent.file_id == file_id, IngestEvent.record_hash == asked,
                 IngestEvent.event == EVENT_REJECTED).order_by(IngestEvent.id.desc()).limit(1)).first()
         if last is not None:
             reason = f"{last.reason}: {last.detail}" if last.detail else last.reason
-            return self._reply(file_id, "rejected", reason=reason)
+            return self._reply(file_id, "rejected", reason=reason, record=asked)
         return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: no init received for this "
-                                                      "file; send init and all chunks again")
+                                                      "record; send init and all chunks again", record=asked)
 
     # ------------------------------------------------------------------ staging helpers
 
@@ -666,9 +814,10 @@ class Ingest:
                 payload = path.read_bytes()
             except FileNotFoundError:
                 continue
-            if index < message.chunks:
+            if _chunk_fits(message, index, payload):
                 self._write_chunk(agent, file_id, directory, message.chunk_size, index, payload)
             path.unlink(missing_ok=True)
+            self._early.released(agent)
 
     def _claim(self, directory: Path) -> Path | None:
         """Take the complete bytes for finishing (caller holds the transfer row lock): a claim left by an
@@ -708,29 +857,34 @@ class Ingest:
                 SegmentRecord.agent_id == agent, SegmentRecord.file_id == file_id)).first()
 
     def _reply(self, file_id: str, state: str, missing: list[list[int]] | None = None,
-               reason: str | None = None) -> Reply:
+               reason: str | None = None, record: str | None = None) -> Reply:
         return Reply(file_id=file_id, state=state, collector_time=utcnow(),  # type: ignore[arg-type]
-                     missing=missing or [], reason=reason)
+                     missing=missing or [], reason=reason, record=record)
 
     def _event(self, agent: str | None, manifest: Manifest | None, file_id: str | None, event: str,
-               reason: str | None, detail: str | None, at: datetime | None = None) -> IngestEvent:
-        return IngestEvent(at=at or utcnow(), agent_id=agent, venue=manifest.venue if manifest else None,
-                           camera=manifest.camera if manifest else None, file_id=file_id,
-                           seq=manifest.seq if manifest else None, event=event, reason=reason, detail=detail)
+               reason: str | None, detail: str | None, at: datetime | None = None,
+               record: str | None = None) -> IngestEvent:
+        # Ids from a topic or manifest are stored only when they are valid ids (bounded, plain); else left out.
+        return IngestEvent(at=at or utcnow(), agent_id=agent if is_identifier(agent) else None,
+                           venue=manifest.venue if manifest else None,
+                           camera=manifest.camera if manifest else None,
+                           file_id=file_id if is_file_id(file_id) else None,
+                           seq=manifest.seq if manifest else None, event=event, reason=reason, detail=detail,
+                           record_hash=record)
 
     def record_event(self, agent: str | None, file_id: str | None, event: str, reason: str | None,
-                     detail: str | None, manifest: Manifest | None = None) -> None:
+                     detail: str | None, manifest: Manifest | None = None, record: str | None = None) -> None:
         """Best effort: an event that cannot be written is logged, never raised."""
         try:
             with self.sessions.begin() as session:
-                session.add(self._event(agent, manifest, file_id, event, reason, detail))
+                session.add(self._event(agent, manifest, file_id, event, reason, detail, record=record))
                 if event == EVENT_REJECTED:
                     from . import audit  # every rejection also goes to the audit log (issue 5)
 
                     audit.record(session, audit.ACTION_INGEST_REJECT, actor=f"agent:{agent}",
                                  target=f"{manifest.venue}/{manifest.camera}/{manifest.seq}" if manifest
-                                 else f"{agent}/{file_id}", reason=reason,
-                                 detail={"agent": agent, "file_id": file_id, "detail": detail,
+                                 else f"{agent}/{file_id}"[:200], reason=reason,
+                                 detail={"agent": agent, "file_id": file_id, "detail": detail, "record": record,
                                          "collector": self.instance_id})
         except Exception:  # noqa: BLE001 - the ingest path must survive a failing event write
             log.exception("could not record %s event for agent %s file %s", event, agent, file_id)
@@ -739,17 +893,35 @@ class Ingest:
         self.record_event(agent, file_id, EVENT_HANDLER_ERROR, None, detail[:4000])
 
     def _reject(self, agent: str, file_id: str, manifest: Manifest | None, code: str, detail: str,
-                stage: bool = True, marker: bool = False) -> Reply:
-        log.warning("agent %s file %s rejected: %s: %s", agent, file_id, code, detail)
-        self.record_event(agent, file_id, EVENT_REJECTED, code, detail, manifest)
+                stage: bool = True, marker: bool = False, record: str | None = None) -> Reply:
+        """Refuse a record: reply `rejected` naming the code, and record an event and an audit entry. A flood
+        from one agent is recorded at most 60 times a minute; the count held back goes into the next one."""
         reason = f"{code}: {detail}"
+        note, held_back = self._rejection_notes.admit(str(agent)[:64])
+        if note:
+            log.warning("agent %s file %s rejected: %s", agent, file_id, reason)
+            if held_back:
+                detail = f"{detail} (and {held_back} earlier rejection(s) of this agent not recorded one by one)"
+            self.record_event(agent, file_id, EVENT_REJECTED, code, detail, manifest, record=record)
         if stage:
             directory = self._dir(agent, file_id)
             self._remove_staging(agent, file_id)
             if marker:
                 directory.mkdir(parents=True, exist_ok=True)
-                _write_atomic(directory / "rejected.json", json.dumps({"reason": reason}).encode("utf-8"))
-        return self._reply(file_id, "rejected", reason=reason)
+                _write_atomic(directory / "rejected.json",
+                              json.dumps({"reason": reason, "record": record}).encode("utf-8"))
+        return self._reply(file_id, "rejected", reason=reason, record=record)
+
+    def _note_drop(self, agent: str, file_id: str, code: str, detail: str) -> None:
+        """A chunk dropped before it could belong to a file: logged, and recorded (throttled) as an event. The
+        agent is not told; it resends what a later `missing` reply names."""
+        note, held_back = self._drop_notes.admit(f"{str(agent)[:64]}/{code}")
+        if not note:
+            return
+        log.warning("agent %s file %s: chunk dropped (%s): %s", str(agent)[:64], str(file_id)[:96], code, detail)
+        if held_back:
+            detail = f"{detail} (and {held_back} more such chunk(s) dropped since the last note)"
+        self.record_event(agent, file_id, EVENT_CHUNK_DROPPED, code, detail)
 
 
 class _FolderLock:
@@ -778,11 +950,26 @@ class _FolderLock:
             self.fd = None
 
 
-def _manifest_or_none(payload: bytes) -> Manifest | None:
+def _chunk_fits(message: InitMessage, index: int, payload: bytes) -> bool:
+    """Chunk `index` of the file the init describes has exactly this length."""
     try:
-        return InitMessage.decode(payload).manifest()
-    except (ProtocolError, ManifestError):
-        return None
+        _, length = chunk_span(index, int(message.manifest_raw["size"]), message.chunk_size)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return index < message.chunks and len(payload) == length
+
+
+def _manifest_and_hash(payload: bytes) -> tuple[Manifest | None, str | None]:
+    """What a refused init names, as far as it can be read: its manifest and record hash (None when not)."""
+    try:
+        message = InitMessage.decode(payload)
+    except ProtocolError:
+        return None, None
+    record = sha256_hex(canonical_bytes(message.manifest_raw))
+    try:
+        return message.manifest(), record
+    except ManifestError:
+        return None, record
 
 
 def _ranges_text(seqs: list[int]) -> str:

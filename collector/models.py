@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
+                        UniqueConstraint, false, text)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -29,6 +29,10 @@ EVENT_CHAIN_LINKED = "chain_linked"
 EVENT_DUPLICATE = "duplicate"
 EVENT_HANDLER_ERROR = "handler_error"
 EVENT_ENROLLED = "enrolled"
+EVENT_CLOCK_SUSPECT = "clock_suspect"      # stored, but the record's times are far from its receipt time
+EVENT_CHUNK_DROPPED = "chunk_dropped"      # a chunk that could not belong to its file (throttled notes)
+EVENT_KEY_REPLACED = "key_replaced"
+EVENT_CHAIN_HEADS = "chain_heads"          # an agent without a journal was told where its chains end
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -60,6 +64,10 @@ class Base(DeclarativeBase):
 
 
 class Agent(Base):
+    """An enrolled edge agent. `public_key` is its current key (the open row of `agent_key`); `institution`
+    is None only for an enrolment made before institutions were required, and such an agent's uploads are
+    rejected (`institution_mismatch`) until `exam-collector enroll --institution` sets it."""
+
     __tablename__ = "agent"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -67,6 +75,23 @@ class Agent(Base):
     institution: Mapped[str | None] = mapped_column(String(64))
     public_key: Mapped[str] = mapped_column(String(64))
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AgentKey(Base):
+    """Every key an agent was ever enrolled with, and when it was valid. A record is verified with the key
+    whose fingerprint it stores; `valid_to` is None for the current key and set when `enroll --replace`
+    retires it (the key stays, so everything it signed still verifies)."""
+
+    __tablename__ = "agent_key"
+    __table_args__ = (Index("ix_agent_key_agent_fingerprint", "agent_id", "fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(128), ForeignKey("agent.id"))
+    public_key: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64))   # SHA-256 hex of the raw 32 key bytes
+    valid_from: Mapped[datetime] = mapped_column(UTCDateTime())
+    valid_to: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    retired_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class SegmentRecord(Base):
@@ -101,10 +126,17 @@ class SegmentRecord(Base):
     storage_path: Mapped[str | None] = mapped_column(String(1024))  # relative to storage_dir; None for gaps
     chain_status: Mapped[str] = mapped_column(String(16))  # first | linked | hole
     stored_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    # Retention (issue 5, migration 0003_audit): set by `exam-retention enforce` after the file is unlinked;
-    # the row itself is never erased. `deleted_entry` is the seq of the tombstone in the audit log.
+    # Retention (migration 0003_audit): set by `exam-retention enforce` after the file is unlinked; the row
+    # itself is never erased. `deleted_entry` is the seq of the tombstone in the audit log.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deleted_entry: Mapped[int | None] = mapped_column(BigInteger)
+    # Trust (migration 0007_trust). The key that verified the signature (agent_key.fingerprint); the collector
+    # instance that stored the row (`host.pid.suffix`, so a wrong clock can be traced to its machine); and
+    # whether the record's own times were far from the collector's receipt time (an agent clock not to be
+    # believed: its keep counts from stored_at, and coverage names `clock_suspect`).
+    key_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    stored_by: Mapped[str | None] = mapped_column(String(160))
+    clock_suspect: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class IngestEvent(Base):
@@ -123,6 +155,9 @@ class IngestEvent(Base):
     event: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+    # The canonical manifest's SHA-256 when known (migration 0007_trust): a repeated `fin` is answered with a
+    # rejection only when it asks about that same record.
+    record_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 # ============================================================================ audit log, holds, scrub (issue 5)
@@ -157,7 +192,9 @@ class AuditEntry(Base):
 
 
 class AuditCheckpoint(Base):
-    """(entry count, head hash, time) signed with the collector key."""
+    """(entry count, head hash, time) signed with the collector key. Version 2 (migration 0006_audit_chain)
+    also signs `prev_hash`, the SHA-256 of the previous checkpoint's signed bytes, and the signing `host`;
+    rows written before that migration are version 1 and keep their original signed layout."""
 
     __tablename__ = "audit_checkpoint"
 
@@ -165,9 +202,12 @@ class AuditCheckpoint(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     entry_count: Mapped[int] = mapped_column(BigInteger)
     head_hash: Mapped[str | None] = mapped_column(String(64))
-    occasion: Mapped[str] = mapped_column(String(32))    # schedule | export | manual
+    occasion: Mapped[str] = mapped_column(String(32))    # startup|schedule|shutdown|command|retention|export
     public_key: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str | None] = mapped_column(String(256))
 
 
 class LegalHold(Base):

@@ -12,19 +12,25 @@ import logging
 import queue
 import ssl
 import threading
+import time
 import traceback
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from exam_contract.protocol import Reply
-from exam_contract.topics import COLLECTOR_SUBSCRIPTION, SegmentTopic, TopicError, parse_segment_topic, reply_topic
+from exam_contract.identifiers import is_identifier
+from exam_contract.protocol import ChainRequest, ProtocolError, Reply
+from exam_contract.topics import (COLLECTOR_CHAIN_SUBSCRIPTION, COLLECTOR_SUBSCRIPTION, ROOT, SegmentTopic, TopicError,
+                                  chain_topic, parse_chain_request_topic, parse_segment_topic, reply_topic)
 
+from .chains import ChainResponder
 from .config import MqttConfig
 from .ingest import DEFAULT_STAGING_TTL, Ingest
 from .ingest_alarms import DATABASE_UNREACHABLE, STORAGE_ERROR, STORAGE_FULL, IngestAlarms, classify
@@ -37,6 +43,17 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_SECONDS = 60
 SWEEP_INTERVAL_SECONDS = 600.0
 
+# Mosquitto 2.0 cannot refuse retain per topic, so the collector deletes (an empty retained publish) what
+# an agent leaves retained under seg/: live messages as they arrive on the shared subscription, whose
+# retainAsPublished keeps the flag visible, and those left while no collector session existed through a
+# non-shared subscription held from each CONNACK to its SUBACK. That one's messages carry this
+# subscription identifier and are only cleared, never ingested (the shared subscription has the live ones
+# too); it is QoS 0 so that nothing is queued on it for this session should it outlive a lost connection.
+# The shared subscription asks for no retained messages: mosquitto 2.0.11 would hand it the stored ones at
+# every subscribe (brokers differ there), and those are stale, not uploads; the non-shared one clears them.
+SEGMENT_TOPICS = f"{ROOT}/+/seg/#"
+RETAINED_SWEEP_ID = 1
+
 
 class BrokerUnavailable(Exception):
     """The MQTT broker cannot be reached; the message names host:port."""
@@ -48,6 +65,14 @@ class Work:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class ChainQuestion:
+    """An agent asks where its cameras' chains end (a new journal); answered on a worker, not paho's thread."""
+
+    agent: str
+    payload: bytes
+
+
 RECEIPT_FLUSH_IDLE_SECONDS = 0.2
 
 
@@ -56,7 +81,7 @@ class _Worker(threading.Thread):
 
     def __init__(self, index: int, service: "CollectorService", size: int) -> None:
         super().__init__(name=f"ingest-{index}", daemon=True)
-        self.queue: queue.Queue[Work | None] = queue.Queue(maxsize=size)
+        self.queue: queue.Queue[Work | ChainQuestion | None] = queue.Queue(maxsize=size)
         self.service = service
 
     def run(self) -> None:
@@ -120,6 +145,8 @@ class CollectorService:
         self.connect_count = 0
         self.handled = 0
         self.errors = 0
+        self._sweep_mid: int | None = None
+        self.chains = ChainResponder(ingest.sessions)
         self.client = self._make_client()
 
     # ------------------------------------------------------------------ paho
@@ -152,17 +179,28 @@ class CollectorService:
         self.connect_count += 1
         log.info("connected to MQTT broker %s (session present: %s)", self.config.address,
                  flags.session_present)
-        client.subscribe(COLLECTOR_SUBSCRIPTION, qos=1)
+        live = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe([(COLLECTOR_SUBSCRIPTION, live), (COLLECTOR_CHAIN_SUBSCRIPTION, live)])
+        sweep_properties = Properties(PacketTypes.SUBSCRIBE)
+        sweep_properties.SubscriptionIdentifier = RETAINED_SWEEP_ID
+        self._sweep_mid = client.subscribe(SEGMENT_TOPICS, options=SubscribeOptions(qos=0),
+                                           properties=sweep_properties)[1]
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        if mid == self._sweep_mid:
+            # The broker queued the retained messages when it granted the subscription: they still arrive.
+            client.unsubscribe(SEGMENT_TOPICS)
+            return
         # Ready only once the broker confirms the subscription: a message published between CONNACK and
         # SUBACK would not reach this instance.
         refused = [code for code in reason_codes if code.is_failure]
         if refused:
             log.error("MQTT broker %s refused the subscription %s: %s", self.config.address,
-                      COLLECTOR_SUBSCRIPTION, ", ".join(str(code) for code in refused))
+                      f"{COLLECTOR_SUBSCRIPTION} and {COLLECTOR_CHAIN_SUBSCRIPTION}",
+                      ", ".join(str(code) for code in refused))
             return
-        log.info("subscribed to %s on %s", COLLECTOR_SUBSCRIPTION, self.config.address)
+        log.info("subscribed to %s and %s on %s", COLLECTOR_SUBSCRIPTION, COLLECTOR_CHAIN_SUBSCRIPTION,
+                 self.config.address)
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -171,13 +209,28 @@ class CollectorService:
             log.warning("disconnected from MQTT broker %s (%s); reconnecting", self.config.address, reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        if message.retain and message.payload and mqtt.topic_matches_sub(SEGMENT_TOPICS, message.topic):
+            self._clear_retained(client, message.topic)
+        if RETAINED_SWEEP_ID in (getattr(message.properties, "SubscriptionIdentifier", None) or ()):
+            return
+        asking = parse_chain_request_topic(message.topic)
+        if asking is not None:
+            self._enqueue(asking, ChainQuestion(asking, bytes(message.payload)))
+            return
         try:
             topic = parse_segment_topic(message.topic)
         except TopicError as exc:
             log.warning("ignored message: %s", exc)
             return
-        work = Work(topic, bytes(message.payload))
-        worker = self._workers[zlib.crc32(f"{topic.agent}/{topic.file_id}".encode()) % len(self._workers)]
+        if message.retain and not message.payload and topic.part != "fin":
+            # A deletion of a retained copy (the broker hands our own clears to the share group too): it
+            # carries no data, and an empty chunk must not overwrite a received one. An empty fin is a fin.
+            return
+        self._enqueue(f"{topic.agent}/{topic.file_id}", Work(topic, bytes(message.payload)))
+
+    def _enqueue(self, key: str, work: Work | ChainQuestion) -> None:
+        """Messages with the same key (one file, or one agent's chain questions) go to the same worker, in order."""
+        worker = self._workers[zlib.crc32(key.encode()) % len(self._workers)]
         while not self._stop.is_set():
             try:
                 worker.queue.put(work, timeout=0.5)
@@ -185,11 +238,25 @@ class CollectorService:
             except queue.Full:
                 log.debug("worker %s queue full, waiting", worker.name)
 
+    def _clear_retained(self, client: mqtt.Client, topic: str) -> None:
+        info = client.publish(topic, b"", qos=1, retain=True)
+        agent = topic.split("/")[2]
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            log.warning("agent %s left a retained message on %s; clearing it on %s not queued (rc %s)", agent,
+                        topic, self.config.address, info.rc)
+        else:
+            log.warning("agent %s left a retained message on %s; cleared it on %s", agent, topic,
+                        self.config.address)
+
     # ------------------------------------------------------------------ work
 
-    def handle(self, work: Work) -> None:
+    def handle(self, work: Work | ChainQuestion) -> None:
         """Run one message through ingest; never raises."""
+        if isinstance(work, ChainQuestion):
+            self.answer_chain_question(work)
+            return
         topic = work.topic
+        began = time.monotonic()
         try:
             reply: Reply | None
             if topic.part == "init":
@@ -199,11 +266,12 @@ class CollectorService:
                 self.ingest.on_chunk(topic.agent, topic.file_id, topic.chunk_index, work.payload)
                 reply = None
             else:
-                reply = self.ingest.on_fin(topic.agent, topic.file_id)
+                reply = self.ingest.on_fin(topic.agent, topic.file_id, work.payload)
             if reply is not None:
                 self.publish_reply(topic.agent, reply)
             self.handled += 1
-            self.alarms.clear(DATABASE_UNREACHABLE)
+            if self.ingest.database_ok_at >= began:
+                self.alarms.clear(DATABASE_UNREACHABLE)
             if topic.part == "chunk" or (reply is not None and reply.state == "stored"):
                 self.alarms.clear(STORAGE_FULL, STORAGE_ERROR)
         except Exception as exc:  # noqa: BLE001 - a bad message must never stop the service
@@ -219,6 +287,27 @@ class CollectorService:
             self.ingest.record_handler_error(
                 topic.agent, topic.file_id,
                 f"{topic.part} handler failed: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+
+    def answer_chain_question(self, question: ChainQuestion) -> None:
+        """Tell an agent with a new journal where its cameras' chains end; never raises."""
+        if not is_identifier(question.agent):
+            log.warning("chain request on a topic whose agent is not a valid id; ignored")
+            return
+        try:
+            request = ChainRequest.decode(question.payload)
+            answer = self.chains.answer(question.agent, request, datetime.now(timezone.utc))
+        except ProtocolError as exc:
+            log.warning("agent %s: malformed chain request ignored: %s", question.agent, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the agent asks again in a few seconds
+            code = classify(exc)
+            if code is not None:
+                self.alarms.raise_alarm(code, f"{type(exc).__name__}: {exc}")
+            log.warning("agent %s: chain request not answered (%s: %s); it will ask again", question.agent,
+                        type(exc).__name__, exc)
+            return
+        if answer is not None:
+            self.client.publish(chain_topic(question.agent), answer.encode(), qos=1)
 
     def flush_receipts(self) -> None:
         """Commit the calling worker's chunk receipts; never raises (lost receipts mean resent chunks)."""
@@ -270,7 +359,8 @@ class CollectorService:
         finally:
             self.shutdown()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
+    def shutdown(self, timeout: float = 30.0, before_disconnect: Callable[[], None] | None = None) -> None:
+        """Drain the workers, run `before_disconnect` (still connected), then disconnect."""
         self._stop.set()
         for worker in self._workers:
             if worker.is_alive():
@@ -280,6 +370,11 @@ class CollectorService:
                     log.warning("worker %s did not drain in %ss", worker.name, timeout)
         for worker in self._workers:
             worker.join(timeout)
+        try:
+            if before_disconnect is not None:
+                before_disconnect()
+        except Exception:  # noqa: BLE001 - the disconnect below must still happen
+            log.exception("shutdown step failed")
         try:
             self.client.disconnect()
         finally:

@@ -43,6 +43,7 @@ from .batches import (SHANGHAI, BatchImportError, BatchNotFound, batch_report, i
 from .config import CollectorConfig
 from .export import ExportError, ExportSettings, export_batch
 from .models import ExamBatch, ExamBatchPart, SegmentRecord
+from .placement import UnsafePath, stored_path
 from .users import AuthError, User, authenticate, login, logout
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,11 @@ def create_app(portal: Portal) -> FastAPI:
         if (record is None or record.kind != "segment" or not user.may_see(record.institution)
                 or record.storage_path is None or record.deleted_at is not None or record.sha256 is None):
             raise HTTPException(404, f"segment {segment_id} not found")
-        source = cfg.storage_dir / record.storage_path
+        try:
+            source = stored_path(cfg.storage_dir, record.storage_path)
+        except UnsafePath:
+            log.error("segment %s: stored path %r leaves storage_dir; not served", segment_id, record.storage_path)
+            raise HTTPException(404, f"segment {segment_id}: the stored file is missing") from None
         if not source.is_file():
             raise HTTPException(404, f"segment {segment_id}: the stored file is missing")
         try:

@@ -290,7 +290,8 @@ class Demo:
         self.set_up_collector(broker, collector)
         pubkey = self.set_up_edge(broker, edge)
         self.step("exam-collector enroll", [collector, "--config", str(self.collector_config), "enroll",
-                                            "--agent", AGENT, "--venue", VENUE, "--pubkey", pubkey])
+                                            "--agent", AGENT, "--venue", VENUE, "--institution", INSTITUTION,
+                                            "--pubkey", pubkey])
 
         collector_log = DATA / "collector.log"
         serve = self.spawn("collector", [collector, "--config", str(self.collector_config), "serve"], collector_log)

@@ -2,7 +2,7 @@
 # Adds a venue's edge agent: enrols its public key with the collector, then creates its broker
 # account (username = agent id, random password) and reloads mosquitto.
 #
-#   deploy/add-agent.sh --agent ID --venue CODE --pubkey KEY [--institution CODE] [--replace]
+#   deploy/add-agent.sh --agent ID --venue CODE --institution CODE --pubkey KEY [--replace]
 #                       [--collector-config PATH] [--passwd-file PATH] [--password-out PATH]
 #                       [--reload-cmd CMD | --no-reload]
 #
@@ -41,12 +41,13 @@ done
 
 [ -n "$agent" ] || die "--agent is missing; pass the agent id from the venue's [agent] id"
 [ -n "$venue" ] || die "--venue is missing; pass the venue code, e.g. JL2201001-01"
+[ -n "$institution" ] || die "--institution is missing; pass the institution code (机构代码), e.g. JL2201001"
 [ -n "$pubkey" ] || die "--pubkey is missing; pass the line \`exam-edge pubkey\` prints on the venue machine"
 # The id is the MQTT username and the %u in the ACL patterns: no topic separators or wildcards.
 [[ "$agent" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
     || die "--agent '$agent' may contain only letters, digits, '.', '_' and '-'; fix the id"
-[[ "$agent" != collector-* && "$agent" != alerts ]] \
-    || die "--agent '$agent' is reserved for collector accounts and alerts; choose another agent id"
+[[ "$agent" != collector-* && "$agent" != alerts && "$agent" != audit ]] \
+    || die "--agent '$agent' is reserved for collector accounts, alerts and the audit checkpoint; choose another agent id"
 command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd is not installed; apt-get install mosquitto"
 command -v "$collector_bin" >/dev/null || die "$collector_bin is not on PATH; activate the collector's venv"
 [ -f "$collector_config" ] || die "collector config $collector_config does not exist; pass --collector-config PATH"
@@ -56,8 +57,8 @@ if [ -f "$passwd_file" ] && grep -q "^$agent:" "$passwd_file" && [ -z "$replace"
     die "agent $agent already has a broker account in $passwd_file; add --replace to give it a new password"
 fi
 
-enroll=("$collector_bin" --config "$collector_config" enroll --agent "$agent" --venue "$venue" --pubkey "$pubkey")
-[ -n "$institution" ] && enroll+=(--institution "$institution")
+enroll=("$collector_bin" --config "$collector_config" enroll --agent "$agent" --venue "$venue"
+        --institution "$institution" --pubkey "$pubkey")
 [ -n "$replace" ] && enroll+=(--replace)
 "${enroll[@]}" || exit $?
 

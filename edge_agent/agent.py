@@ -41,6 +41,10 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+class ChainUnknown(Exception):
+    """The collector did not say where the cameras' chains end; the message names the cameras and the fix."""
+
+
 class Agent:
     def __init__(self, config: EdgeConfig, key: Ed25519PrivateKey, drain_seconds: float = 30.0,
                  ffmpeg_binary: str = "ffmpeg"):
@@ -50,7 +54,14 @@ class Agent:
             directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = lock_data_dir(config.agent.data_dir)
         self.journal = Journal(config.agent.journal_path)
-        self.uploader = Uploader(config, self.journal)
+        self.alarms: dict[str, str] = {}
+        self._state_lock = threading.Lock()
+        self._adopted: dict[str, int] = {}   # camera -> the collector's seq this journal continues from
+        resigned = self.journal.resign(key)
+        if resigned:
+            log.warning("%d record(s) not yet stored were signed by another key; signed again with the key in %s "
+                        "(the records and their chain are unchanged)", resigned, config.agent.key_file)
+        self.uploader = Uploader(config, self.journal, on_alarm=self._alarm)
         self.recorders = Recorders(self.journal)
         self.sealer = Sealer(config, self.journal, key, clock=self.uploader.clock.current, runs=self.recorders,
                              on_sealed=self.uploader.wake)
@@ -65,13 +76,11 @@ class Agent:
                                               self.journal, self.sealer, binary=ffmpeg_binary,
                                               on_state=self._camera_state))
         self.watcher = SegmentWatcher(config.agent.recording_dir, self.sealer)
-        self.alarms: dict[str, str] = {}
         self.disk = DiskKeeper(config, self.journal, self.recorders, on_alarm=self._alarm)
         self.status = StatusReporter(config, self.journal, self.recorders.states, self.uploader.set_status,
                                      alarms=lambda: dict(self.alarms),
                                      health=(lambda: dict(health.last_flags)) if health else dict)
         self._started = False
-        self._state_lock = threading.Lock()
 
     def _alarm(self, code: str, detail: str | None) -> None:
         """Raised (detail) or cleared (None); the retained status topic carries the active ones."""
@@ -90,6 +99,44 @@ class Agent:
         """True once this data_dir has journaled a record (the agent reached its broker before)."""
         return bool(self.journal.cameras())
 
+    def cameras_without_chain(self) -> list[str]:
+        """Configured cameras this journal has never recorded, adopted or started a chain for."""
+        return [cam.id for cam in self.config.cameras if not self.journal.chain_known(cam.id)]
+
+    def adopt_chain_heads(self, timeout: float, new_chains: bool = False) -> list[str]:
+        """Before recording, learn where the collector's chain of each camera without one here ends, and
+        continue it: a re-imaged or replaced venue machine (new journal) must not restart a camera at seq 1,
+        which the collector would reject as replayed. Cameras the collector has no record of start at seq 1.
+        With `new_chains`, cameras are started at seq 1 without asking. Raises ChainUnknown when the collector
+        does not answer in time; returns the cameras whose chain was continued."""
+        cameras = self.cameras_without_chain()
+        if not cameras:
+            return []
+        if new_chains:
+            for camera in cameras:
+                self.journal.start_chain(camera)
+            log.warning("camera(s) %s start new chains at seq 1 without asking the collector (--new-chains)",
+                        ", ".join(cameras))
+            return []
+        answer = self.uploader.request_chain_heads(cameras, timeout)
+        if answer is None:
+            raise ChainUnknown(
+                f"the collector did not answer within {timeout:.0f} s where the chains of camera(s) "
+                f"{', '.join(cameras)} end: start `exam-collector serve` (and check the broker ACL allows "
+                f"exam/v1/{self.config.agent.id}/chain); only for cameras that have never uploaded, "
+                "`exam-edge run --new-chains` starts them at seq 1")
+        continued = []
+        for camera in cameras:
+            head = answer.heads.get(camera)
+            if head is None:
+                self.journal.start_chain(camera)
+            elif self.journal.adopt_head(camera, head.seq, head.record, head.end):
+                self._adopted[camera] = head.seq
+                continued.append(camera)
+                log.warning("camera %s: this journal is new; continuing the collector's chain after seq %s "
+                            "(record %s)", camera, head.seq, head.record[:12])
+        return continued
+
     def connect_later(self) -> None:
         self.uploader.connect_later()
 
@@ -99,6 +146,12 @@ class Agent:
 
     def start(self) -> None:
         self.uploader.start()
+        for camera, seq in self._adopted.items():
+            # The first cause of an outage names it: the gap from the collector's last record to this
+            # journal's first one is a machine replaced or a journal lost, not a plain stop.
+            self.sealer.note_outage(camera, "agent_stopped", f"journal started anew (venue machine replaced or its "
+                                                             f"journal lost): chain continued after the collector's "
+                                                             f"seq {seq}")
         self.sealer.recover()
         for cam in self.config.cameras:
             if self.journal.camera_state(cam.id).last_end is not None:

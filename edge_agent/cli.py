@@ -1,4 +1,4 @@
-"""`exam-edge`: init, pubkey, probe, run, status."""
+"""`exam-edge`: init, pubkey, probe, run, retry, status."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import click
 
+from exam_contract.redact import install_log_redaction
 from exam_contract.signing import KeyFileError, generate_private_key, load_private_key, public_key_b64
 
 from .config import ConfigError, EdgeConfig, load_config, parse_config
@@ -50,6 +51,7 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
     ctx.obj["config"] = config
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # belt and braces: the modules redact camera credentials themselves
     if not verbose:
         logging.getLogger("watchdog").setLevel(logging.WARNING)
 
@@ -148,14 +150,54 @@ def pubkey(ctx: click.Context) -> None:
     click.echo(public_key_b64(key))
 
 
+@cli.command("rotate-key")
+@click.pass_context
+def rotate_key(ctx: click.Context) -> None:
+    """Replace the agent's signing key; the old one is kept as KEY_FILE.retired-STAMP until you delete it.
+
+    Then enrol the new key on the collector (`exam-collector enroll ... --replace`) and restart the agent: at
+    start it signs its records not yet stored again with the new key (records and chain stay the same)."""
+    import os
+    from datetime import datetime, timezone
+
+    from exam_contract.files import fsync_dir
+
+    config = _load(ctx)
+    key_file = config.agent.key_file
+    try:
+        load_private_key(key_file)
+        pending = key_file.with_name(key_file.name + ".new")
+        new = load_private_key(pending) if pending.exists() else generate_private_key(pending)
+        retired = key_file.with_name(f"{key_file.name}.retired-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+        os.link(key_file, retired)
+        os.replace(pending, key_file)
+        fsync_dir(key_file.parent)
+    except KeyFileError as exc:
+        fail(f"[agent] key_file: {exc}")
+    except OSError as exc:
+        fail(f"cannot replace the key file {key_file} ({exc.strerror or exc}): check its folder's permissions")
+    agent = config.agent
+    click.echo(f"new key in {key_file}; the old one is in {retired} (delete it once the new key is enrolled)")
+    click.echo("enrol it on the collector, then restart the agent:")
+    click.echo(f"  exam-collector enroll --agent {agent.id} --venue {agent.venue} --institution {agent.institution} "
+               f"--pubkey {public_key_b64(new)} --replace")
+
+
 @cli.command()
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
 @click.option("--drain-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On stop, wait this long for the collector to acknowledge pending segments.")
+@click.option("--chain-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="For cameras this journal has never recorded, wait this long for the collector to say where "
+                   "their chains end (a replaced machine continues them).")
+@click.option("--new-chains", is_flag=True,
+              help="Start cameras this journal has never recorded at seq 1 without asking the collector: only for "
+                   "cameras that have never uploaded (a new venue whose collector is not reachable yet).")
 @click.pass_context
-def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> None:
+def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_timeout: float,
+        new_chains: bool) -> None:
     """Record every camera, seal and upload segments until SIGTERM/SIGINT (or --duration)."""
-    from .agent import Agent, AlreadyRunning
+    from .agent import Agent, AlreadyRunning, ChainUnknown
     from .spool import JournalError
     from .uploader import BrokerRefused, BrokerUnreachable
 
@@ -175,10 +217,13 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> Non
         fail(str(exc))
     except (OSError, JournalError) as exc:
         fail(f"[agent] data_dir = {str(config.agent.data_dir)!r} is unusable ({exc}): fix its path or permissions")
+    first_start = not agent.has_history()
+    connected = False
     try:
         agent.connect()
+        connected = True
     except BrokerUnreachable as exc:
-        if not agent.has_history():  # a first start: most likely a wrong [mqtt] url, say so now
+        if first_start:  # a first start: most likely a wrong [mqtt] url, say so now
             fail(str(exc), EXIT_UNREACHABLE)
         # A restart during a network outage: recording never waits for the network (store-and-forward).
         logging.getLogger(__name__).warning("%s; recording anyway, the spool is uploaded once the broker "
@@ -186,6 +231,14 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float) -> Non
         agent.connect_later()
     except BrokerRefused as exc:
         fail(str(exc))
+    try:
+        agent.adopt_chain_heads(chain_timeout if connected else 0.001, new_chains=new_chains)
+    except ChainUnknown as exc:
+        if first_start:  # a new journal: the collector may hold these cameras' chains (a replaced machine)
+            fail(str(exc), EXIT_UNREACHABLE)
+        # A camera added to a running venue while the collector is away: record it rather than wait.
+        logging.getLogger(__name__).warning("%s; starting them at seq 1", exc)
+        agent.adopt_chain_heads(0, new_chains=True)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -236,6 +289,36 @@ def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], 
     if failed:
         fail(f"{len(failed)} of {len(results)} camera(s) failed ({', '.join(failed)}): fix what the table says "
              "and run `exam-edge probe` again")
+
+
+@cli.command()
+@click.option("--camera", default=None, metavar="ID", help="Only this camera's rejected records.")
+@click.pass_context
+def retry(ctx: click.Context, camera: str | None) -> None:
+    """Send every record the collector rejected again (after fixing the enrolment, the key or the venue).
+    Works while `exam-edge run` is running: it picks them up within seconds."""
+    from .spool import Journal, JournalError
+
+    config = _load(ctx)
+    if camera is not None and camera not in {cam.id for cam in config.cameras}:
+        fail(f"--camera {camera} is not configured: use one of {', '.join(c.id for c in config.cameras)}")
+    if not config.agent.journal_path.exists():
+        fail(f"no journal at {config.agent.journal_path}: the agent has not run, so nothing was rejected")
+    try:
+        journal = Journal(config.agent.journal_path)
+        try:
+            _, oldest = journal.rejected_summary()
+            requeued = journal.requeue_rejected(camera)
+        finally:
+            journal.close()
+    except JournalError as exc:
+        fail(str(exc))
+    if requeued == 0:
+        click.echo("no rejected records" + (f" for camera {camera}" if camera else ""))
+        return
+    click.echo(f"{requeued} rejected record(s) queued for upload again" +
+               (f" (the oldest, camera {oldest.camera} seq {oldest.seq}, was rejected: {oldest.reason})"
+                if oldest is not None and camera in (None, oldest.camera) else ""))
 
 
 @cli.command()

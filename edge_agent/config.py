@@ -10,6 +10,7 @@ from typing import Any
 
 from exam_contract import tomlconfig as toml
 from exam_contract.manifest import ROOM_KINDS
+from exam_contract.redact import redact_source
 from exam_contract.tomlconfig import ConfigError
 
 SEGMENT_SECONDS_DEFAULT = 60
@@ -278,6 +279,7 @@ def _camera(table: Any, index: int, base_dir: Path) -> CameraConfig:
     try:
         source_kind(source)
     except ValueError:
-        raise ConfigError(f"[camera {cam_id}] source = {source!r} is not a camera source: use rtsp://..., "
-                          "rtsps://..., /dev/videoN, lavfi:FILTER or the path of an existing video file") from None
+        raise ConfigError(f"[camera {cam_id}] source = {redact_source(source)!r} is not a camera source: use "
+                          "rtsp://..., rtsps://..., /dev/videoN, lavfi:FILTER or the path of an existing video file"
+                          ) from None
     return CameraConfig(id=cam_id, room=room, room_kind=room_kind, source=source)

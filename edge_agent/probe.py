@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
+from exam_contract.redact import redact_credentials, redact_source
+
 from .config import CameraConfig, EdgeConfig, source_kind
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,9 @@ def input_args(camera: CameraConfig, timeout: float) -> list[str]:
 def classify_failure(stderr: str, source: str, waited_out: bool = False) -> str:
     """A technician's reason from ffmpeg/ffprobe error output. `waited_out`: the tool gave up only after
     its whole I/O timeout (an RTSP server that accepts the connection but never answers)."""
+    stderr = redact_credentials(stderr, source)  # ffmpeg quotes the URL with its password
     text = stderr.lower()
-    target = _host_port(source) or source
+    target = _host_port(source) or redact_source(source)
     if waited_out and _host_port(source) and ("invalid data" in text or "timed out" in text):
         return (f"timeout: {target} accepted the connection but sent no answer (camera hung or busy, "
                 "or not an RTSP server on this port)")
@@ -99,7 +102,9 @@ def classify_failure(stderr: str, source: str, waited_out: bool = False) -> str:
 
 
 def _host_port(source: str) -> str | None:
-    parts = urlsplit(source)
+    # Parsed without credentials: an unencoded `#`, `?` or `/` in a password would make urlsplit take part
+    # of the password for the host or port.
+    parts = urlsplit(redact_source(source))
     if parts.scheme not in RTSP_PORTS or not parts.hostname:
         return None
     try:
@@ -175,8 +180,9 @@ def probe_camera(camera: CameraConfig, snapshot_dir: Path, timeout: float = PROB
     try:
         return _probe(camera, snapshot_dir, timeout, ffmpeg, ffprobe)
     except CameraFailure as exc:
-        log.warning("camera %s: probe failed: %s", camera.id, exc)
-        return CameraProbe(camera=camera.id, room=camera.room, ok=False, reason=str(exc)), None
+        reason = redact_credentials(str(exc), camera.source)
+        log.warning("camera %s: probe failed: %s", camera.id, reason)
+        return CameraProbe(camera=camera.id, room=camera.room, ok=False, reason=reason), None
 
 
 def _probe(camera: CameraConfig, snapshot_dir: Path, timeout: float, ffmpeg: str,
@@ -240,4 +246,5 @@ def format_table(probes: list[CameraProbe]) -> str:
                      f"{p.fps:g}" if p.fps else "-", format_bitrate(p.bitrate),
                      "OK" if p.ok else f"FAIL {p.reason}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
+    return redact_credentials(table)

@@ -26,6 +26,7 @@ from pathlib import Path
 import ffmpeg
 
 from exam_contract.manifest import VideoInfo
+from exam_contract.redact import redact_credentials, redact_source
 
 from .config import CameraConfig, source_kind
 from .spool import Journal, Sealer, recording_name, segment_list_name
@@ -152,6 +153,7 @@ class FfmpegRun:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list = field(default_factory=list)
     video: VideoInfo | None = None  # the output stream, from ffmpeg's own report
+    source: str = ""  # the camera source, whose credentials are redacted from ffmpeg's messages
     # set when something the supervisor waits for happens: first output, or ffmpeg's exit (stdout EOF)
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -202,7 +204,8 @@ class FfmpegRun:
         assert self.proc.stderr is not None
         in_output = False
         for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").strip()
+            # ffmpeg names its input URL, password included, in its messages: redacted before anything keeps it
+            line = redact_credentials(raw.decode(errors="replace").strip(), self.source)
             if not line:
                 continue
             log.debug("ffmpeg %s: %s", self.camera, line)
@@ -311,7 +314,7 @@ class CameraRecorder:
         run_id = new_run_id()
         cmd = build_command(self.camera, self.segment_seconds, self.out_dir, run_id, self.binary)
         log.info("camera %s starting ffmpeg run %s", self.camera.id, run_id)
-        log.debug("camera %s: %s", self.camera.id, " ".join(cmd))
+        log.debug("camera %s: %s", self.camera.id, " ".join(map(redact_source, cmd)))
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env={**os.environ, "TZ": "UTC"}, start_new_session=True,
@@ -319,7 +322,7 @@ class CameraRecorder:
         except OSError as exc:
             log.error("camera %s: cannot start %s: %s", self.camera.id, self.binary, exc)
             return None
-        run = FfmpegRun(self.camera.id, run_id, proc, self.journal)
+        run = FfmpegRun(self.camera.id, run_id, proc, self.journal, source=self.camera.source)
         run.start_readers()
         with self._run_lock:
             self._run = run

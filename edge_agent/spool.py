@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from exam_contract.canonical import canonical_bytes, format_time, parse_time, sha256_hex, truncate_to_millis
 from exam_contract.files import fsync_dir, hash_file
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, segment_file_name
-from exam_contract.signing import sign
+from exam_contract.signing import sign, verify
 
 from .config import CameraConfig, EdgeConfig
 
@@ -80,7 +80,26 @@ create table if not exists runs (
     anchor text not null,
     primary key (camera, run_id)
 );
+create table if not exists adoptions (
+    camera text primary key,
+    seq integer not null,
+    record_hash text not null,
+    end_time text not null,
+    at text not null
+);
 """
+# Columns added after the first release of the journal: (table, column, declaration), added when missing.
+_ADDED_COLUMNS = (
+    ("records", "retry_at", "text"),                         # a retryable rejection is sent again after this
+    ("records", "attempts", "integer not null default 0"),   # rejections so far (for the backoff)
+)
+RETRY_BASE_SECONDS = 60.0
+RETRY_CAP_SECONDS = 3600.0
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """Backoff after the `attempts`-th rejection: 1, 2, 4 ... minutes, at most an hour."""
+    return timedelta(seconds=min(RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1), RETRY_CAP_SECONDS))
 
 
 class JournalError(Exception):
@@ -143,6 +162,10 @@ class Journal:
             self._db.execute("pragma journal_mode=wal")
             self._db.execute("pragma synchronous=full")
             self._db.executescript(SCHEMA)
+            for table, column, declaration in _ADDED_COLUMNS:
+                have = {row[1] for row in self._db.execute(f"pragma table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"alter table {table} add column {column} {declaration}")
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path} cannot be opened ({exc}): check the data_dir disk and "
                                "permissions") from exc
@@ -239,19 +262,111 @@ class Journal:
             rows = self._db.execute("select id, src_path, path from records where moved = 0 order by id").fetchall()
         return [(r[0], Path(r[1]), Path(r[2])) for r in rows]
 
-    def mark_stored(self, camera: str, seq: int) -> bool:
+    def mark_stored(self, camera: str, seq: int, record_hash: str) -> bool:
+        """The collector stored this record: only a pending record whose hash is `record_hash` becomes stored
+        (an acknowledgement of other bytes, e.g. of a record a lost journal once had under this seq, is not
+        one of this record). Only stored records may ever be pruned."""
         with self._lock:
-            cur = self._db.execute("update records set state = 'stored', reason = null, acked_at = ? "
-                                   "where camera = ? and seq = ? and state != 'stored'",
-                                   (_utc_iso(_now()), camera, seq))
+            cur = self._db.execute("update records set state = 'stored', reason = null, retry_at = null, "
+                                   "acked_at = ? where camera = ? and seq = ? and record_hash = ? "
+                                   "and state = 'pending'", (_utc_iso(_now()), camera, seq, record_hash))
         return cur.rowcount > 0
 
-    def mark_rejected(self, camera: str, seq: int, reason: str | None) -> bool:
+    def mark_rejected(self, camera: str, seq: int, reason: str | None, record_hash: str | None,
+                      retryable: bool = False) -> tuple[bool, datetime | None]:
+        """The collector rejected this pending record (the one with `record_hash`, when the reply names one).
+        Returns (marked, when it is sent again): a retryable rejection is retried after a backoff, the others
+        wait for `exam-edge retry`. Rejected records are never pruned."""
         with self._lock:
-            cur = self._db.execute("update records set state = 'rejected', reason = ?, acked_at = ? "
-                                   "where camera = ? and seq = ? and state = 'pending'",
-                                   (reason, _utc_iso(_now()), camera, seq))
-        return cur.rowcount > 0
+            row = self._db.execute("select id, attempts from records where camera = ? and seq = ? "
+                                   "and state = 'pending' and (? is null or record_hash = ?)",
+                                   (camera, seq, record_hash, record_hash)).fetchone()
+            if row is None:
+                return False, None
+            attempts = row[1] + 1
+            retry_at = _now() + retry_delay(attempts) if retryable else None
+            self._db.execute("update records set state = 'rejected', reason = ?, acked_at = ?, attempts = ?, "
+                             "retry_at = ? where id = ?", (reason, _utc_iso(_now()), attempts,
+                                                           _utc_iso(retry_at) if retry_at else None, row[0]))
+        return True, retry_at
+
+    def requeue_due(self, now: datetime | None = None) -> int:
+        """Retryable rejections whose backoff is over go back to pending; returns how many."""
+        moment = _utc_iso(now or _now())
+        with self._lock:
+            due = self._db.execute("select 1 from records where state = 'rejected' and retry_at is not null "
+                                   "and retry_at <= ? limit 1", (moment,)).fetchone()
+            if due is None:  # no write (and no fsync) when nothing is due
+                return 0
+            cur = self._db.execute("update records set state = 'pending', retry_at = null where state = 'rejected' "
+                                   "and retry_at is not null and retry_at <= ?", (moment,))
+        return cur.rowcount
+
+    def requeue_rejected(self, camera: str | None = None) -> int:
+        """`exam-edge retry`: every rejected record (of one camera) goes back to pending."""
+        with self._lock:
+            cur = self._db.execute("update records set state = 'pending', retry_at = null, attempts = 0 "
+                                   "where state = 'rejected' and (? is null or camera = ?)", (camera, camera))
+        return cur.rowcount
+
+    def rejected_summary(self) -> tuple[int, Record | None]:
+        """How many records are rejected, and the oldest of them."""
+        with self._lock:
+            count = self._db.execute("select count(*) from records where state = 'rejected'").fetchone()[0]
+            row = self._db.execute(f"select {_RECORD_COLS} from records where state = 'rejected' order by id "
+                                   "limit 1").fetchone()
+        return count, (_record(row) if row else None)
+
+    def resign(self, key: Ed25519PrivateKey) -> int:
+        """Give every record not yet stored a signature by `key` when its own does not verify with it (the agent's
+        key was replaced: the collector verifies with the current key). The manifest, and so the record hash and
+        the chain, are unchanged: only the signature beside them is. Returns how many were re-signed."""
+        public = key.public_key()
+        changed = 0
+        with self._lock:
+            rows = self._db.execute("select id, manifest, signature from records "
+                                    "where state in ('pending', 'rejected')").fetchall()
+            for rowid, manifest, signature in rows:
+                canonical = manifest.encode("utf-8")
+                if verify(public, canonical, signature):
+                    continue
+                self._db.execute("update records set signature = ? where id = ?", (sign(key, canonical), rowid))
+                changed += 1
+        return changed
+
+    def adopt_head(self, camera: str, seq: int, record_hash: str, end: datetime) -> bool:
+        """Continue a camera's chain from the collector's newest record of it (a journal started anew on a
+        replaced machine): its next record gets seq + 1 and prev = record_hash. Only for a camera this journal
+        has never recorded; returns False otherwise."""
+        with self._lock:
+            self._db.execute("begin immediate")
+            try:
+                if self._db.execute("select 1 from cameras where camera = ?", (camera,)).fetchone() is not None:
+                    self._db.execute("rollback")
+                    return False
+                self._db.execute("insert into cameras (camera, last_seq, last_hash, last_end) values (?,?,?,?)",
+                                 (camera, seq, record_hash, format_time(end)))
+                self._db.execute("insert or replace into adoptions (camera, seq, record_hash, end_time, at) "
+                                 "values (?,?,?,?,?)", (camera, seq, record_hash, format_time(end), _utc_iso(_now())))
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+        return True
+
+    def start_chain(self, camera: str) -> None:
+        """A camera the collector has no record of starts its own chain at seq 1 (nothing to store: the
+        absence of a `cameras` row means exactly that); remembered so the question is not asked again."""
+        with self._lock:
+            self._db.execute("insert or ignore into adoptions (camera, seq, record_hash, end_time, at) "
+                             "values (?, 0, '', '', ?)", (camera, _utc_iso(_now())))
+
+    def chain_known(self, camera: str) -> bool:
+        """The journal knows where this camera's chain stands (it recorded, adopted or started it)."""
+        with self._lock:
+            return self._db.execute("select 1 from cameras where camera = ? union all "
+                                    "select 1 from adoptions where camera = ? limit 1", (camera, camera)).fetchone() \
+                is not None
 
     # --- disk budget (edge_agent.diskkeeper) ------------------------------------------------------
     def prunable(self, limit: int, created_before: datetime | None = None) -> list[Record]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exam_contract.canonical import format_time, parse_time
+from exam_contract.redact import redact_values
 
 from .config import EdgeConfig
 from .spool import Journal
@@ -101,10 +102,10 @@ class StatusReporter:
                 "spool": spool, "health": {cam: list(flags) for cam, flags in self._health().items()}}
 
     def report(self) -> None:
-        fields = self.fields()
+        fields = redact_values(self.fields())
         self._publish(**fields)
-        local = {"agent": self.config.agent.id, "time": format_time(datetime.now(UTC)),
-                 "cameras": self._camera_states(), "alarms": self._alarms(), **fields}
+        local = redact_values({"agent": self.config.agent.id, "time": format_time(datetime.now(UTC)),
+                               "cameras": self._camera_states(), "alarms": self._alarms(), **fields})
         path = status_path(self.config)
         tmp = path.with_name(f".{STATUS_FILE}.tmp")
         try:

@@ -1,6 +1,9 @@
 """Uploads journaled records to the collector over MQTT (protocol v1) and journals the collector's replies.
 
-A PUBACK only means the broker took a message; a record is `stored` only on the collector's `stored` reply.
+A PUBACK only means the broker took a message; a record is `stored` only on the collector's `stored` reply,
+and only when that reply names this record's hash (`Reply.record`): an answer about other bytes under the
+same file id (a lost journal's record, another agent's) never acknowledges ours. Rejections for reasons an
+operator can cure are retried with backoff and raise the `records_rejected` alarm meanwhile.
 Bytes published but not yet PUBACKed are bounded (paho keeps queued payloads in memory).
 """
 
@@ -12,7 +15,9 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -24,8 +29,11 @@ from paho.mqtt.properties import Properties
 from exam_contract.canonical import canonical_bytes, format_time
 from exam_contract.chunks import chunk_count, chunk_span, expand_ranges
 from exam_contract.manifest import ClockInfo, Manifest, ManifestError
-from exam_contract.protocol import InitMessage, ProtocolError, Reply
-from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic, status_topic
+from exam_contract.protocol import (RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, InitMessage, ProtocolError, Reply,
+                                    encode_fin)
+from exam_contract.redact import redact_values
+from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
+                                  init_topic, reply_topic, status_topic)
 
 from .config import EdgeConfig, MqttConfig
 from .spool import Journal, Record
@@ -40,6 +48,8 @@ REPLY_TIMEOUT_CAP = 60.0
 SESSION_EXPIRY = 7 * 24 * 3600
 SYNC_LIMIT_MS = 2000.0
 INIT_MISSING = "init_missing"
+REQUEUE_INTERVAL = 5.0          # how often due retries of rejected records are looked for
+ALARM_RECORDS_REJECTED = "records_rejected"
 
 
 class BrokerUnreachable(Exception):
@@ -123,7 +133,8 @@ def _init_payload(record: Record, chunk_size: int) -> tuple[bytes, int]:
 class Uploader:
     def __init__(self, config: EdgeConfig, journal: Journal, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_inflight_bytes: int = MAX_INFLIGHT_BYTES, max_active: int = MAX_ACTIVE_FILES,
-                 reply_timeout: float = REPLY_TIMEOUT):
+                 reply_timeout: float = REPLY_TIMEOUT,
+                 on_alarm: Callable[[str, str | None], None] | None = None):
         self.config = config
         self.agent = config.agent.id
         self.mqtt: MqttConfig = config.mqtt
@@ -150,6 +161,12 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._status: dict[str, Any] = {}
+        self._on_alarm = on_alarm
+        self._rejected_alarm = False       # the records_rejected alarm is raised
+        self._next_requeue = 0.0
+        self._chain_lock = threading.Lock()
+        self._chain_answers: dict[str, ChainHeads] = {}   # nonce -> answer
+        self._chain_answered = threading.Condition(self._chain_lock)
         self.client = self._make_client()
 
     # --- paho client ---
@@ -211,7 +228,7 @@ class Uploader:
             log.error("MQTT broker %s refused the connection: %s", self.mqtt.address, reason_code)
             return
         log.info("connected to MQTT broker %s (session present: %s)", self.mqtt.address, flags.session_present)
-        client.subscribe(reply_topic(self.agent), qos=1)
+        client.subscribe([(reply_topic(self.agent), 1), (chain_topic(self.agent), 1)])
         self._reconnected.set()
         self._connected.set()
         self._publish_status()
@@ -240,6 +257,9 @@ class Uploader:
 
     def _on_message(self, client, userdata, message) -> None:
         received = datetime.now(UTC)
+        if message.topic == chain_topic(self.agent):
+            self._on_chain_heads(message.payload)
+            return
         try:
             reply = Reply.decode(message.payload)
         except ProtocolError as exc:
@@ -281,10 +301,12 @@ class Uploader:
 
     def _publish_status(self, state: str = "online") -> None:
         body = {"agent": self.agent, "state": state, "time": format_time(datetime.now(UTC)), **self._status}
-        self._publish(status_topic(self.agent), json.dumps(body, ensure_ascii=False), retain=True, count=False)
+        self._publish(status_topic(self.agent), json.dumps(redact_values(body), ensure_ascii=False), retain=True,
+                      count=False)
 
     # --- the send loop ---
     def start(self) -> None:
+        self._update_rejected_alarm()  # rejected records left from an earlier run keep their alarm
         self._thread = threading.Thread(target=self._loop, name="uploader", daemon=True)
         self._thread.start()
 
@@ -301,6 +323,12 @@ class Uploader:
                 log.exception("uploader step failed")
 
     def _step(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_requeue:
+            self._next_requeue = now + REQUEUE_INTERVAL
+            requeued = self.journal.requeue_due()
+            if requeued:
+                log.info("%d rejected record(s) due for another try", requeued)
         while True:
             try:
                 reply, received = self._replies.get_nowait()
@@ -359,7 +387,7 @@ class Uploader:
             if not transfer.fin_needed:
                 log.info("camera %s seq %s: no reply yet, asking again", transfer.record.camera,
                          transfer.record.seq)
-            self._publish(fin_topic(self.agent, transfer.file_id), b"")
+            self._publish(fin_topic(self.agent, transfer.file_id), encode_fin(transfer.record.record_hash))
             transfer.fin_needed = False
             transfer.fin_sent = datetime.now(UTC)
             if transfer.first_unanswered_fin is None:
@@ -381,6 +409,11 @@ class Uploader:
 
     def _handle_reply(self, reply: Reply, received: datetime) -> None:
         transfer = self._active.get(reply.file_id)
+        if transfer is not None and reply.record is not None and reply.record != transfer.record.record_hash:
+            log.warning("camera %s seq %s: reply %s is about another record (%s), not ours (%s); ignored",
+                        transfer.record.camera, transfer.record.seq, reply.state, reply.record[:12],
+                        transfer.record.record_hash[:12])
+            return
         if transfer is not None and transfer.first_unanswered_fin is not None:
             # With several fins outstanding the reply may answer any of them: measuring from the earliest
             # keeps the sample honest (a longer round trip, which the estimator's min-RTT choice disfavours).
@@ -392,12 +425,28 @@ class Uploader:
             return
         seq = int(seq_text)
         if reply.state == "stored":
-            self.journal.mark_stored(camera, seq)
-            log.info("camera %s seq %s stored by the collector", camera, seq)
+            if reply.record is None:
+                log.warning("camera %s seq %s: `stored` reply names no record; not taken as an acknowledgement",
+                            camera, seq)
+                return
+            if self.journal.mark_stored(camera, seq, reply.record):
+                log.info("camera %s seq %s stored by the collector", camera, seq)
+            else:
+                log.warning("camera %s seq %s: `stored` reply for record %s matches no pending record here; "
+                            "ignored", camera, seq, reply.record[:12])
             self._finish(reply.file_id)
+            if self._rejected_alarm:
+                self._update_rejected_alarm()
         elif reply.state == "rejected":
-            if self.journal.mark_rejected(camera, seq, reply.reason):
-                log.error("camera %s seq %s rejected by the collector: %s (file kept)", camera, seq, reply.reason)
+            code = reply.reason_code or ""
+            marked, retry_at = self.journal.mark_rejected(camera, seq, reply.reason, reply.record,
+                                                         retryable=code in RETRYABLE_REJECTIONS)
+            if marked:
+                when = (f"retried at {format_time(retry_at)}" if retry_at else
+                        "kept; `exam-edge retry` sends it again")
+                log.error("camera %s seq %s rejected by the collector: %s (file kept, %s)", camera, seq,
+                          reply.reason, when)
+                self._update_rejected_alarm()
             self._finish(reply.file_id)
         elif transfer is not None:  # missing
             if not reply.missing or (reply.reason or "").startswith(INIT_MISSING):
@@ -424,6 +473,51 @@ class Uploader:
             else:
                 transfer.fin_needed = True
                 transfer.fin_at = None
+
+    def _update_rejected_alarm(self) -> None:
+        """Raise `records_rejected` while the journal holds rejected records (they are never pruned, and each
+        one is footage the collector does not have), clear it when none are left."""
+        count, oldest = self.journal.rejected_summary()
+        self._rejected_alarm = count > 0
+        if self._on_alarm is None:
+            return
+        if oldest is None:
+            self._on_alarm(ALARM_RECORDS_REJECTED, None)
+            return
+        self._on_alarm(ALARM_RECORDS_REJECTED,
+                       f"{count} record(s) rejected by the collector, the oldest camera {oldest.camera} seq "
+                       f"{oldest.seq}: {oldest.reason}; enrolment and quota rejections are retried with backoff, "
+                       "the others after `exam-edge retry`; the files are kept")
+
+    # --- chain heads (a journal started anew) ---
+    def request_chain_heads(self, cameras: list[str], timeout: float) -> ChainHeads | None:
+        """Ask the collector where these cameras' chains end; None when no answer came within `timeout`."""
+        nonce = uuid.uuid4().hex
+        request = ChainRequest(nonce, tuple(cameras))
+        deadline = time.monotonic() + timeout
+        next_ask = 0.0
+        with self._chain_lock:
+            while nonce not in self._chain_answers:
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                if now >= next_ask and self._connected.is_set():
+                    self._publish(chain_request_topic(self.agent), request.encode(), count=False)
+                    next_ask = now + 5.0  # asked again in case no collector was subscribed yet
+                self._chain_answered.wait(min(1.0, deadline - now))
+            return self._chain_answers.pop(nonce)
+
+    def _on_chain_heads(self, payload: bytes) -> None:
+        try:
+            heads = ChainHeads.decode(payload)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed chain answer: %s", exc)
+            return
+        with self._chain_lock:
+            self._chain_answers[heads.nonce] = heads
+            while len(self._chain_answers) > 16:
+                self._chain_answers.pop(next(iter(self._chain_answers)))
+            self._chain_answered.notify_all()
 
     def _finish(self, file_id: str) -> None:
         transfer = self._active.pop(file_id, None)

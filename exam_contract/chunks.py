@@ -20,19 +20,27 @@ def chunk_span(index: int, size: int, chunk_size: int) -> tuple[int, int]:
 
 
 def missing_ranges(received: Iterable[int], total: int) -> list[list[int]]:
-    """Inclusive [from, to] ranges of chunk indexes in 0..total-1 not in `received`."""
-    have = set(received)
+    """Inclusive [from, to] ranges of chunk indexes in 0..total-1 not in `received` (any order)."""
+    return ranges_from_sorted(sorted(set(received)), total)
+
+
+def ranges_from_sorted(received: Iterable[int], total: int, limit: int | None = None) -> list[list[int]]:
+    """Inclusive [from, to] ranges of indexes in 0..total-1 missing from `received`, which must be sorted
+    ascending (duplicates and out-of-range values are ignored). Work and memory grow with the received
+    indexes and the ranges returned, never with `total`, which an init claims and so cannot be trusted;
+    `limit` caps the ranges returned (the rest are found next time)."""
     ranges: list[list[int]] = []
-    start: int | None = None
-    for index in range(total):
-        if index in have:
-            if start is not None:
-                ranges.append([start, index - 1])
-                start = None
-        elif start is None:
-            start = index
-    if start is not None:
-        ranges.append([start, total - 1])
+    expected = 0
+    for index in received:
+        if index < expected or index >= total:
+            continue
+        if index > expected:
+            ranges.append([expected, index - 1])
+            if limit is not None and len(ranges) >= limit:
+                return ranges
+        expected = index + 1
+    if expected < total and (limit is None or len(ranges) < limit):
+        ranges.append([expected, total - 1])
     return ranges
 
 

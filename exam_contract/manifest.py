@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .canonical import canonical_bytes, format_time, parse_time, sha256_hex
+from .identifiers import IDENTIFIER_RULE, is_identifier
 
 MANIFEST_VERSION = 1
 RoomKind = Literal["theory", "practical"]
@@ -20,6 +21,18 @@ GAP_CAUSES: tuple[str, ...] = (
     "disk_full",
     "agent_stopped",
 )
+
+
+# Bounds on what a signed manifest may carry: a signature proves who sent a field, not that it is sane.
+MAX_SEQ = 10**15
+MAX_SIZE = 2**50            # the contract's own ceiling; a collector sets a far lower one ([ingest] max_segment_mb)
+MAX_DETAIL_CHARS = 2000
+MAX_HEALTH_FLAGS = 16
+MAX_HEALTH_FLAG_CHARS = 32
+MAX_VIDEO_TEXT = 32
+MAX_VIDEO_PIXELS = 16384
+MAX_FPS = 1000.0
+IDENTIFIER_FIELDS: tuple[str, ...] = ("agent", "institution", "venue", "room", "camera")
 
 
 class ManifestError(ValueError):
@@ -120,9 +133,12 @@ class Manifest:
         room_kind = _req(raw, "room_kind", str)
         if room_kind not in ROOM_KINDS:
             raise ManifestError(f"manifest.room_kind: {room_kind!r} is not 'theory' or 'practical'")
+        for name in IDENTIFIER_FIELDS:
+            if not is_identifier(_req(raw, name, str)):
+                raise ManifestError(f"manifest.{name}: {raw[name][:80]!r} is not a valid id ({IDENTIFIER_RULE})")
         seq = _req(raw, "seq", int)
-        if isinstance(seq, bool) or seq < 1:
-            raise ManifestError("manifest.seq: must be an integer >= 1")
+        if isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+            raise ManifestError(f"manifest.seq: must be an integer from 1 to {MAX_SEQ}")
         start = _time(raw, "start")
         end = _time(raw, "end")
         if end < start:
@@ -131,12 +147,12 @@ class Manifest:
         if isinstance(duration, bool) or not math.isfinite(duration) or duration < 0:
             raise ManifestError("manifest.duration: must be a finite number of seconds >= 0")
         size = _req(raw, "size", int)
-        if size < 0:
-            raise ManifestError("manifest.size: negative")
+        if not 0 <= size <= MAX_SIZE:
+            raise ManifestError(f"manifest.size: must be from 0 to {MAX_SIZE} bytes")
         sha = raw.get("sha256")
         prev = raw.get("prev")
         for name, value in (("sha256", sha), ("prev", prev)):
-            if value is not None and not _is_hex64(value):
+            if value is not None and not is_hex64(value):
                 raise ManifestError(f"manifest.{name}: not 64 lowercase hex characters")
         if kind == "segment" and sha is None:
             raise ManifestError("manifest.sha256: required for a segment")
@@ -147,17 +163,10 @@ class Manifest:
         cause = raw.get("cause")
         if kind == "gap" and cause not in GAP_CAUSES:
             raise ManifestError(f"manifest.cause: {cause!r} is not one of {', '.join(GAP_CAUSES)}")
-        video_raw = raw.get("video")
-        video = None
-        if video_raw is not None:
-            if not isinstance(video_raw, dict):
-                raise ManifestError("manifest.video: expected an object")
-            try:
-                video = VideoInfo(codec=str(video_raw["codec"]), width=int(video_raw["width"]),
-                                  height=int(video_raw["height"]), fps=float(video_raw["fps"]),
-                                  container=str(video_raw.get("container", "mpegts")))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ManifestError(f"manifest.video: {exc}") from exc
+        detail = raw.get("detail")
+        if detail is not None and (not isinstance(detail, str) or len(detail) > MAX_DETAIL_CHARS):
+            raise ManifestError(f"manifest.detail: must be null or text of at most {MAX_DETAIL_CHARS} characters")
+        video = _video(raw.get("video"))
         clock_raw = raw.get("clock") or {}
         if not isinstance(clock_raw, dict):
             raise ManifestError("manifest.clock: expected an object")
@@ -170,14 +179,19 @@ class Manifest:
             raise ManifestError("manifest.clock.synced: must be true or false")
         clock = ClockInfo(offset_ms=offset_ms, synced=synced)
         health = raw.get("health") or []
-        if not isinstance(health, list) or not all(isinstance(h, str) for h in health):
-            raise ManifestError("manifest.health: expected a list of strings")
+        if (not isinstance(health, list) or len(health) > MAX_HEALTH_FLAGS
+                or not all(isinstance(h, str) and 0 < len(h) <= MAX_HEALTH_FLAG_CHARS for h in health)):
+            raise ManifestError(f"manifest.health: expected at most {MAX_HEALTH_FLAGS} flags of at most "
+                                f"{MAX_HEALTH_FLAG_CHARS} characters")
+        version = raw.get("v", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ManifestError("manifest.v: must be a positive integer")
         return cls(
             kind=kind, agent=_req(raw, "agent", str), institution=_req(raw, "institution", str),
             venue=_req(raw, "venue", str), room=_req(raw, "room", str), room_kind=room_kind,
             camera=_req(raw, "camera", str), seq=seq, start=start, end=end,
             duration=duration, size=size, sha256=sha, prev=prev, video=video, clock=clock,
-            health=tuple(health), cause=cause, detail=raw.get("detail"), v=int(raw.get("v", 1)),
+            health=tuple(health), cause=cause, detail=detail, v=version,
         )
 
 
@@ -209,5 +223,23 @@ def _time(raw: dict[str, Any], key: str) -> datetime:
         raise ManifestError(f"manifest.{key}: {exc}") from exc
 
 
-def _is_hex64(value: Any) -> bool:
+def is_hex64(value: Any) -> bool:
+    """A SHA-256 in the contract's spelling: 64 lowercase hex characters."""
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _video(raw: Any) -> VideoInfo | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest.video: expected an object")
+    try:
+        video = VideoInfo(codec=str(raw["codec"]), width=int(raw["width"]), height=int(raw["height"]),
+                          fps=float(raw["fps"]), container=str(raw.get("container", "mpegts")))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ManifestError(f"manifest.video: {exc}") from exc
+    if (len(video.codec) > MAX_VIDEO_TEXT or len(video.container) > MAX_VIDEO_TEXT
+            or not 0 <= video.width <= MAX_VIDEO_PIXELS or not 0 <= video.height <= MAX_VIDEO_PIXELS
+            or not (math.isfinite(video.fps) and 0 <= video.fps <= MAX_FPS)):
+        raise ManifestError("manifest.video: codec, size or fps out of range")
+    return video

@@ -1,4 +1,4 @@
-"""Protocol v1 payloads: the agent's `init` and the collector's `reply`."""
+"""Protocol v1 payloads: the agent's `init` and `fin`, the collector's `reply`, and the chain-head exchange."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from .canonical import format_time, parse_time
 from .chunks import chunk_count
-from .manifest import Manifest, ManifestError
+from .identifiers import is_file_id, is_identifier
+from .manifest import Manifest, ManifestError, is_hex64
 
 ReplyState = Literal["stored", "missing", "rejected"]
 REPLY_STATES: tuple[str, ...] = ("stored", "missing", "rejected")
@@ -70,18 +71,33 @@ class InitMessage:
                 f"{self.chunk_size} (expected {expected})")
 
 
+MAX_MISSING_RANGES = 256   # a `missing` reply names at most this many ranges; the rest are asked for next time
+
+
 @dataclass(frozen=True)
 class Reply:
+    """The collector's answer about one record. `record` is the SHA-256 (hex) of the canonical manifest the
+    answer is about (None only where the collector knows none, e.g. an init it could not parse): an agent
+    takes `stored` only when it equals its own record's hash, so an answer about other bytes is never
+    mistaken for an acknowledgement of its own."""
+
     file_id: str
     state: ReplyState
     collector_time: datetime
     missing: list[list[int]] = field(default_factory=list)
     reason: str | None = None
+    record: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps({"file_id": self.file_id, "state": self.state, "missing": self.missing,
-                           "reason": self.reason, "collector_time": format_time(self.collector_time)},
+                           "reason": self.reason, "record": self.record,
+                           "collector_time": format_time(self.collector_time)},
                           ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @property
+    def reason_code(self) -> str | None:
+        """The rejection code before `: detail` (e.g. `bad_signature`)."""
+        return self.reason.split(":", 1)[0].strip() if self.reason else None
 
     @classmethod
     def decode(cls, payload: bytes) -> "Reply":
@@ -90,17 +106,120 @@ class Reply:
             state = raw["state"]
             if state not in REPLY_STATES:
                 raise ProtocolError(f"reply.state: {state!r} unknown")
+            record = raw.get("record")
+            if record is not None and not is_hex64(record):
+                raise ProtocolError("reply.record: not 64 lowercase hex characters")
+            missing = raw.get("missing") or []
+            if not isinstance(missing, list) or len(missing) > MAX_MISSING_RANGES:
+                raise ProtocolError(f"reply.missing: not a list of at most {MAX_MISSING_RANGES} ranges")
+            reason = raw.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ProtocolError("reply.reason: not a string")
             return cls(file_id=str(raw["file_id"]), state=state,
                        collector_time=parse_time(raw["collector_time"]),
-                       missing=[[int(a), int(b)] for a, b in (raw.get("missing") or [])],
-                       reason=raw.get("reason"))
+                       missing=[[int(a), int(b)] for a, b in missing], reason=reason, record=record)
         except ProtocolError:
             raise
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"reply: malformed ({exc})") from exc
 
 
-__all__ = ["InitMessage", "Reply", "ProtocolError", "ManifestError", "REPLY_STATES"]
+def encode_fin(record_hash: str | None) -> bytes:
+    """A `fin` names the record it finishes by its hash, so the collector answers about those bytes only."""
+    return record_hash.encode("ascii") if record_hash else b""
+
+
+def decode_fin(payload: bytes) -> str | None:
+    """The record hash a `fin` names; None for an empty `fin` (an agent that names none)."""
+    if not payload:
+        return None
+    try:
+        text = payload.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("fin: payload is not a record hash") from exc
+    if not is_hex64(text):
+        raise ProtocolError("fin: payload is not 64 lowercase hex characters")
+    return text
+
+
+# ---------------------------------------------------------------------------- chain heads
+# An agent that starts with no journal (a new or re-imaged venue machine, a lost disk) asks where each of its
+# cameras' chains ends at the collector, and continues them from there instead of restarting at seq 1.
+
+MAX_CHAIN_CAMERAS = 256
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    seq: int
+    record: str          # record hash of the newest stored record of the camera
+    end: datetime        # its end, as the agent signed it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "record": self.record, "end": format_time(self.end)}
+
+
+@dataclass(frozen=True)
+class ChainRequest:
+    nonce: str
+    cameras: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return json.dumps({"nonce": self.nonce, "cameras": list(self.cameras)},
+                          separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ChainRequest":
+        try:
+            raw = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"chain request: malformed JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ProtocolError("chain request: expected a JSON object")
+        nonce, cameras = raw.get("nonce"), raw.get("cameras")
+        if not is_identifier(nonce):
+            raise ProtocolError("chain request.nonce: not an id")
+        if (not isinstance(cameras, list) or len(cameras) > MAX_CHAIN_CAMERAS
+                or not all(is_identifier(c) for c in cameras)):
+            raise ProtocolError(f"chain request.cameras: expected at most {MAX_CHAIN_CAMERAS} camera ids")
+        return cls(nonce, tuple(dict.fromkeys(cameras)))
+
+
+@dataclass(frozen=True)
+class ChainHeads:
+    nonce: str
+    heads: dict[str, ChainHead | None]   # camera -> head, None when the collector has no record of it
+    collector_time: datetime
+
+    def encode(self) -> bytes:
+        return json.dumps({"nonce": self.nonce, "collector_time": format_time(self.collector_time),
+                           "heads": {c: (h.to_dict() if h else None) for c, h in sorted(self.heads.items())}},
+                          separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ChainHeads":
+        try:
+            raw = json.loads(payload.decode("utf-8"))
+            heads: dict[str, ChainHead | None] = {}
+            for camera, head in raw["heads"].items():
+                if not is_identifier(camera):
+                    raise ProtocolError(f"chain heads: {camera!r} is not a camera id")
+                if head is None:
+                    heads[camera] = None
+                    continue
+                seq, record = head["seq"], head["record"]
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1 or not is_hex64(record):
+                    raise ProtocolError(f"chain heads: bad head for camera {camera}")
+                heads[camera] = ChainHead(seq, record, parse_time(head["end"]))
+            return cls(str(raw["nonce"]), heads, parse_time(raw["collector_time"]))
+        except ProtocolError:
+            raise
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"chain heads: malformed ({exc})") from exc
+
+
+__all__ = ["InitMessage", "Reply", "ProtocolError", "ManifestError", "REPLY_STATES", "encode_fin", "decode_fin",
+           "ChainRequest", "ChainHeads", "ChainHead", "is_file_id"]
 
 # Rejection reasons the collector puts in `reply.reason` (prefix before ": detail").
 REJECT_MALFORMED = "malformed"
@@ -113,3 +232,22 @@ REJECT_HASH_MISMATCH = "hash_mismatch"
 REJECT_SIZE_MISMATCH = "size_mismatch"
 REJECT_SEQ_REPLAYED = "seq_replayed"
 REJECT_CHAIN_BROKEN = "chain_broken"
+REJECT_INSTITUTION_MISMATCH = "institution_mismatch"
+REJECT_TOO_LARGE = "too_large"                  # size above the collector's [ingest] max_segment_mb
+REJECT_BAD_CHUNK_SIZE = "bad_chunk_size"        # chunk_size outside the collector's allowed range
+REJECT_EMPTY_SEGMENT = "empty_segment"          # a segment of 0 bytes covers nothing
+REJECT_IMPLAUSIBLE = "implausible_record"       # times, duration or size that cannot describe real footage
+REJECT_TOO_MANY_TRANSFERS = "too_many_transfers"  # the agent has too many unfinished uploads open
+REJECT_STAGING_FULL = "staging_full"            # the agent's unfinished uploads would exceed its staging quota
+REJECT_UNSAFE_PATH = "unsafe_path"              # the storage path would leave storage_dir
+
+REJECTION_CODES: tuple[str, ...] = (
+    REJECT_MALFORMED, REJECT_UNKNOWN_AGENT, REJECT_VENUE_MISMATCH, REJECT_AGENT_MISMATCH, REJECT_BAD_SIGNATURE,
+    REJECT_WRONG_CHUNK_COUNT, REJECT_HASH_MISMATCH, REJECT_SIZE_MISMATCH, REJECT_SEQ_REPLAYED, REJECT_CHAIN_BROKEN,
+    REJECT_INSTITUTION_MISMATCH, REJECT_TOO_LARGE, REJECT_BAD_CHUNK_SIZE, REJECT_EMPTY_SEGMENT, REJECT_IMPLAUSIBLE,
+    REJECT_TOO_MANY_TRANSFERS, REJECT_STAGING_FULL, REJECT_UNSAFE_PATH)
+# Rejections an operator or time can cure (an enrolment to fix, a quota that frees up): the agent keeps the
+# record and retries it with backoff, raising an alarm meanwhile. The others need `exam-edge retry`.
+RETRYABLE_REJECTIONS: frozenset[str] = frozenset({
+    REJECT_UNKNOWN_AGENT, REJECT_BAD_SIGNATURE, REJECT_VENUE_MISMATCH, REJECT_INSTITUTION_MISMATCH,
+    REJECT_TOO_MANY_TRANSFERS, REJECT_STAGING_FULL})

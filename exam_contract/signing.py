@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise PublicKeyError(f"public key is {len(raw)} bytes, expected 32 (base64 of a raw Ed25519 key)")
     return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def key_fingerprint(public: Ed25519PublicKey | Ed25519PrivateKey | str) -> str:
+    """SHA-256 (lowercase hex) of the raw 32 public-key bytes: how records, key history and evidence
+    packages name a key. Accepts a key object or the base64 text `exam-edge pubkey` prints."""
+    if isinstance(public, str):
+        public = parse_public_key(public)
+    elif isinstance(public, Ed25519PrivateKey):
+        public = public.public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> str:

@@ -8,6 +8,8 @@ from typing import Literal
 ROOT = "exam/v1"
 COLLECTOR_SHARE_GROUP = "collectors"
 COLLECTOR_SUBSCRIPTION = f"$share/{COLLECTOR_SHARE_GROUP}/{ROOT}/+/seg/#"
+COLLECTOR_CHAIN_SUBSCRIPTION = f"$share/{COLLECTOR_SHARE_GROUP}/{ROOT}/+/chain/request"
+AUDIT_CHECKPOINT_TOPIC = f"{ROOT}/audit/checkpoint"   # retained: the newest signed audit checkpoint
 DEFAULT_MAX_PACKET_SIZE = 512 * 1024
 DEFAULT_CHUNK_SIZE = 256 * 1024  # stays well under the broker's max packet size with headers
 
@@ -34,6 +36,24 @@ def reply_topic(agent: str) -> str:
 
 def status_topic(agent: str) -> str:
     return f"{ROOT}/{agent}/status"
+
+
+def chain_request_topic(agent: str) -> str:
+    """Agent -> collectors: where do my cameras' chains end?"""
+    return f"{ROOT}/{agent}/chain/request"
+
+
+def chain_topic(agent: str) -> str:
+    """Collector -> agent: the answer to a chain request."""
+    return f"{ROOT}/{agent}/chain"
+
+
+def parse_chain_request_topic(topic: str) -> str | None:
+    """The agent id of a chain request topic, or None when the topic is not one."""
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[:2] == ["exam", "v1"] and parts[3:] == ["chain", "request"] and parts[2]:
+        return parts[2]
+    return None
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,20 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
 @cli.command("verify-log")
 @click.option("--pubkey", default=None, help="Collector public key (base64) to check checkpoints with "
                                              "(default: derived from [collector] key_file).")
+@click.option("--max-age", "max_age", type=click.IntRange(min=1), default=20, show_default=True,
+              metavar="MINUTES", help="Entries after the newest checkpoint fail verification once that checkpoint "
+                                      "was signed longer ago than this (a running collector signs every 15 min).")
+@click.option("--checkpoint", "copy_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE", help="A checkpoint held elsewhere (the retained exam/v1/audit/checkpoint message "
+                                   "saved to a file, or an evidence package's package.json) to compare with "
+                                   "the database; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def verify_log(obj: Obj, pubkey: str | None, as_json: bool) -> None:
+def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Path, ...], as_json: bool) -> None:
     """Prove the audit log's hash chain and every signed checkpoint (exit 4 names the first bad entry)."""
+    from collector.audit import CheckpointCopyError, check_copy_signature, load_checkpoint_copy
     from collector.audit import verify_log as verify
-    from exam_contract.signing import PublicKeyError, parse_public_key
+    from exam_contract.signing import PublicKeyError, parse_public_key, public_key_b64
 
     if pubkey is not None:
         try:
@@ -85,16 +93,28 @@ def verify_log(obj: Obj, pubkey: str | None, as_json: bool) -> None:
             raise Fail(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes")
     else:
         public = obj.signing_key().public_key()
+    copies = []
+    for path in copy_files:
+        try:
+            copy = load_checkpoint_copy(path)
+            if copy.public_key == public_key_b64(public):
+                check_copy_signature(copy, public)
+            # a copy signed before a key rotation is checked against the key the rotations vouch for
+        except CheckpointCopyError as exc:
+            raise Fail(f"--checkpoint {exc}")
+        copies.append(copy)
     with obj.sessions()() as session:
-        report = verify(session, public)
+        report = verify(session, public, max_age=timedelta(minutes=max_age), copies=copies)
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
+                               "checkpoint_copies": report.copies,
                                "first_bad": report.first_bad.seq if report.first_bad else None,
                                "problems": [{"entry": p.seq, "problem": p.what} for p in report.problems]},
                               ensure_ascii=False, indent=2))
     elif report.ok:
+        copies_note = f"; {report.copies} checkpoint copies held elsewhere agree" if report.copies else ""
         click.echo(f"audit log verified: {report.entries} entries chained, {report.checkpoints} signed "
-                   "checkpoints match")
+                   f"checkpoints match{copies_note}")
     else:
         first = report.first_bad
         assert first is not None
@@ -171,11 +191,13 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
 @click.pass_obj
 def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None:
     """Re-hash stored files; find missing, orphan and altered files and chain breaks (exit 4 on any)."""
+    from collector.audit import checkpoint_after_command
     from .scrub import run_scrub
 
     cfg = obj.config()
     show = sys.stderr.isatty() if progress is None else progress
-    result = run_scrub(obj.sessions(), cfg.storage_dir, sample=sample, progress=sys.stderr if show else None,
+    sessions = obj.sessions()
+    result = run_scrub(sessions, cfg.storage_dir, sample=sample, progress=sys.stderr if show else None,
                        actor=f"retention:{_actor()}")
     if as_json:
         click.echo(json.dumps(result.as_json(), ensure_ascii=False, indent=2))
@@ -185,6 +207,7 @@ def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None
                    f"records' signatures and chains; {len(result.problems)} problems")
         for p in result.problems:
             click.echo(f"  {p.kind}: {p.item}: {p.what}")
+    checkpoint_after_command(sessions, cfg.key_file)
     if result.problems:
         raise SystemExit(EXIT_INTEGRITY)
 
@@ -212,14 +235,17 @@ def _day(text: str, option: str) -> date:
 @click.pass_obj
 def audit_cmd(obj: Obj, from_text: str, to_text: str, fmt: str, out: Path) -> None:
     """Coverage-gap report for the period across institutions, venues and batches (exit 3 on any gap)."""
+    from collector.audit import checkpoint_after_command
     from .report import build_report, write_report
 
     first, last = _day(from_text, "--from"), _day(to_text, "--to")
     if last < first:
         raise Fail(f"--to {last} is before --from {first}: swap them")
     cfg = obj.config()
-    report = build_report(obj.sessions(), cfg, first, last, now=datetime.now(timezone.utc),
+    sessions = obj.sessions()
+    report = build_report(sessions, cfg, first, last, now=datetime.now(timezone.utc),
                           actor=f"retention:{_actor()}")
+    checkpoint_after_command(sessions, cfg.key_file)
     try:
         write_report(report, fmt, out)
     except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
-from collector.models import AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
+from collector.models import AuditCheckpoint, AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
+from collector.placement import UnsafePath, stored_path
 from exam_contract.canonical import format_time
 from exam_contract.files import fsync_dir
 
@@ -29,14 +31,14 @@ from .policy import (BatchLink, Decision, HoldFacts, HoldWindow, RetentionPolicy
 
 log = logging.getLogger(__name__)
 
-CLOCK_TOLERANCE = timedelta(minutes=10)       # against times this collector wrote itself
-FOOTAGE_CLOCK_TOLERANCE = timedelta(days=1)   # against footage times, which agents' clocks wrote
+CLOCK_TOLERANCE = timedelta(minutes=10)       # against times a collector wrote itself (never agents' times)
+FUTURE_FOOTAGE_ALARM = timedelta(days=1)      # footage ending this far after `now`: an agent's clock is ahead
 DISK_ALARM_FREE_FRACTION = 0.10
 READ_CHUNK = 2000
 
 
 class ClockError(Exception):
-    """The clock is earlier than what is already stored: enforce refuses to decide anything."""
+    """The clock is earlier than what a collector already wrote: enforce refuses to decide anything."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class EnforcePlan:
     now: datetime
     deletions: tuple[PlannedDeletion, ...]
     stored_segments: int          # live segment files in the database
-    candidates: int               # those old enough to be looked at (ended >= 365 days ago)
+    candidates: int               # those old enough to be looked at (ended and stored >= 365 days ago)
     held: int                     # candidates kept only because of a hold
     alarms: tuple[str, ...]
 
@@ -160,19 +162,48 @@ def active_holds(session: Session, windows: Sequence[BatchWindow]) -> tuple[list
     return holds, alarms
 
 
-def check_clock(session: Session, now: datetime) -> None:
-    newest_stored = session.scalar(select(func.max(SegmentRecord.stored_at)))
-    newest_entry = session.scalar(select(func.max(AuditEntry.at)))
-    for label, moment in (("the newest stored segment was stored at", newest_stored),
-                          ("the newest audit-log entry was written at", newest_entry)):
-        if moment is not None and now < moment - CLOCK_TOLERANCE:
-            raise ClockError(f"the clock says {format_time(now)} but {label} {format_time(moment)}: the clock "
-                             "looks wrong (set back?); fix the system time (NTP) before enforcing retention")
-    newest_end = session.scalar(select(func.max(SegmentRecord.end_at)))
-    if newest_end is not None and now < newest_end - FOOTAGE_CLOCK_TOLERANCE:
-        raise ClockError(f"the clock says {format_time(now)} but stored footage ends at {format_time(newest_end)}: "
-                         "either this clock or an agent's clock is wrong; fix the time (NTP) before enforcing "
-                         "retention (`exam-collector summary` shows which camera)")
+def check_clock(session: Session, now: datetime, host: str | None = None) -> None:
+    """Refuse when `now` is earlier than a time some collector wrote with its own clock: the newest segment
+    arrival (`stored_at`), the newest audit-log entry, the newest signed audit checkpoint. Times the agents
+    wrote (a segment's start and end) are never compared: one agent with a wrong clock must not stop
+    retention for everyone (its footage is simply kept; see `future_footage_alarm`)."""
+    host = host or socket.gethostname()
+    said = f"the clock of this machine ({host}) says {format_time(now)}"
+    fix = "one of these two clocks is wrong; fix it (NTP) before enforcing retention"
+    stored = session.execute(select(SegmentRecord.stored_at, SegmentRecord.stored_by, SegmentRecord.venue,
+                                    SegmentRecord.camera, SegmentRecord.seq)
+                             .order_by(SegmentRecord.stored_at.desc()).limit(1)).first()
+    if stored is not None and now < stored.stored_at - CLOCK_TOLERANCE:
+        instance = stored.stored_by or "(not recorded: stored before migration 0007)"
+        raise ClockError(f"{said} but collector instance {instance} stored a segment at "
+                         f"{format_time(stored.stored_at)} ({stored.venue}/{stored.camera}/{stored.seq}): {fix}")
+    entry = session.scalars(select(AuditEntry).order_by(AuditEntry.at.desc()).limit(1)).first()
+    if entry is not None and now < entry.at - CLOCK_TOLERANCE:
+        raise ClockError(f"{said} but audit-log entry {entry.seq} ({entry.action} by {entry.actor}) was written "
+                         f"at {format_time(entry.at)}: {fix}")
+    checkpoint = session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.at.desc()).limit(1)).first()
+    if checkpoint is not None and now < checkpoint.at - CLOCK_TOLERANCE:
+        signer = getattr(checkpoint, "host", None)
+        by = f"signed on {signer}" if signer else "signed by a collector (host not recorded)"
+        raise ClockError(f"{said} but audit checkpoint {checkpoint.id} ({checkpoint.occasion}) was {by} at "
+                         f"{format_time(checkpoint.at)}: {fix}")
+
+
+def future_footage_alarm(session: Session, now: datetime) -> str | None:
+    """Footage whose agent-written end lies well after `now`: its agent's clock is ahead. It is kept (its
+    floor counts from that end) and enforce goes on for everything else; the alarm names it."""
+    limit = now + FUTURE_FOOTAGE_ALARM
+    live = (SegmentRecord.kind == "segment", SegmentRecord.deleted_at.is_(None), SegmentRecord.end_at > limit)
+    count = session.scalar(select(func.count()).select_from(SegmentRecord).where(*live)) or 0
+    if not count:
+        return None
+    newest = session.execute(select(SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq,
+                                    SegmentRecord.end_at, SegmentRecord.stored_at).where(*live)
+                             .order_by(SegmentRecord.end_at.desc()).limit(1)).one()
+    return (f"{count} stored segment(s) end more than {FUTURE_FOOTAGE_ALARM.days} day after this clock "
+            f"({format_time(now)}), e.g. {newest.venue}/{newest.camera}/{newest.seq} ends "
+            f"{format_time(newest.end_at)} but arrived {format_time(newest.stored_at)}: that agent's clock is "
+            "ahead; the footage is kept; fix the agent's time (NTP)")
 
 
 def _candidates(session: Session, cutoff: datetime) -> Iterator[SegmentRecord]:
@@ -180,7 +211,7 @@ def _candidates(session: Session, cutoff: datetime) -> Iterator[SegmentRecord]:
     while True:
         rows = list(session.scalars(select(SegmentRecord).where(
             SegmentRecord.id > after, SegmentRecord.kind == "segment", SegmentRecord.storage_path.is_not(None),
-            SegmentRecord.deleted_at.is_(None), SegmentRecord.end_at <= cutoff)
+            SegmentRecord.deleted_at.is_(None), SegmentRecord.end_at <= cutoff, SegmentRecord.stored_at <= cutoff)
             .order_by(SegmentRecord.id).limit(READ_CHUNK)))
         if not rows:
             return
@@ -192,7 +223,8 @@ def _candidates(session: Session, cutoff: datetime) -> Iterator[SegmentRecord]:
 def facts_of(row: SegmentRecord, windows_by_room: dict[tuple[str, str], list[BatchWindow]]) -> SegmentFacts:
     links = tuple(BatchLink(w.batch_id, w.part_end) for w in windows_by_room.get((row.venue, row.room), ())
                   if w.start <= row.end_at and w.end >= row.start_at)
-    return SegmentFacts(row.id, row.venue, row.room, row.camera, row.start_at, row.end_at, row.size, links)
+    return SegmentFacts(row.id, row.venue, row.room, row.camera, row.start_at, row.end_at, row.size, links,
+                        stored_at=row.stored_at)
 
 
 def disk_alarm(storage_dir: Path) -> str | None:
@@ -232,9 +264,9 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage
             deletions.append(PlannedDeletion(row.id, row.venue, row.camera, row.seq, row.storage_path, row.size,
                                              row.sha256, row.record_hash, row.start_at, row.end_at,
                                              decision.keep_until, decision.rule, decision.reason))
-    alarm = disk_alarm(storage_dir)
-    if alarm:
-        alarms.append(alarm)
+    for alarm in (future_footage_alarm(session, now), disk_alarm(storage_dir)):
+        if alarm:
+            alarms.append(alarm)
     return EnforcePlan(now, tuple(deletions), stored, candidates, held, tuple(alarms))
 
 
@@ -244,6 +276,12 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Pat
             actor: str, pre: timedelta, post: timedelta) -> EnforceResult:
     result = EnforceResult()
     for item in plan.deletions:
+        try:
+            path = stored_path(storage_dir, item.storage_path)
+        except UnsafePath as exc:  # a row written before paths were checked: never unlink outside storage
+            log.error("%s not deleted: %s", item.target, exc)
+            result.skipped.append(f"{item.target}: {exc}; not deleted")
+            continue
         with sessions.begin() as session:
             row = session.get(SegmentRecord, item.segment_id, with_for_update=True)
             if row is None or row.deleted_at is not None:
@@ -267,7 +305,6 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Pat
                     detail={"segment_id": item.segment_id, "storage_path": item.storage_path, "size": item.size,
                             "sha256": item.sha256, "record_hash": item.record_hash, "start": item.start,
                             "end": item.end, "keep_until": item.keep_until, "rule": item.rule}).seq
-        path = storage_dir / item.storage_path
         path.unlink(missing_ok=True)
         if path.parent.is_dir():  # a file already missing may have lost its folder too
             fsync_dir(path.parent)

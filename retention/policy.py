@@ -3,11 +3,15 @@
 Rule (docs/retention.md states it for operators):
 - Calendar years are counted on the Asia/Shanghai wall clock: the same month, day and time one year
   later; 29 February plus one year is 1 March.
-- Every stored segment is kept at least one calendar year after its own end (Article 11: 保留一年以上).
+- Every stored segment is kept at least one calendar year plus `margin_days` after the later of its own
+  end and its arrival at the collector (`stored_at`, written by the collector's clock). The end comes from
+  the agent's clock; an agent with a clock set back (or reset) must never shorten a keep, so the floor
+  never counts from a moment before the footage reached the collector (Article 11: 保留一年以上).
 - A segment linked to batch parts is kept at least until the latest part's end plus one calendar year
-  plus `margin_days`.
-- An unlinked segment is kept one calendar year, or `unlinked_retention_days` after its end when that is
-  longer; a setting below 365 days is refused (see `RetentionPolicy.check`).
+  plus `margin_days` (and never less than the floor above).
+- An unlinked segment is kept one calendar year plus `margin_days`, or `unlinked_retention_days` after
+  that same later moment when that is longer; a setting below 365 days is refused (see
+  `RetentionPolicy.check`).
 - A segment under an active hold is never deleted. A batch hold whose batch cannot be resolved to its
   windows holds everything, because what it protects is unknown.
 """
@@ -58,6 +62,17 @@ class SegmentFacts:
     end: datetime
     size: int = 0
     links: tuple[BatchLink, ...] = ()
+    # Arrival at the collector (its own clock). None only for facts built by hand: then `end` alone counts.
+    stored_at: datetime | None = None
+
+    @property
+    def basis(self) -> datetime:
+        """The moment the base floor counts from: the later of the agent's `end` and the arrival."""
+        return self.end if self.stored_at is None else max(self.end, self.stored_at)
+
+    @property
+    def counted_from_arrival(self) -> bool:
+        return self.stored_at is not None and self.stored_at > self.end
 
 
 @dataclass(frozen=True)
@@ -108,16 +123,33 @@ def add_calendar_years(moment: datetime, years: int = 1) -> datetime:
     return moved.astimezone(timezone.utc)
 
 
-def keep_until(segment: SegmentFacts, policy: RetentionPolicy) -> tuple[datetime, str]:
-    """The earliest moment the segment may be deleted, and which rule set it."""
-    floor = add_calendar_years(segment.end)
+@dataclass(frozen=True)
+class Floor:
+    until: datetime        # the earliest moment the segment may be deleted
+    rule: str              # "linked" or "unlinked"
+    base: bool             # True when the base floor (from `SegmentFacts.basis`) sets `until`
+
+
+def retention_floor(segment: SegmentFacts, policy: RetentionPolicy) -> Floor:
+    """The earliest moment the segment may be deleted, which rule set it, and whether the base floor (one
+    calendar year plus margin after the later of end and arrival) is the one that binds."""
+    margin = timedelta(days=policy.margin_days)
+    basis = segment.basis
+    base = add_calendar_years(basis) + margin
+    floor = base
     if segment.links:
         for link in segment.links:
-            floor = max(floor, add_calendar_years(link.end) + timedelta(days=policy.margin_days))
-        return floor, "linked"
+            floor = max(floor, add_calendar_years(link.end) + margin)
+        return Floor(floor, "linked", floor == base)
     if policy.unlinked_retention_days is not None:
-        floor = max(floor, segment.end + timedelta(days=policy.unlinked_retention_days))
-    return floor, "unlinked"
+        floor = max(floor, basis + timedelta(days=policy.unlinked_retention_days))
+    return Floor(floor, "unlinked", floor == base)
+
+
+def keep_until(segment: SegmentFacts, policy: RetentionPolicy) -> tuple[datetime, str]:
+    """The earliest moment the segment may be deleted, and which rule set it."""
+    floor = retention_floor(segment, policy)
+    return floor.until, floor.rule
 
 
 def _overlaps(start: datetime, end: datetime, lo: datetime | None, hi: datetime | None) -> bool:
@@ -150,12 +182,17 @@ def shanghai_text(moment: datetime) -> str:
 def decide(segment: SegmentFacts, holds: Sequence[HoldFacts], now: datetime, policy: RetentionPolicy) -> Decision:
     if now.tzinfo is None:
         raise ValueError("naive `now`: attach a timezone (UTC inside)")
-    until, rule = keep_until(segment, policy)
+    floor = retention_floor(segment, policy)
+    until, rule = floor.until, floor.rule
     if rule == "linked":
         latest = max(segment.links, key=lambda link: link.end)
         basis = f"linked to batch {latest.batch_id} (part ended {shanghai_text(latest.end)})"
     else:
         basis = "not linked to any batch"
+    if floor.base and segment.counted_from_arrival:
+        assert segment.stored_at is not None
+        basis += (f"; kept from its arrival at the collector ({shanghai_text(segment.stored_at)}): its end time "
+                  f"({shanghai_text(segment.end)}) is earlier than its arrival")
     held = holds_on(segment, holds)
     if held:
         return Decision(segment.id, False, until, rule,
@@ -172,5 +209,6 @@ def plan(segments: Iterable[SegmentFacts], holds: Sequence[HoldFacts], now: date
 
 
 def earliest_possible_floor(now: datetime) -> datetime:
-    """Segments ending after this cannot be due (every floor is at least one calendar year, >= 365 days)."""
+    """Segments that ended or arrived after this cannot be due: every floor is at least one calendar year
+    (>= 365 days) after both the end and the arrival."""
     return now - timedelta(days=365)

@@ -8,6 +8,10 @@ Two views of the period (days in Asia/Shanghai, `--to` inclusive):
 A gap inside a batch window, a part without footage, or a missing sequence number counts as a gap (exit 3).
 A stated outage outside every exam window is listed but not counted: the product only promises coverage of
 exam windows (PRODUCT.md, Coverage).
+Records the collector flagged `clock_suspect` (their own times far from their arrival: the agent's clock is
+not to be believed) are listed per camera when their claimed times overlap the period or they arrived in it:
+count, first and last arrival (`stored_at`), claimed times and seqs. They are kept and still cover; a gap
+next to one names `clock_suspect`. They are not counted as gaps.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
@@ -38,7 +42,7 @@ MAX_SEQ_LIST = 50
 CAUSES_ZH = {
     "camera_unreachable": "摄像头无法连接", "recorder_crashed": "录像进程崩溃", "corrupt_segment": "片段损坏",
     "disk_full": "磁盘已满", "agent_stopped": "采集端已停止", "missing_seq": "片段序号缺失",
-    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "health_black": "黑屏",
+    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "clock_suspect": "时钟可疑", "health_black": "黑屏",
     "health_frozen": "画面冻结", "health_obstructed": "画面遮挡", "unknown": "原因不明",
 }
 STATUS_ZH = {"complete": "完整", "gaps": "有缺口", "no_footage": "无录像", "pending": "待定（未结束或上传中）"}
@@ -102,6 +106,21 @@ class CameraRow:
 
 
 @dataclass(frozen=True)
+class SuspectRow:
+    """A camera's records flagged `clock_suspect` that concern the period (claimed times or arrival in it)."""
+
+    institution: str
+    venue: str
+    camera: str
+    records: int
+    first_stored: datetime        # arrival at the collector (its clock), the earliest of these records
+    last_stored: datetime
+    claimed_start: datetime       # the earliest start / latest end the agent's clock claimed
+    claimed_end: datetime
+    seqs: tuple[int, ...]         # the first MAX_SEQ_LIST of them
+
+
+@dataclass(frozen=True)
 class Totals:
     institutions: int
     venues: int
@@ -112,6 +131,7 @@ class Totals:
     gaps: int
     gap_seconds: float
     part_status: dict[str, int] = field(default_factory=dict)
+    clock_suspect_records: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class AuditReport:
     cameras: tuple[CameraRow, ...]
     gaps: tuple[ReportGap, ...]
     totals: Totals
+    clock_suspect: tuple[SuspectRow, ...] = ()
 
 
 def period_bounds(first: date, last: date) -> tuple[datetime, datetime]:
@@ -182,6 +203,23 @@ def _continuity(session: Session, lo: datetime, hi: datetime) -> tuple[list[Came
     return cameras, gaps
 
 
+def _clock_suspect(session: Session, lo: datetime, hi: datetime) -> list[SuspectRow]:
+    rows = session.execute(select(
+        SegmentRecord.institution, SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq,
+        SegmentRecord.start_at, SegmentRecord.end_at, SegmentRecord.stored_at).where(
+        SegmentRecord.clock_suspect.is_(True),
+        or_(and_(SegmentRecord.start_at < hi, SegmentRecord.end_at > lo),
+            and_(SegmentRecord.stored_at >= lo, SegmentRecord.stored_at < hi)))
+        .order_by(SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)).all()
+    by_camera: dict[tuple[str, str], list] = defaultdict(list)
+    for r in rows:
+        by_camera[(r.venue, r.camera)].append(r)
+    return [SuspectRow(recs[0].institution, venue, camera, len(recs), min(r.stored_at for r in recs),
+                       max(r.stored_at for r in recs), min(r.start_at for r in recs), max(r.end_at for r in recs),
+                       tuple(r.seq for r in recs[:MAX_SEQ_LIST]))
+            for (venue, camera), recs in by_camera.items()]
+
+
 def build_report(sessions: sessionmaker[Session], cfg: CollectorConfig, first: date, last: date,
                  now: datetime, actor: str) -> AuditReport:
     lo, hi = period_bounds(first, last)
@@ -215,6 +253,7 @@ def build_report(sessions: sessionmaker[Session], cfg: CollectorConfig, first: d
                                      p.start, p.end, p.status, len(cams),
                                      round(100 * covered / (window * len(cams)), 2) if cams and window else 0.0, count))
         cameras, seq_gaps = _continuity(session, lo, hi)
+        suspects = _clock_suspect(session, lo, hi)
     gaps.extend(seq_gaps)
     statuses: dict[str, int] = defaultdict(int)
     for p in parts:
@@ -225,12 +264,14 @@ def build_report(sessions: sessionmaker[Session], cfg: CollectorConfig, first: d
         batches=len({p.batch_id for p in parts}), parts=len(parts),
         parts_with_gaps=sum(1 for p in parts if p.status in (STATUS_GAPS, STATUS_NO_FOOTAGE)),
         cameras=len(cameras), gaps=len(gaps), gap_seconds=round(sum(g.seconds for g in gaps), 3),
-        part_status=dict(sorted(statuses.items())))
-    report = AuditReport(first, last, lo, hi, now, tuple(parts), tuple(cameras), tuple(gaps), totals)
+        part_status=dict(sorted(statuses.items())), clock_suspect_records=sum(c.records for c in suspects))
+    report = AuditReport(first, last, lo, hi, now, tuple(parts), tuple(cameras), tuple(gaps), totals,
+                         tuple(suspects))
     with sessions.begin() as session:
         audit.record(session, audit.ACTION_AUDIT_REPORT, actor=actor, target=f"period:{first}..{last}",
                      detail={"parts": totals.parts, "parts_with_gaps": totals.parts_with_gaps, "gaps": totals.gaps,
-                             "gap_seconds": totals.gap_seconds, "cameras": totals.cameras})
+                             "gap_seconds": totals.gap_seconds, "cameras": totals.cameras,
+                             "clock_suspect_records": totals.clock_suspect_records})
     return report
 
 
@@ -252,7 +293,7 @@ def report_json(r: AuditReport) -> dict:
         "totals": {"institutions": r.totals.institutions, "venues": r.totals.venues, "batches": r.totals.batches,
                    "parts": r.totals.parts, "parts_with_gaps": r.totals.parts_with_gaps,
                    "part_status": r.totals.part_status, "cameras": r.totals.cameras, "gaps": r.totals.gaps,
-                   "gap_seconds": r.totals.gap_seconds},
+                   "gap_seconds": r.totals.gap_seconds, "clock_suspect_records": r.totals.clock_suspect_records},
         "parts": [{"batch_id": p.batch_id, "institution": p.institution, "occupation": p.occupation,
                    "level": p.level, "part": p.part, "venue": p.venue, "room": p.room, "start": _t(p.start),
                    "end": _t(p.end), "start_local": local(p.start), "end_local": local(p.end), "status": p.status,
@@ -266,6 +307,11 @@ def report_json(r: AuditReport) -> dict:
                      "missing_seqs": list(c.missing_seqs),
                      "outages": [{"start": _t(o.start), "end": _t(o.end), "cause": o.cause} for o in c.outages]}
                     for c in r.cameras],
+        "clock_suspect": [{"institution": c.institution, "venue": c.venue, "camera": c.camera, "records": c.records,
+                           "first_stored_at": _t(c.first_stored), "last_stored_at": _t(c.last_stored),
+                           "first_stored_local": local(c.first_stored), "last_stored_local": local(c.last_stored),
+                           "claimed_start": _t(c.claimed_start), "claimed_end": _t(c.claimed_end),
+                           "seqs": list(c.seqs)} for c in r.clock_suspect],
     }
 
 
@@ -283,6 +329,10 @@ def report_csv(r: AuditReport) -> str:
     for g in r.gaps:
         writer.writerow(["gap", g.batch_id or "", g.institution, g.venue, g.room, g.camera, g.part or "",
                          local(g.start), local(g.end), "", round(g.seconds, 3), ";".join(g.causes), g.seqs or ""])
+    for c in r.clock_suspect:  # start/end: first and last arrival at the collector (its clock)
+        writer.writerow(["clock_suspect", "", c.institution, c.venue, "", c.camera, "", local(c.first_stored),
+                         local(c.last_stored), f"{c.records} records", "", "clock_suspect",
+                         ",".join(str(s) for s in c.seqs)])
     writer.writerow(["total", "", r.totals.institutions, r.totals.venues, "", r.totals.cameras, r.totals.parts, "", "",
                      f"{r.totals.parts_with_gaps} parts with gaps", r.totals.gap_seconds, f"{r.totals.gaps} gaps", ""])
     return out.getvalue()
@@ -312,13 +362,20 @@ def report_html(r: AuditReport) -> str:
         f"<td>{e('、'.join(f'{local(o.start)}–{local(o.end)} {CAUSES_ZH.get(o.cause, o.cause)}' for o in c.outages) or '—')}</td>"
         f"<td>{e(','.join(str(s) for s in c.missing_seqs) or '—')}</td></tr>" for c in r.cameras) \
         or "<tr><td colspan=\"9\">本期间无录像记录</td></tr>"
+    rows_suspect = "".join(
+        f"<tr class=\"suspect\"><td>{e(c.institution)}</td><td>{e(c.venue)}</td><td>{e(c.camera)}</td>"
+        f"<td>{c.records}</td><td>{e(local(c.first_stored))}</td><td>{e(local(c.last_stored))}</td>"
+        f"<td>{e(local(c.claimed_start))} 至 {e(local(c.claimed_end))}</td>"
+        f"<td>{e(','.join(str(s) for s in c.seqs))}</td></tr>" for c in r.clock_suspect) \
+        or "<tr><td colspan=\"8\">未发现时钟可疑的录像</td></tr>"
     status_text = "，".join(f"{STATUS_ZH.get(k, k)} {v}" for k, v in t.part_status.items()) or "—"
     verdict = "发现覆盖缺口" if t.gaps else "未发现覆盖缺口"
     return f"""<!DOCTYPE html>
 <html lang="zh-CN"><head><meta charset="utf-8"><title>考试录像覆盖审计报告 {r.first_day}–{r.last_day}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
 td,th{{border:1px solid #999;padding:4px 8px;font-size:14px}}th{{background:#eee}}
-tr.gaps td,tr.no_footage td{{background:#fde2e2}}tr.complete td{{background:#e6f4e6}}</style></head>
+tr.gaps td,tr.no_footage td{{background:#fde2e2}}tr.complete td{{background:#e6f4e6}}
+tr.suspect td{{background:#fff3cd}}</style></head>
 <body>
 <h1>考试录像覆盖审计报告</h1>
 <p>审计期间：{r.first_day} 至 {r.last_day}（北京时间）　生成时间：{e(local(r.generated_at))}（北京时间）</p>
@@ -340,6 +397,12 @@ tr.gaps td,tr.no_footage td{{background:#fde2e2}}tr.complete td{{background:#e6f
 <table><tr><th>机构代码</th><th>备案场所</th><th>摄像头</th><th>考场</th><th>片段数</th><th>录像秒数</th><th>中断记录</th>
 <th>中断（时间、原因）</th><th>缺失序号</th></tr>
 {rows_cams}</table>
+<h2>时钟可疑</h2>
+<p>以下录像自报的时间与采集服务器接收时间相差过大，采集端时钟不可信：录像照常保存（保留期自其结束时间与接收时间中较晚者起算），
+与之相邻的缺口注明“时钟可疑”。请校准该采集端的时间（NTP）。</p>
+<table><tr><th>机构代码</th><th>备案场所</th><th>摄像头</th><th>时钟可疑片段数</th><th>首次接收（北京时间）</th>
+<th>最后接收（北京时间）</th><th>片段自报时间</th><th>序号</th></tr>
+{rows_suspect}</table>
 </body></html>
 """
 

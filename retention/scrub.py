@@ -24,7 +24,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
-from collector.models import CHAIN_LINKED, Agent, AuditEntry, ScrubRun, SegmentRecord
+from collector.models import CHAIN_LINKED, Agent, AgentKey, AuditEntry, ScrubRun, SegmentRecord
+from collector.placement import UnsafePath, contained
 from exam_contract.canonical import format_time, sha256_hex
 from exam_contract.signing import PublicKeyError, parse_public_key, verify
 
@@ -134,13 +135,17 @@ def _item(rec: SegmentRecord) -> str:
 
 
 def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, list[FileToHash], set[str], set[str]]:
-    """Signatures, manifests and chains of every record; returns (records, live files, live paths, deleted paths)."""
-    keys: dict[str, object] = {}
-    for agent in session.scalars(select(Agent)):
+    """Signatures (each with the key that verified it at ingest, from the agent's key history), manifests and
+    chains of every record; returns (records, live files, live paths, deleted paths)."""
+    def parsed(text: str) -> object:
         try:
-            keys[agent.id] = parse_public_key(agent.public_key)
+            return parse_public_key(text)
         except PublicKeyError:
-            keys[agent.id] = None
+            return None
+
+    current: dict[str, object] = {agent.id: parsed(agent.public_key) for agent in session.scalars(select(Agent))}
+    history: dict[tuple[str, str], object] = {(k.agent_id, k.fingerprint): parsed(k.public_key)
+                                              for k in session.scalars(select(AgentKey))}
     # Rows marked deleted must each have their tombstone: otherwise marking a row deleted would hide a
     # removed file from this scrub.
     tombstones: dict[int, tuple[str, str | None]] = {}
@@ -171,11 +176,16 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
         differing = sorted(k for k, v in expected.items() if manifest.get(k) != v)
         if differing:
             bad("manifest_mismatch", f"row fields {', '.join(differing)} differ from the signed manifest")
-        key = keys.get(rec.agent_id)
-        if rec.agent_id not in keys:
-            bad("unknown_agent", f"agent {rec.agent_id} is not enrolled: the signature cannot be checked")
+        if rec.key_fingerprint is not None:
+            known = (rec.agent_id, rec.key_fingerprint) in history
+            key = history.get((rec.agent_id, rec.key_fingerprint))
+            which = f"key {rec.key_fingerprint[:16]}… of {rec.agent_id}"
+        else:  # stored before key history: its agent's current key
+            known, key, which = rec.agent_id in current, current.get(rec.agent_id), f"the key enrolled for {rec.agent_id}"
+        if not known:
+            bad("unknown_agent", f"{which} is not in the key history: the signature cannot be checked")
         elif key is None or not verify(key, canonical, rec.signature):  # type: ignore[arg-type]
-            bad("signature", f"the signature does not verify with the key enrolled for {rec.agent_id}")
+            bad("signature", f"the signature does not verify with {which}")
         same = previous is not None and (previous.venue, previous.camera) == (rec.venue, rec.camera)
         if rec.seq == 1 and rec.prev_hash is not None:
             bad("chain_break", "seq 1 names a predecessor")
@@ -224,7 +234,12 @@ def run_scrub(sessions: sessionmaker[Session], storage_dir: Path, sample: float 
         result.records_checked, files, live, deleted = check_records(session, problems)
     present: list[FileToHash] = []
     for f in files:
-        if (storage_dir / f.path).is_file():
+        try:
+            path = contained(storage_dir, f.path)
+        except UnsafePath as exc:
+            problems.append(ScrubProblem("missing_file", f.item, f"not checked: {exc}"))
+            continue
+        if path.is_file():
             present.append(f)
         else:
             problems.append(ScrubProblem("missing_file", f.item, "stored file is missing"))

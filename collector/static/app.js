@@ -18,7 +18,7 @@ const TEXT = {
     seconds: "秒", cause: "原因", language: "English",
     recorder_crashed: "录像进程崩溃", camera_unreachable: "摄像头不可达", corrupt_segment: "片段损坏",
     disk_full: "磁盘已满", agent_stopped: "采集端停止", missing_seq: "序号缺失", rejected_upload: "上传被拒收",
-    clock_unsynced: "时钟未同步", unknown: "原因不明", health_black: "黑屏", health_frozen: "画面冻结",
+    clock_unsynced: "时钟未同步", clock_suspect: "时钟可疑", unknown: "原因不明", health_black: "黑屏", health_frozen: "画面冻结",
     health_obstructed: "镜头遮挡", no_camera_cause: "无摄像头", segments_unit: "个片段",
   },
   en: {
@@ -38,7 +38,7 @@ const TEXT = {
     seconds: "s", cause: "cause", language: "中文",
     recorder_crashed: "recorder crashed", camera_unreachable: "camera unreachable", corrupt_segment: "corrupt segment",
     disk_full: "disk full", agent_stopped: "agent stopped", missing_seq: "missing seq", rejected_upload: "upload rejected",
-    clock_unsynced: "clock not synced", unknown: "unknown", health_black: "black video", health_frozen: "frozen video",
+    clock_unsynced: "clock not synced", clock_suspect: "clock suspect", unknown: "unknown", health_black: "black video", health_frozen: "frozen video",
     health_obstructed: "obstructed view", no_camera_cause: "no camera", segments_unit: "segments",
   },
 };

@@ -10,13 +10,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, select
 
+from collector.admission import IngestLimits
 from collector.db import make_engine, session_factory, upgrade
 from collector.admin import enroll
 from collector.ingest import Ingest
 from collector.models import IngestEvent, SegmentRecord
+from exam_contract.canonical import canonical_bytes, sha256_hex
 from exam_contract.chunks import chunk_count
 from exam_contract.manifest import Manifest, VideoInfo
-from exam_contract.protocol import InitMessage, Reply
+from exam_contract.protocol import InitMessage, ProtocolError, Reply, encode_fin
 from exam_contract.signing import public_key_b64, sign
 
 AGENT = "jl2201001-01-a"
@@ -25,6 +27,17 @@ VENUE = "JL2201001-01"
 CAMERA = "t101-front"
 BASE = datetime(2026, 11, 26, 1, 0, 0, tzinfo=timezone.utc)
 CHUNK = 1000
+# The tests' small files travel in 1000-byte chunks; production allows 64 KiB to 1 MiB. Their footage carries
+# fixed dates, which must not turn `clock_suspect` as the calendar moves on.
+TEST_LIMITS = IngestLimits(min_chunk_bytes=256, clock_backlog_days=100 * 365)
+
+
+def fin_for(init: bytes) -> bytes:
+    """The fin an agent sends for this init: its record hash (empty when the init cannot be read)."""
+    try:
+        return encode_fin(sha256_hex(canonical_bytes(InitMessage.decode(init).manifest_raw)))
+    except ProtocolError:
+        return b""
 
 
 def payload_bytes(seq: int, size: int = 3500) -> bytes:
@@ -79,16 +92,18 @@ class Harness:
         """init, chunks (except `skip`), fin; returns the init reply if it rejected, else the fin reply."""
         agent = topic_agent or self.agent.agent
         file_id = manifest.file_id
-        reply = self.ingest.on_init(agent, file_id, init if init is not None else self.agent.init_payload(manifest, chunk_size))
+        init = init if init is not None else self.agent.init_payload(manifest, chunk_size)
+        reply = self.ingest.on_init(agent, file_id, init)
         if reply is not None:
-            fin = self.ingest.on_fin(agent, file_id)
+            fin = self.ingest.on_fin(agent, file_id, fin_for(init))
             assert fin is not None and fin.state == reply.state and fin.reason == reply.reason
+            assert fin.record == reply.record
             return reply
         if data:
             for i in range(chunk_count(len(data), chunk_size)):
                 if i not in skip:
                     self.ingest.on_chunk(agent, file_id, i, data[i * chunk_size:(i + 1) * chunk_size])
-        return self.ingest.on_fin(agent, file_id)
+        return self.ingest.on_fin(agent, file_id, fin_for(init))
 
     def records(self) -> list[SegmentRecord]:
         with session_factory(self.engine)() as s:
@@ -120,5 +135,5 @@ def harness(database_url: str, tmp_path: Path, test_agent: SigningAgent) -> Harn
     upgrade(engine)
     enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
     storage = tmp_path / "storage"
-    yield Harness(Ingest(engine, storage), engine, storage, test_agent)
+    yield Harness(Ingest(engine, storage, limits=TEST_LIMITS), engine, storage, test_agent)
     engine.dispose()

@@ -8,13 +8,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from collector.audit import ACTION_BATCH_IMPORT
 from collector.batches import (BatchImportError, BatchNotFound, audit_period, batch_report, import_batches, import_file,
                                linked_records, list_batches, parse_exam_time, parts_linked_to, report_json)
+from collector.batch_view import render_report
 from collector.db import make_engine, session_factory, upgrade
-from collector.models import AuditEntry, BatchImport, ExamBatch, ExamBatchPart
+from collector.models import AuditEntry, BatchImport, ExamBatch, ExamBatchPart, SegmentRecord
 from exam_contract.manifest import ClockInfo
 
 from .conftest import BASE, INSTITUTION, VENUE, Harness, payload_bytes
@@ -258,3 +259,29 @@ def test_flagged_and_unsynced_segments_through_the_database(harness: Harness) ->
         (timedelta(seconds=50), timedelta(seconds=60), ("clock_unsynced", "missing_seq")),
     ]
     assert cam.unsynced_segments == 1 and cam.covered_seconds == pytest.approx(50)
+
+
+def test_clock_suspect_segment_named_in_gap_report_json_and_text(harness: Harness) -> None:
+    """A segment the collector flagged `clock_suspect` covers what it claims, but the gap next to it names
+    `clock_suspect`, and the report counts such segments per camera (JSON and zh/en text)."""
+    sessions = session_factory(harness.engine)
+    prev = store_run(harness, range(1, 4))
+    store_run(harness, range(5, 7), prev=_skip_hash(harness, prev, 4))   # seq 4 (30-40 s) never arrives
+    with harness.engine.begin() as conn:
+        conn.execute(update(SegmentRecord).where(SegmentRecord.seq == 5).values(clock_suspect=True))
+    do_import(sessions, batch_csv(BASE, BASE + timedelta(seconds=60), batch="S"))
+    later = BASE + timedelta(days=1)
+    with sessions() as s:
+        report = batch_report(s, "S", now=later)
+        (period,) = audit_period(s, BASE, BASE + timedelta(seconds=60), now=later)
+    (cam,) = report.parts[0].coverage.cameras
+    assert [(g.start - BASE, g.end - BASE, g.causes) for g in cam.gaps] == [
+        (timedelta(seconds=30), timedelta(seconds=40), ("clock_suspect", "missing_seq"))]
+    assert cam.covered_seconds == pytest.approx(50) and cam.suspect_segments == 1
+    assert [g.causes for g in period.gaps] == [("clock_suspect", "missing_seq")] and period.suspect_segments == 1
+    (cam_json,) = report_json(report)["parts"][0]["cameras"]
+    assert cam_json["clock_suspect_segments"] == 1
+    assert cam_json["gaps"][0]["causes"] == ["clock_suspect", "missing_seq"]
+    zh, en = render_report(report, "zh"), render_report(report, "en")
+    assert "时钟可疑片段 1" in zh and "原因: 时钟可疑、序号缺失" in zh
+    assert "segments with suspect clock 1" in en and "agent clock suspect" in en

@@ -15,7 +15,7 @@ from collector.db import make_engine
 from collector.ingest import Ingest
 from tests.support.services import free_port
 
-from .conftest import AGENT, INSTITUTION, VENUE, Harness, SigningAgent, payload_bytes
+from .conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent, payload_bytes
 
 BIN = Path(sys.executable).parent / "exam-collector"
 
@@ -51,14 +51,14 @@ def test_init_writes_config_and_key_and_refuses_to_overwrite(tmp_path: Path, cap
 
 def test_enroll_bad_key_is_one_line_exit_1(configured: Path, capsys) -> None:
     code, out, err = run(capsys, "--config", str(configured), "enroll", "--agent", AGENT, "--venue", VENUE,
-                         "--pubkey", "not-a-key!!")
+                         "--institution", INSTITUTION, "--pubkey", "not-a-key!!")
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("exam-collector: error: --pubkey") and "Traceback" not in err
 
 
 def test_re_enrol_with_another_key_needs_replace(configured: Path, capsys) -> None:
     first, second = SigningAgent(), SigningAgent()
-    base = ["--config", str(configured), "enroll", "--agent", AGENT, "--venue", VENUE]
+    base = ["--config", str(configured), "enroll", "--agent", AGENT, "--venue", VENUE, "--institution", INSTITUTION]
     assert run(capsys, *base, "--pubkey", first.pubkey)[0] == 0
     assert run(capsys, *base, "--pubkey", first.pubkey)[0] == 0  # same key: nothing changes
     code, out, err = run(capsys, *base, "--pubkey", second.pubkey)
@@ -71,7 +71,7 @@ def test_summary_verify_then_flipped_byte_exits_4(configured: Path, capsys, test
                "--institution", INSTITUTION, "--pubkey", test_agent.pubkey)[0] == 0
     cfg = load_config(configured)
     engine = make_engine(cfg.database_url)
-    h = Harness(Ingest(engine, cfg.storage_dir), engine, cfg.storage_dir, test_agent)
+    h = Harness(Ingest(engine, cfg.storage_dir, limits=TEST_LIMITS), engine, cfg.storage_dir, test_agent)
     prev = None
     for seq in (1, 2, 4):
         data = payload_bytes(seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,24 @@ def test_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert needle in str(info.value) and ":" in str(info.value)
+
+
+def test_default_client_id_is_stable_per_key_and_host_and_not_guessable(tmp_path: Path, monkeypatch) -> None:
+    """Without [mqtt] client_id: `{username}-{HMAC(key file, hostname)}`, not the old `exam-collector-{username}`
+    that anyone could use to take over the collector's session."""
+    text = ('[collector]\ndata_dir = "data"\nkey_file = "collector.key"\n'
+            '[mqtt]\nurl = "mqtts://broker.example.cn"\nusername = "collector-1"\n')
+    key = tmp_path / "collector.key"
+    key.write_bytes(b"first private key")
+    first = load_config(write(tmp_path, text)).mqtt.client_id
+    assert first != "exam-collector-collector-1" and first.startswith("collector-1-") and len(first) == 12 + 16
+    assert load_config(write(tmp_path, text)).mqtt.client_id == first  # the same after a restart
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-host")
+    assert load_config(write(tmp_path, text)).mqtt.client_id not in (first, "exam-collector-collector-1")
+    monkeypatch.undo()
+    key.write_bytes(b"second private key")
+    assert load_config(write(tmp_path, text)).mqtt.client_id not in (first, "exam-collector-collector-1")
+    key.unlink()  # no key (`serve` refuses to start then): a random suffix, still not the old id
+    assert load_config(write(tmp_path, text)).mqtt.client_id not in (first, "exam-collector-collector-1")
+    configured = load_config(write(tmp_path, text + 'client_id = "collector-east"\n'))
+    assert configured.mqtt.client_id == "collector-east"

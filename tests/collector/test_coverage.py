@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from collector.coverage import (CAUSE_CLOCK_UNSYNCED, CAUSE_MISSING_SEQ, CAUSE_UNKNOWN, DISQUALIFYING_HEALTH,
+from collector.coverage import (CAUSE_CLOCK_SUSPECT, CAUSE_CLOCK_UNSYNCED, CAUSE_MISSING_SEQ, CAUSE_UNKNOWN, DISQUALIFYING_HEALTH,
                                 HEALTH_PREFIX, STATUS_COMPLETE, STATUS_GAPS, STATUS_NO_FOOTAGE, STATUS_PENDING,
                                 CameraInput, GapRecord, SegmentSpan, SeqHole, Window, camera_coverage,
                                 part_coverage)
@@ -28,7 +28,7 @@ def ms_of(t: datetime) -> int:
 interval = st.tuples(st.integers(0, SPAN), st.integers(1, 15_000)).map(lambda p: (p[0], p[0] + p[1]))
 segments_st = st.lists(st.tuples(interval,
                                  st.lists(st.sampled_from(["black", "frozen", "obstructed", "dim"]), max_size=2),
-                                 st.booleans()), max_size=12)
+                                 st.booleans(), st.booleans()), max_size=12)
 gaps_st = st.lists(st.tuples(interval, st.sampled_from(["camera_unreachable", "recorder_crashed", "disk_full"])),
                    max_size=4)
 holes_st = st.lists(st.tuples(st.one_of(st.none(), st.integers(0, SPAN)), st.integers(0, 10_000),
@@ -38,7 +38,8 @@ tolerance_st = st.integers(0, 3_000)
 
 
 def build_camera(segments, gaps, holes) -> CameraInput:
-    segs = tuple(SegmentSpan(at(s), at(e), tuple(health), synced) for (s, e), health, synced in segments)
+    segs = tuple(SegmentSpan(at(s), at(e), tuple(health), synced, suspect)
+                 for (s, e), health, synced, suspect in segments)
     recs = tuple(GapRecord(at(s), at(e), cause) for (s, e), cause in gaps)
     hole_objs = []
     for i, (after, length, open_end) in enumerate(holes):
@@ -85,6 +86,8 @@ def reference(window: tuple[int, int], camera: CameraInput, tol: int):
                     causes.update(HEALTH_PREFIX + f for f in flags)
                 if not seg.clock_synced and s - tol <= ms < e + tol:
                     causes.add(CAUSE_CLOCK_UNSYNCED)
+                if seg.clock_suspect and s - tol <= ms < e + tol:
+                    causes.add(CAUSE_CLOCK_SUSPECT)
         out.append((start, end, tuple(sorted(causes)) or (CAUSE_UNKNOWN,)))
     return sum(covered), out
 
@@ -152,6 +155,19 @@ def test_health_flag_makes_a_gap_with_its_cause_and_unsynced_clock_is_named() ->
     assert [(g.start, g.end) for g in result.gaps] == [(at(30_000), at(60_000))]
     assert result.gaps[0].causes == (CAUSE_CLOCK_UNSYNCED, "health_black")
     assert result.unsynced_segments == 1
+
+
+def test_suspect_clock_segment_covers_but_names_the_gaps_it_touches() -> None:
+    """A segment whose agent clock the collector does not believe still covers what it claims; a gap next to it
+    (within the tolerance) names `clock_suspect`, a gap far from it does not."""
+    camera = CameraInput("V", "cam", (_seg(0, 30), _seg(40, 60, clock_suspect=True), _seg(60, 70), _seg(90, 100)))
+    result = camera_coverage(WINDOW, camera, TOL, now=LATE)
+    assert [(g.start, g.end, g.causes) for g in result.gaps] == [
+        (at(30_000), at(40_000), (CAUSE_CLOCK_SUSPECT,)),
+        (at(70_000), at(90_000), (CAUSE_UNKNOWN,)),
+    ]
+    assert result.covered_seconds == pytest.approx(70) and result.suspect_segments == 1
+    assert result.unsynced_segments == 0
 
 
 def test_missing_seq_hole_names_the_gap() -> None:

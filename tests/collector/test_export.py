@@ -3,23 +3,35 @@ package's own verify.py (same verdict), tamper with it, and verify in a fresh ve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select, update
 
+from collector.admin import agent_keys, enroll
 from collector.audit import ACTION_FOOTAGE_EXPORT
+from collector.batches import import_batches
+from collector.db import make_engine, session_factory, upgrade
 from collector.evidence_verify import NOT_OK, OK, OK_WITH_GAPS, verify_package
 from collector.export import ExportError, ExportSettings, export_batch
-from collector.models import AuditCheckpoint, AuditEntry
-from exam_contract.signing import load_private_key, sign
-from tests.support.footage import SITE_A, Demo, build_demo, make_segments
+from collector.ingest import Ingest
+from collector.models import AuditCheckpoint, AuditEntry, SegmentRecord
+from exam_contract.canonical import format_time
+from exam_contract.signing import generate_private_key, key_fingerprint, load_private_key, public_key_b64, sign
+from tests.support.footage import BASE, SEGMENT_SECONDS, SITE_A, Camera, Demo, build_demo, make_segments
 
 pytestmark = pytest.mark.ffmpeg
 BIN = Path(sys.executable).parent
@@ -73,7 +85,9 @@ def test_cli_export_verifies_ok_and_is_audited(tmp_path: Path, segment_files: li
         package = json.loads((out / "package.json").read_text(encoding="utf-8"))
         assert package["batch"]["id"] == "B-OK" and package["exported"]["by"] == "inspector-li"
         assert package["exported"]["reason"] == "投诉调查 case 17" and package["gaps"] == []
-        assert {p.name for p in (out / "keys" / "agents").iterdir()} == {f"{SITE_A.agent}.pub"}
+        agents_dir, fingerprint = out / "keys" / "agents", key_fingerprint(demo.cameras[SITE_A.institution].key)
+        assert [p.relative_to(agents_dir).as_posix() for p in agents_dir.rglob("*") if p.is_file()] == [
+            f"{SITE_A.agent}/{fingerprint}.pub"]
         assert "覆盖" in (out / "coverage.html").read_text(encoding="utf-8")
         cli, _ = both_verdicts(out)
         assert cli.returncode == 0 and cli.stdout.splitlines()[0] == OK
@@ -309,11 +323,239 @@ def test_clip_sources_group_one_runs_segments_only(tmp_path: Path) -> None:
                              end_at=t0 + timedelta(seconds=end), duration=end - start)
 
     run = [seg("a.ts", 0, 2), seg("b.ts", 2, 4), seg("c.ts", 4.001, 6), seg("d|e.ts", 6, 8), seg("f.ts", 8, 10)]
-    sources = _clip_sources(run, tmp_path)
+    sources = _clip_sources(run, [tmp_path / r.storage_path for r in run])
     assert [[p.name for p in g] for g in sources.groups] == [["a.ts", "b.ts"], ["c.ts"], ["d|e.ts"], ["f.ts"]]
     assert abs(sources.seconds - 9.999) < 1e-9 and sources.files == 5
     assert [len(g) for g in sources.one_per_file().groups] == [1] * 5
     many = [seg(f"{i:04d}-{'x' * 60}.ts", 2 * i, 2 * i + 2) for i in range(200)]
-    groups = _clip_sources(many, tmp_path).groups
+    groups = _clip_sources(many, [tmp_path / r.storage_path for r in many]).groups
     assert len(groups) > 1 and sum(len(g) for g in groups) == 200
     assert all(sum(len(str(p)) + 1 for p in g) <= MAX_GROUP_URL for g in groups)
+
+
+# ---------------------------------------------------------------------------- agent keys replaced over time
+
+LABEL = f"{SITE_A.venue}/{SITE_A.camera}"
+ROTATION_CSV = ("batch_id,institution,venue,occupation,level,part,room,start,end\n"
+                f"B-KEYS,{SITE_A.institution},{SITE_A.venue},电工,四级,theory,{SITE_A.room},"
+                "2026-11-26T09:00:00,2026-11-26T09:00:08\n")
+
+
+@dataclass
+class Rotated:
+    demo: Demo
+    old: Ed25519PrivateKey
+    new: Ed25519PrivateKey
+
+    @property
+    def fingerprints(self) -> tuple[str, str]:
+        return key_fingerprint(self.old), key_fingerprint(self.new)
+
+
+@pytest.fixture
+def rotated(tmp_path: Path, segment_files: list[Path], database_url: str) -> Iterator[Rotated]:
+    """Camera t101-front stores seq 1-2 (09:00:00-09:00:04) signed with key A; then `enroll --replace` gives
+    the agent key B and the same chain goes on with seq 3-4 (09:00:04-09:00:08) signed with B. Batch B-KEYS
+    covers exactly 09:00:00-09:00:08, so its package has no gap."""
+    root = tmp_path / "rotated"
+    root.mkdir()
+    engine = make_engine(database_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    key_file = root / "collector.key"
+    generate_private_key(key_file)
+    storage = root / "storage"
+    demo = Demo(root, database_url, engine, sessions, storage, key_file, Ingest(engine, storage))
+    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    camera = demo.cameras[SITE_A.institution] = Camera(SITE_A, old)
+    enroll(sessions, SITE_A.agent, SITE_A.venue, public_key_b64(old), SITE_A.institution)
+    data = [f.read_bytes() for f in segment_files]
+    step = timedelta(seconds=SEGMENT_SECONDS)
+    for i in range(4):
+        if i == 2:
+            enroll(sessions, SITE_A.agent, SITE_A.venue, public_key_b64(new), replace=True)
+            camera.key = new
+        demo.send(camera, camera.manifest("segment", BASE + i * step, SEGMENT_SECONDS, data[i]), data[i])
+    with sessions.begin() as session:
+        import_batches(session, ROTATION_CSV.encode("utf-8"), source="rotation.csv", actor="test-setup")
+    yield Rotated(demo, old, new)
+    engine.dispose()
+
+
+def resign(out: Path, package: dict[str, Any], key: Ed25519PrivateKey) -> None:
+    """What only the collector can do: write package.json and sign it again."""
+    data = json.dumps(package, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
+    (out / "package.json").write_bytes(data)
+    (out / "package.sig").write_text(sign(key, data) + "\n", encoding="ascii")
+
+
+def key_files(out: Path) -> list[str]:
+    return sorted(p.relative_to(out / "keys").as_posix() for p in (out / "keys").rglob("*") if p.is_file())
+
+
+def test_export_after_key_replacement_carries_every_key_and_verifies_ok(rotated: Rotated, tmp_path: Path) -> None:
+    """Footage signed before and after `enroll --replace` verifies: each record names the key that verified
+    it at ingest, and the package carries both keys with their validity. (It used to carry only the current
+    key, so everything signed before the replacement was NOT_OK.)"""
+    fp_a, fp_b = rotated.fingerprints
+    with rotated.demo.sessions() as s:
+        history = agent_keys(s, [SITE_A.agent])
+        stored = s.scalars(select(SegmentRecord).order_by(SegmentRecord.seq)).all()
+    assert [r.key_fingerprint for r in stored] == [fp_a, fp_a, fp_b, fp_b]
+    out = export(rotated.demo, "B-KEYS", tmp_path / "pkg")
+
+    assert key_files(out) == sorted([f"agents/{SITE_A.agent}/{fp_a}.pub", f"agents/{SITE_A.agent}/{fp_b}.pub",
+                                     "collector.pub"])
+    for private, fingerprint in ((rotated.old, fp_a), (rotated.new, fp_b)):
+        assert (out / "keys" / "agents" / SITE_A.agent / f"{fingerprint}.pub").read_text(encoding="ascii") == (
+            public_key_b64(private) + "\n")
+    package = json.loads((out / "package.json").read_text(encoding="utf-8"))
+    assert package["v"] == 2
+    assert [k.fingerprint for k in history] == [fp_a, fp_b] and history[0].valid_to == history[1].valid_from
+    assert package["keys"]["agents"] == {SITE_A.agent: [
+        {"fingerprint": fp_a, "public_key": public_key_b64(rotated.old),
+         "valid_from": format_time(history[0].valid_from), "valid_to": format_time(history[0].valid_to),
+         "retired_reason": f"replaced by key {fp_b} (enroll --replace)"},
+        {"fingerprint": fp_b, "public_key": public_key_b64(rotated.new),
+         "valid_from": format_time(history[1].valid_from), "valid_to": None, "retired_reason": None}]}
+    [camera] = package["cameras"]
+    records = camera["records"]
+    assert [(r["seq"], r["key"]) for r in records] == [(1, fp_a), (2, fp_a), (3, fp_b), (4, fp_b)]
+    # one chain across the replacement: seq 3 (key B) links to seq 2 (key A)
+    assert json.loads(records[2]["manifest"])["prev"] == hashlib.sha256(records[1]["manifest"].encode()).hexdigest()
+    assert package["gaps"] == [] and camera["holes"] == []
+
+    cli, _ = both_verdicts(out)          # exam-collector verify-package and the shipped verify.py, as subprocesses
+    assert cli.returncode == 0 and cli.stdout.splitlines()[0] == OK, cli.stdout
+
+
+def test_swapped_or_unlisted_agent_key_is_not_ok_naming_records_and_key_file(rotated: Rotated,
+                                                                            tmp_path: Path) -> None:
+    fp_a, fp_b = rotated.fingerprints
+    key_a = f"keys/agents/{SITE_A.agent}/{fp_a}.pub"
+    # key A's file holds key B: the file does not hash to its name, and seq 1-2 (signed with A) are not verified
+    out = export(rotated.demo, "B-KEYS", tmp_path / "pkg")
+    (out / key_a).write_text(public_key_b64(rotated.new) + "\n", encoding="ascii")
+    cli, _ = both_verdicts(out)
+    assert cli.returncode == 4 and cli.stdout.splitlines()[0] == NOT_OK
+    assert verify_package(out).problems == [
+        f"{key_a}: holds a key whose SHA-256 is {fp_b}, not {fp_a}: the key file was replaced or altered",
+        f"{LABEL} seq 1..2: signed with key {fp_a}, whose key file {key_a} is not usable: the signature cannot be "
+        "checked"]
+
+    # package.json (signed again by the collector) no longer lists key A: seq 1-2 name a key the package lacks
+    collector_key = load_private_key(rotated.demo.key_file)
+    out = export(rotated.demo, "B-KEYS", tmp_path / "pkg2")
+    package = json.loads((out / "package.json").read_bytes())
+    package["keys"]["agents"][SITE_A.agent] = [k for k in package["keys"]["agents"][SITE_A.agent]
+                                               if k["fingerprint"] != fp_a]
+    resign(out, package, collector_key)
+    assert verify_package(out).problems == [
+        f"{LABEL} seq 1..2: signed with key {fp_a}, which the package does not carry for agent {SITE_A.agent} "
+        f"(no {key_a} listed in package.json): the signature cannot be checked",
+        f"{key_a}: a key file package.json does not list"]
+
+    # a record that names the other key of its agent: its signature does not verify with that key
+    out = export(rotated.demo, "B-KEYS", tmp_path / "pkg3")
+    package = json.loads((out / "package.json").read_bytes())
+    package["cameras"][0]["records"][0]["key"] = fp_b
+    resign(out, package, collector_key)
+    assert verify_package(out).problems == [
+        f"{LABEL} seq 1: the agent signature on the manifest does not verify with its key "
+        f"keys/agents/{SITE_A.agent}/{fp_b}.pub"]
+
+
+def to_old_layout(out: Path, collector_key: Ed25519PrivateKey) -> None:
+    """Rewrite a package as exports before key history wrote it (package v 1): one keys/agents/{agent}.pub,
+    `keys.agents` {agent: public key}, no `key` in the records; package.json signed again by the collector."""
+    package = json.loads((out / "package.json").read_bytes())
+    agents = {}
+    for agent, keys in package["keys"]["agents"].items():
+        [current] = [k for k in keys if k["valid_to"] is None]
+        agents[agent] = current["public_key"]
+        shutil.rmtree(out / "keys" / "agents" / agent)
+        (out / "keys" / "agents" / f"{agent}.pub").write_text(current["public_key"] + "\n", encoding="ascii")
+    package["v"], package["keys"]["agents"] = 1, agents
+    for camera in package["cameras"]:
+        for record in camera["records"]:
+            del record["key"]
+    resign(out, package, collector_key)
+
+
+def test_package_in_the_layout_before_key_history_still_verifies(tmp_path: Path, segment_files: list[Path],
+                                                                 database_url: str) -> None:
+    demo = build_demo(tmp_path / "demo", database_url, segment_files)
+    try:
+        out = export(demo, "B-OK", tmp_path / "pkg")
+        to_old_layout(out, load_private_key(demo.key_file))
+        assert key_files(out) == [f"agents/{SITE_A.agent}.pub", "collector.pub"]
+        cli, _ = both_verdicts(out)
+        assert cli.returncode == 0 and cli.stdout.splitlines()[0] == OK, cli.stdout
+        # the fallback still checks every signature, with keys/agents/{agent}.pub
+        other = public_key_b64(Ed25519PrivateKey.generate())
+        (out / "keys" / "agents" / f"{SITE_A.agent}.pub").write_text(other + "\n", encoding="ascii")
+        seqs = [r["seq"] for r in json.loads((out / "package.json").read_bytes())["cameras"][0]["records"]]
+        assert seqs == list(range(1, 8))
+        assert verify_package(out).problems == [
+            f"{LABEL} seq {seq}: the agent signature on the manifest does not verify" for seq in seqs]
+    finally:
+        demo.engine.dispose()
+
+
+def test_records_without_or_with_an_unknown_stored_key(tmp_path: Path, segment_files: list[Path],
+                                                       database_url: str) -> None:
+    """Rows stored before key history name no key: they were verified with the agent's current key, and the
+    package says so. A row naming a key the agent's history lacks is a source problem and NOT_OK."""
+    demo = build_demo(tmp_path / "demo", database_url, segment_files)
+    try:
+        current = key_fingerprint(demo.cameras[SITE_A.institution].key)
+        with demo.sessions.begin() as s:
+            s.execute(update(SegmentRecord).values(key_fingerprint=None))
+        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+                              batch_id="B-OK", out=tmp_path / "pkg", actor="inspector-test", reason="r")
+        package = json.loads((result.path / "package.json").read_bytes())
+        assert {r["key"] for r in package["cameras"][0]["records"]} == {current}
+        assert result.source_problems == () and verify_package(result.path).verdict == OK
+
+        unknown = "0" * 64
+        with demo.sessions.begin() as s:
+            s.execute(update(SegmentRecord).where(SegmentRecord.venue == SITE_A.venue, SegmentRecord.seq == 2)
+                      .values(key_fingerprint=unknown))
+        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+                              batch_id="B-OK", out=tmp_path / "pkg2", actor="inspector-test", reason="r")
+        assert result.source_problems == (
+            f"{LABEL} seq 2: verified at ingest with key {unknown}, which is not in agent {SITE_A.agent}'s key "
+            "history (agent_key): the package cannot carry it",)
+        assert verify_package(result.path).problems == [
+            f"{LABEL} seq 2: signed with key {unknown}, which the package does not carry for agent {SITE_A.agent} "
+            f"(no keys/agents/{SITE_A.agent}/{unknown}.pub listed in package.json): the signature cannot be checked"]
+    finally:
+        demo.engine.dispose()
+
+
+def test_stored_path_outside_storage_is_a_source_problem_and_not_read(tmp_path: Path, segment_files: list[Path],
+                                                                      database_url: str) -> None:
+    """A row whose storage_path leaves storage_dir is reported like a missing file, even when a file with the
+    right bytes is there: export reads stored files only through `stored_path`."""
+    demo = build_demo(tmp_path / "demo", database_url, segment_files)
+    try:
+        with demo.sessions.begin() as s:
+            row = s.scalars(select(SegmentRecord).where(SegmentRecord.venue == SITE_A.venue,
+                                                        SegmentRecord.seq == 2)).one()
+            shutil.copyfile(demo.storage / row.storage_path, tmp_path / "outside.ts")
+            row.storage_path = os.path.relpath(tmp_path / "outside.ts", demo.storage)
+            assert row.storage_path == "../../outside.ts"
+        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+                              batch_id="B-GAP", out=tmp_path / "pkg", actor="inspector-test", reason="r")
+        assert result.source_problems == (
+            f"{LABEL} seq 2: stored file not read: storage path '../../outside.ts' has the component '..', which "
+            "is not a plain name",)
+        copied = result.path / "segments" / SITE_A.venue / SITE_A.camera / "outside.ts"
+        assert not copied.exists()
+        assert [(c.first_seq, c.last_seq) for c in result.clips] == [(5, 7)]   # no clip over the unread file
+        verdict = verify_package(result.path)
+        assert verdict.verdict == NOT_OK
+        assert [p for p in verdict.problems if "outside.ts" in p] == [
+            f"{copied.relative_to(result.path).as_posix()}: missing (segment {LABEL} seq 2)"]
+    finally:
+        demo.engine.dispose()

@@ -8,10 +8,11 @@ import threading
 from collector.ingest import Ingest, storage_relpath
 from collector.models import CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED
 from exam_contract import protocol as P
+from exam_contract.protocol import encode_fin
 from exam_contract.signing import sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .conftest import AGENT, CAMERA, Harness, payload_bytes
+from .conftest import AGENT, CAMERA, INSTITUTION, TEST_LIMITS, Harness, payload_bytes
 
 
 def store_chain(h: Harness, count: int, start_seq: int = 1, prev: str | None = None) -> str | None:
@@ -88,13 +89,17 @@ def test_hash_mismatch_rejected(harness: Harness) -> None:
     assert_keeps_working(harness, prev, 2)
 
 
-def test_size_mismatch_rejected(harness: Harness) -> None:
+def test_chunk_of_the_wrong_length_is_dropped_and_asked_for_again(harness: Harness) -> None:
     prev = store_chain(harness, 1)
     data = payload_bytes(2, 3500)
     m = harness.agent.manifest(2, data, prev)
     reply = harness.send(m, data + b"x" * 400)  # same chunk count, more bytes in the last chunk
-    assert_rejected(harness, reply, P.REJECT_SIZE_MISMATCH, 1)
-    assert_keeps_working(harness, prev, 2)
+    assert reply.state == "missing" and reply.missing == [[3, 3]] and reply.record == m.record_hash()
+    [dropped] = harness.events("chunk_dropped")
+    assert dropped.reason == "chunk_out_of_range" and "900 bytes" in dropped.detail
+    harness.ingest.on_chunk(AGENT, m.file_id, 3, data[3000:])
+    assert harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash())).state == "stored"
+    assert (harness.storage / harness.records()[-1].storage_path).read_bytes() == data
 
 
 def test_wrong_chunk_count_rejected(harness: Harness) -> None:
@@ -134,7 +139,7 @@ def test_topic_agent_differs_from_manifest_agent(harness: Harness, test_agent) -
     from collector.db import session_factory
     from .conftest import VENUE
 
-    enroll(session_factory(harness.engine), "other-agent", VENUE, test_agent.pubkey)
+    enroll(session_factory(harness.engine), "other-agent", VENUE, test_agent.pubkey, INSTITUTION)
     data = payload_bytes(2)
     m = harness.agent.manifest(2, data, prev)
     reply = harness.send(m, data, topic_agent="other-agent")
@@ -177,8 +182,13 @@ def test_duplicate_gets_same_stored_reply_and_stores_once(harness: Harness) -> N
     assert harness.send(m, data).state == "stored"
     again = harness.send(m, data)
     assert again.state == "stored" and again.reason is None
-    # a bare repeated fin asks for status
-    assert harness.ingest.on_fin(AGENT, m.file_id).state == "stored"
+    assert again.record == m.record_hash()
+    # a repeated fin naming the record asks for its status
+    repeat = harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash()))
+    assert repeat.state == "stored" and repeat.record == m.record_hash()
+    # a fin that names no record is never answered `stored`: the agent is asked for the init
+    bare = harness.ingest.on_fin(AGENT, m.file_id)
+    assert bare.state == "missing" and bare.reason.startswith("init_missing") and bare.record is None
     assert len(harness.records()) == 1 and len(harness.stored_files()) == 1
     assert harness.staging_entries() == []
 
@@ -240,7 +250,7 @@ def test_gap_record_stored_without_file(harness: Harness) -> None:
 
 def test_two_instances_finishing_the_same_file(harness: Harness) -> None:
     """Two collectors sharing the volume and database both get a fin: one file, one row, `stored`."""
-    other = Ingest(harness.engine, harness.storage)
+    other = Ingest(harness.engine, harness.storage, limits=TEST_LIMITS)
     data = payload_bytes(1, 9500)
     m = harness.agent.manifest(1, data, None)
     assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
@@ -263,4 +273,4 @@ def test_two_instances_finishing_the_same_file(harness: Harness) -> None:
     states = sorted(r.state if r else "none" for r in replies)
     assert "stored" in states and "rejected" not in states
     assert len(harness.records()) == 1 and len(harness.stored_files()) == 1
-    assert harness.ingest.on_fin(AGENT, m.file_id).state == "stored"
+    assert harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash())).state == "stored"

@@ -31,6 +31,8 @@ def test_migration_matches_models(database_url: str) -> None:
                 assert schema in found and "public" not in found
             else:
                 assert conn.execute(text("pragma journal_mode")).scalar_one() == "wal"
+                # 2 = FULL: a commit the collector answered `stored` for survives a power cut
+                assert conn.execute(text("pragma synchronous")).scalar_one() == 2
                 assert conn.execute(text("pragma foreign_keys")).scalar_one() == 1
     finally:
         engine.dispose()

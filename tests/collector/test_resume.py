@@ -14,7 +14,9 @@ from collector.ingest import EVENT_STAGING_EXPIRED, REASON_INIT_MISSING, Ingest
 from collector.models import ChunkReceipt, ChunkTransfer
 from tests.support.services import small_filesystem
 
-from .conftest import AGENT, Harness, payload_bytes
+from exam_contract.protocol import encode_fin
+
+from .conftest import AGENT, TEST_LIMITS, Harness, payload_bytes
 
 
 def _rows(harness: Harness, model) -> list:
@@ -27,7 +29,7 @@ def _chunk(data: bytes, i: int, size: int = 1000) -> bytes:
 
 
 def test_repeated_fin_on_another_instance_names_missing_ranges(harness: Harness) -> None:
-    a, b = harness.ingest, Ingest(harness.engine, harness.storage)
+    a, b = harness.ingest, Ingest(harness.engine, harness.storage, limits=TEST_LIMITS)
     data = payload_bytes(1, 9500)
     m = harness.agent.manifest(1, data, None)
     assert a.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
@@ -49,7 +51,7 @@ def test_repeated_fin_on_another_instance_names_missing_ranges(harness: Harness)
     assert stored.read_bytes() == data
     assert _rows(harness, ChunkReceipt) == [] and _rows(harness, ChunkTransfer) == []
     assert harness.staging_entries() == []
-    assert b.on_fin(AGENT, m.file_id).state == "stored"  # a repeat after the store
+    assert b.on_fin(AGENT, m.file_id, encode_fin(m.record_hash())).state == "stored"  # a repeat after the store
 
 
 def test_claim_left_by_a_dead_instance_is_taken_over(harness: Harness) -> None:
@@ -64,7 +66,7 @@ def test_claim_left_by_a_dead_instance_is_taken_over(harness: Harness) -> None:
     os.rename(staging / "data", staging / "claim.dead-host.4242.abcdef")
     # a late duplicate of chunk 2 then creates a fresh, partial `data`: it must not be mistaken for the file
     harness.ingest.on_chunk(AGENT, m.file_id, 2, _chunk(data, 2))
-    reply = Ingest(harness.engine, harness.storage).on_fin(AGENT, m.file_id)
+    reply = Ingest(harness.engine, harness.storage, limits=TEST_LIMITS).on_fin(AGENT, m.file_id)
     assert reply is not None and reply.state == "stored"
     (stored,) = harness.stored_files()
     assert stored.read_bytes() == data and len(harness.records()) == 1
@@ -96,7 +98,7 @@ def test_abandoned_transfer_expires_and_is_recorded(harness: Harness) -> None:
 
 def test_full_storage_keeps_no_receipt_and_recovers(harness: Harness, tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "small", size_kib=64) as volume:
-        ingest = Ingest(harness.engine, volume)
+        ingest = Ingest(harness.engine, volume, limits=TEST_LIMITS)
         data = payload_bytes(1, 40_000)
         m = harness.agent.manifest(1, data, None)
         filler = volume / "filler"

@@ -23,7 +23,7 @@ from exam_contract.protocol import Reply
 from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
 from tests.support.services import free_port
 
-from .conftest import AGENT, INSTITUTION, VENUE, Harness, SigningAgent, payload_bytes
+from .conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent, payload_bytes
 
 pytestmark = pytest.mark.mosquitto
 
@@ -96,7 +96,7 @@ def service_harness(tmp_path: Path, test_agent: SigningAgent, mosquitto):
     engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
     upgrade(engine)
     enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
-    ingest = ExplodingIngest(engine, tmp_path / "storage")
+    ingest = ExplodingIngest(engine, tmp_path / "storage", limits=TEST_LIMITS)
     cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
                      client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
     service = CollectorService(cfg, ingest, workers=2, queue_size=100)
@@ -162,7 +162,7 @@ def test_unreachable_broker_names_host_and_port(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
     port = free_port()
     cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", host="127.0.0.1", port=port, tls=False)
-    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage"))
+    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage", limits=TEST_LIMITS))
     with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
         service.start()
 
@@ -176,7 +176,7 @@ def test_service_is_ready_only_when_the_broker_grants_its_subscription(tmp_path:
     engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
     port = free_port()
     cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", host="127.0.0.1", port=port, tls=False)
-    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage"))
+    service = CollectorService(cfg, Ingest(engine, tmp_path / "storage", limits=TEST_LIMITS))
     refused = ReasonCode(PacketTypes.SUBACK, identifier=0x87)
     with caplog.at_level("ERROR", logger="collector.service"):
         service.client.on_subscribe(service.client, None, 1, [refused], None)

@@ -28,7 +28,7 @@ from exam_contract.protocol import Reply
 from exam_contract.topics import chunk_topic, fin_topic, init_topic, reply_topic
 from tests.support.services import free_port
 
-from .conftest import AGENT, INSTITUTION, VENUE, Harness, SigningAgent, payload_bytes
+from .conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent, payload_bytes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.postgres]
 CHUNK = 64 * 1024
@@ -142,7 +142,7 @@ def test_database_outage_no_stored_reply_alarm_then_recovery(tmp_path: Path, mos
     engine = make_engine(url)
     upgrade(engine)
     enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
-    ingest = Ingest(engine, tmp_path / "storage")
+    ingest = Ingest(engine, tmp_path / "storage", limits=TEST_LIMITS)
     cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
                      client_id=f"collector-{uuid.uuid4().hex[:6]}")
     service = CollectorService(cfg, ingest, workers=2, queue_size=100)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exam_contract.chunks import chunk_count, chunk_span, expand_ranges, missing_ranges
+from exam_contract.chunks import chunk_count, chunk_span, expand_ranges, missing_ranges, ranges_from_sorted
 
 
 @pytest.mark.parametrize("size, chunk_size, count", [(0, 4, 0), (1, 4, 1), (4, 4, 1), (5, 4, 2), (8, 4, 2),
@@ -85,3 +85,30 @@ def test_empty_file_has_no_chunks(chunk_size):
     assert chunk_count(0, chunk_size) == 0
     with pytest.raises(ValueError):
         chunk_span(0, 0, chunk_size)
+
+
+@given(st.integers(min_value=0, max_value=300), st.data())
+def test_ranges_from_sorted_agrees_with_the_set_version(total, data):
+    received = sorted(set(data.draw(st.lists(st.integers(min_value=-5, max_value=total + 5), max_size=80))))
+    assert ranges_from_sorted(received, total) == _reference_missing(received, total)
+
+
+def test_ranges_from_sorted_needs_no_work_proportional_to_the_claimed_total():
+    # An init may claim billions of chunks: the ranges come from what was received, not from range(total).
+    assert ranges_from_sorted([0, 1, 5], 10**12) == [[2, 4], [6, 10**12 - 1]]
+    assert ranges_from_sorted(iter(range(0, 10_000, 2)), 10**12, limit=3) == [[1, 1], [3, 3], [5, 5]]
+
+
+def _reference_missing(received, total):
+    """The obvious index-by-index definition, for the property above."""
+    have, ranges, start = set(received), [], None
+    for index in range(total):
+        if index in have:
+            if start is not None:
+                ranges.append([start, index - 1])
+                start = None
+        elif start is None:
+            start = index
+    if start is not None:
+        ranges.append([start, total - 1])
+    return ranges

@@ -109,6 +109,24 @@ _DROP = object()
     ({"venue": ""}, "venue"),
     ({"room": None}, "room"),
     ({"camera": _DROP}, "camera"),
+    # ids become topic levels and folder names: nothing that could climb out of a folder or name a root
+    ({"institution": "../../x"}, "institution"),
+    ({"institution": "/etc"}, "institution"),
+    ({"venue": "JL2201001/01"}, "venue"),
+    ({"camera": ".."}, "camera"),
+    ({"camera": "cam 1"}, "camera"),
+    ({"room": "T" * 65}, "room"),
+    ({"agent": "a+b"}, "agent"),
+    ({"seq": 10**16}, "seq"),
+    ({"size": 2**51}, "size"),
+    ({"detail": "x" * 2001}, "detail"),
+    ({"detail": 5}, "detail"),
+    ({"health": ["black"] * 17}, "health"),
+    ({"health": ["x" * 33]}, "health"),
+    ({"video": {"codec": "h264" * 20, "width": 640, "height": 360, "fps": 25}}, "video"),
+    ({"video": {"codec": "h264", "width": 10**9, "height": 360, "fps": 25}}, "video"),
+    ({"video": {"codec": "h264", "width": 640, "height": 360, "fps": float("inf")}}, "video"),
+    ({"v": "1"}, "v"),
 ])
 def test_manifest_error_names_the_field(changes, field):
     with pytest.raises(ManifestError, match=rf"^manifest\.{field}:"):

@@ -1,4 +1,4 @@
-"""Protocol v1 payloads: InitMessage and Reply."""
+"""Protocol v1 payloads: InitMessage, fin, Reply and the chain-head exchange."""
 
 import json
 from datetime import datetime, timezone
@@ -7,7 +7,9 @@ import pytest
 
 from exam_contract.canonical import canonical_bytes
 from exam_contract.manifest import ManifestError
-from exam_contract.protocol import REPLY_STATES, InitMessage, ProtocolError, Reply
+from exam_contract import protocol as P
+from exam_contract.protocol import (REPLY_STATES, ChainHead, ChainHeads, ChainRequest, InitMessage, ProtocolError,
+                                    Reply, decode_fin, encode_fin)
 from exam_contract.signing import sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -106,15 +108,15 @@ def test_check_chunk_count_refuses_a_mismatch(manifest, chunks, expected):
 
 
 @pytest.mark.parametrize("reply", [
-    Reply("t101-cam1-1", "stored", NOW),
-    Reply("t101-cam1-2", "missing", NOW, missing=[[0, 3], [7, 7]]),
+    Reply("t101-cam1-1", "stored", NOW, record="a" * 64),
+    Reply("t101-cam1-2", "missing", NOW, missing=[[0, 3], [7, 7]], record="b" * 64),
     Reply("t101-cam1-3", "rejected", NOW, reason="bad_signature: 签名无效"),
 ])
 def test_reply_round_trip(reply):
     payload = reply.encode()
     assert Reply.decode(payload) == reply
     raw = json.loads(payload)
-    assert set(raw) == {"file_id", "state", "missing", "reason", "collector_time"}
+    assert set(raw) == {"file_id", "state", "missing", "reason", "record", "collector_time"}
     assert raw["collector_time"] == "2026-11-26T01:31:00.250Z"
 
 
@@ -152,6 +154,10 @@ def _reply(**changes):
     (_reply(missing=[[0, 1, 2]]), r"^reply: malformed"),
     (_reply(missing=[["a", 1]]), r"^reply: malformed"),
     (_reply(missing=[5]), r"^reply: malformed"),
+    (_reply(record="A" * 64), r"^reply\.record: not 64 lowercase hex"),
+    (_reply(record="abc"), r"^reply\.record: not 64 lowercase hex"),
+    (_reply(missing=[[i, i] for i in range(0, 600, 2)]), r"^reply\.missing: not a list of at most 256"),
+    (_reply(reason=5), r"^reply\.reason: not a string"),
 ])
 def test_reply_decode_errors(payload, message):
     with pytest.raises(ProtocolError, match=message):
@@ -160,3 +166,52 @@ def test_reply_decode_errors(payload, message):
 
 def test_protocol_error_is_a_value_error():
     assert issubclass(ProtocolError, ValueError)
+
+
+def test_reply_reason_code_is_the_part_before_the_detail():
+    assert Reply("c-1", "rejected", NOW, reason="bad_signature: does not verify").reason_code == "bad_signature"
+    assert Reply("c-1", "stored", NOW).reason_code is None
+
+
+def test_fin_names_its_record_by_hash():
+    digest = "0123456789abcdef" * 4
+    assert decode_fin(encode_fin(digest)) == digest
+    assert encode_fin(None) == b"" and decode_fin(b"") is None
+
+
+@pytest.mark.parametrize("payload", [b"x", b"A" * 64, b"\xff" * 64, b"0" * 63, b"0" * 65])
+def test_fin_with_anything_but_a_record_hash_is_refused(payload):
+    with pytest.raises(ProtocolError, match=r"^fin: "):
+        decode_fin(payload)
+
+
+def test_chain_request_and_heads_round_trip():
+    request = ChainRequest("n0nce-1", ("t101-front", "p201-cam"))
+    assert ChainRequest.decode(request.encode()) == request
+    heads = ChainHeads("n0nce-1", {"t101-front": ChainHead(41, "c" * 64, NOW), "p201-cam": None}, NOW)
+    assert ChainHeads.decode(heads.encode()) == heads
+
+
+@pytest.mark.parametrize("payload", [
+    b"{", b"[]", b'{"nonce":"../x","cameras":[]}', b'{"nonce":"n","cameras":["a/b"]}',
+    b'{"nonce":"n","cameras":"cam"}', json.dumps({"nonce": "n", "cameras": [f"c{i}" for i in range(300)]}).encode(),
+])
+def test_chain_request_refuses_bad_payloads(payload):
+    with pytest.raises(ProtocolError, match=r"^chain request"):
+        ChainRequest.decode(payload)
+
+
+@pytest.mark.parametrize("heads", [
+    {"../x": None}, {"cam": {"seq": 0, "record": "c" * 64, "end": "2026-11-26T01:31:00.250Z"}},
+    {"cam": {"seq": 3, "record": "nothex", "end": "2026-11-26T01:31:00.250Z"}}, {"cam": {"seq": 3}},
+])
+def test_chain_heads_refuses_bad_heads(heads):
+    payload = json.dumps({"nonce": "n", "collector_time": "2026-11-26T01:31:00.250Z", "heads": heads}).encode()
+    with pytest.raises(ProtocolError, match=r"^chain heads"):
+        ChainHeads.decode(payload)
+
+
+def test_rejection_codes_are_unique_and_retryable_ones_are_known():
+    assert len(set(P.REJECTION_CODES)) == len(P.REJECTION_CODES)
+    assert P.RETRYABLE_REJECTIONS <= set(P.REJECTION_CODES)
+    assert P.REJECT_SEQ_REPLAYED not in P.RETRYABLE_REJECTIONS

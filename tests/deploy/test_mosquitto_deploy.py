@@ -12,18 +12,25 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from collector.config import load_config
+from collector.db import make_engine
+from collector.ingest import Ingest
+from collector.service import CollectorService
+from exam_contract.protocol import Reply
 from exam_contract.topics import COLLECTOR_SUBSCRIPTION, DEFAULT_CHUNK_SIZE
 from tests.conftest import _unavailable
-from tests.support.deploy_broker import DEPLOY, DeployBroker, SyncClient, add_password, make_test_ca
+from tests.support.deploy_broker import (DEPLOY, MOSQUITTO_DIR, DeployBroker, SyncClient, add_password,
+                                         make_test_ca)
 from tests.support.services import mosquitto_binary
 
 pytestmark = pytest.mark.mosquitto
 
-ACCOUNTS = ("agent-a", "agent-b", "collector-1", "jl2201001-01-a")
+ACCOUNTS = ("agent-a", "agent-b", "collector-1", "collector-2", "jl2201001-01-a")
 NOT_AUTHORIZED = 0x87
 
 
@@ -194,14 +201,14 @@ def test_add_agent_script_enrols_the_key_and_creates_a_working_broker_account(br
     pubkey = public_key_b64(generate_private_key(tmp_path / "venue.key"))
     password_out = tmp_path / "venue.mqtt.pass"
     args = [str(DEPLOY / "add-agent.sh"), "--agent", "jl2201001-02-a", "--venue", "JL2201001-02",
-            "--pubkey", pubkey, "--collector-config", str(collector_config), "--passwd-file", str(instance.passwd),
+            "--institution", "JL2201001", "--pubkey", pubkey, "--collector-config", str(collector_config), "--passwd-file", str(instance.passwd),
             "--password-out", str(password_out), "--reload-cmd", f"kill -HUP {instance.process.pid}"]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert password_out.stat().st_mode & 0o777 == 0o600
     again = run_cli("exam-collector", "--config", str(collector_config), "enroll", "--agent", "jl2201001-02-a",
-                    "--venue", "JL2201001-02", "--pubkey", pubkey)
+                    "--venue", "JL2201001-02", "--institution", "JL2201001", "--pubkey", pubkey)
     assert "already enrolled" in again.stdout
     # mosquitto re-reads the password file when it handles the SIGHUP; wait for that, then log in.
     deadline = time.monotonic() + 15
@@ -254,3 +261,232 @@ def test_client_certificate_listener_uses_the_cn_as_agent_id(tmp_path):
                         raise ConnectionError("the broker closed the connection")
     finally:
         instance.stop()
+
+
+def _stays_connected(**clients: SyncClient) -> None:
+    """No disconnect and no reconnect (paho reconnects by itself, so a lost session shows as both)."""
+    for name, client in clients.items():
+        assert client.disconnects.empty() and client.connack.empty(), f"{name} lost its connection"
+
+
+def test_another_account_cannot_take_over_an_agents_or_a_collectors_session(broker):
+    """use_username_as_clientid: agent-b connecting with agent-a's or a collector's client id keeps its own
+    session. The collector here sends its pre-fix default id; with the binding its session is `collector-1`
+    whatever id it sends, so both are tried."""
+    instance, passwords = broker
+    collector = SyncClient(instance, "collector-1", passwords["collector-1"], client_id="exam-collector-collector-1")
+    assert not collector.connect().is_failure
+    agent_a = _client(broker, "agent-a")
+    try:
+        assert not collector.subscribe(COLLECTOR_SUBSCRIPTION)[0].is_failure
+        assert not agent_a.subscribe("exam/v1/agent-a/reply")[0].is_failure
+        for stolen in ("agent-a", "exam-collector-collector-1", "collector-1"):
+            intruder = SyncClient(instance, "agent-b", passwords["agent-b"], client_id=stolen)
+            try:
+                assert not intruder.connect().is_failure
+                # A PUBACK to each after the intruder's CONNACK: a taken-over session is ended before that
+                # CONNACK, and paho reports the disconnect before it reconnects and completes anything else.
+                assert not agent_a.publish("exam/v1/agent-a/seg/cam-1-1/init", stolen.encode()).is_failure
+                assert not collector.publish("exam/v1/agent-a/reply", stolen.encode()).is_failure
+                _stays_connected(agent_a=agent_a, collector=collector)
+                assert _next(collector) == ("exam/v1/agent-a/seg/cam-1-1/init", stolen.encode())
+                assert _next(agent_a) == ("exam/v1/agent-a/reply", stolen.encode())
+            finally:
+                intruder.close()
+    finally:
+        collector.close()
+        agent_a.close()
+
+
+def test_client_ids_are_bound_to_accounts_across_both_listeners(tmp_path):
+    """Client ids are one namespace across listeners: neither a password account may take a certificate
+    agent's session, nor a certificate agent a password account's (the optional listener keeps the setting)."""
+    from tests.support.deploy_broker import make_client_cert
+    from tests.support.services import free_port
+
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None or mosquitto_binary() is None:
+        _unavailable("openssl, mosquitto_passwd or mosquitto")
+    ca = make_test_ca(tmp_path / "ca")
+    instance = DeployBroker(workdir=tmp_path / "broker", ca=ca, cert_port=free_port())
+    instance.workdir.mkdir()
+    add_password(instance.passwd, "collector-1", "collector-secret")
+    add_password(instance.passwd, "agent-b", "agent-b-secret")
+    instance.start()
+    collector = SyncClient(instance, "collector-1", "collector-secret")
+    agent_a = SyncClient(instance, None, None, client_id="agent-a",
+                         client_cert=make_client_cert(ca, tmp_path / "clients", "agent-a"))
+    intruders = [SyncClient(instance, "agent-b", "agent-b-secret", client_id="agent-a"),
+                 SyncClient(instance, None, None, client_id="collector-1",
+                            client_cert=make_client_cert(ca, tmp_path / "clients", "agent-b"))]
+    try:
+        assert not collector.connect().is_failure and not agent_a.connect().is_failure
+        collector.subscribe(COLLECTOR_SUBSCRIPTION)
+        agent_a.subscribe("exam/v1/agent-a/reply")
+        for number, intruder in enumerate(intruders):
+            assert not intruder.connect().is_failure
+            payload = f"round {number}".encode()
+            assert not agent_a.publish("exam/v1/agent-a/seg/cam-1-1/init", payload).is_failure
+            assert not collector.publish("exam/v1/agent-a/reply", payload).is_failure
+            _stays_connected(agent_a=agent_a, collector=collector)
+            assert _next(collector) == ("exam/v1/agent-a/seg/cam-1-1/init", payload)
+            assert _next(agent_a) == ("exam/v1/agent-a/reply", payload)
+    finally:
+        for client in (collector, agent_a, *intruders):
+            client.close()
+        instance.stop()
+
+
+def test_chain_schedule_and_audit_checkpoint_rights(broker):
+    collector = _client(broker, "collector-1")
+    watcher = _client(broker, "collector-2")
+    agent_a = _client(broker, "agent-a")
+    agent_b = _client(broker, "agent-b")
+    try:
+        collector.subscribe("$share/collectors/exam/v1/+/chain/request")
+        watcher.subscribe("exam/v1/+/chain/request")
+        agent_a.subscribe("exam/v1/agent-a/chain")
+        agent_a.subscribe("exam/v1/agent-a/schedule")
+        for topic in ("exam/v1/agent-a/chain", "exam/v1/agent-a/schedule", "exam/v1/agent-b/chain"):
+            agent_b.subscribe(topic)  # agent-a's are granted but deliver nothing
+        for topic in ("exam/v1/agent-b/chain/request", "exam/v1/agent-a/chain", "exam/v1/agent-b/chain",
+                      "exam/v1/agent-a/schedule", "exam/v1/audit/checkpoint"):
+            assert agent_a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        assert agent_a.publish("exam/v1/audit/checkpoint", b"forged", retain=True) == NOT_AUTHORIZED
+
+        assert not agent_a.publish("exam/v1/agent-a/chain/request", b"heads?").is_failure
+        assert _next(collector) == ("exam/v1/agent-a/chain/request", b"heads?")
+        assert _next(watcher) == ("exam/v1/agent-a/chain/request", b"heads?")
+        assert not collector.publish("exam/v1/agent-a/chain", b"a-heads").is_failure
+        assert not collector.publish("exam/v1/agent-a/schedule", b"a-plan").is_failure
+        assert not collector.publish("exam/v1/agent-b/chain", b"b-heads").is_failure
+        assert _next(agent_a) == ("exam/v1/agent-a/chain", b"a-heads")
+        assert _next(agent_a) == ("exam/v1/agent-a/schedule", b"a-plan")
+        assert _next(agent_b) == ("exam/v1/agent-b/chain", b"b-heads")  # nothing of agent-a's came first
+        assert not collector.publish("exam/v1/audit/checkpoint", b"signed", retain=True).is_failure
+        assert not watcher.publish("exam/v1/audit/checkpoint", b"signed", retain=True).is_failure
+    finally:
+        for client in (collector, watcher, agent_a, agent_b):
+            client.close()
+
+
+def test_every_collector_account_in_the_acl_has_the_same_rights():
+    """The ACL's collector block is repeated per instance (one broker account each); the copies must agree."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in (MOSQUITTO_DIR / "acl").read_text().splitlines():
+        words = line.split()
+        if not words or line.startswith("#"):
+            continue
+        if words[0] == "user":
+            current = blocks.setdefault(words[1], [])
+        elif words[0] == "pattern":
+            current = None
+        elif current is not None:
+            current.append(" ".join(words))
+    assert sorted(blocks) == [f"collector-{n}" for n in range(1, len(blocks) + 1)] and len(blocks) >= 2, blocks
+    assert all(rights == blocks["collector-1"] for rights in blocks.values()), blocks
+
+
+class RecordingIngest(Ingest):
+    """What reaches ingest, in order; stores nothing."""
+
+    def __init__(self, engine, storage_dir: Path) -> None:  # noqa: ANN001
+        super().__init__(engine, storage_dir)
+        self.calls: queue.Queue[tuple[str, str, str, bytes]] = queue.Queue()
+
+    def on_init(self, agent: str, file_id: str, payload: bytes) -> Reply | None:
+        self.calls.put(("init", agent, file_id, payload))
+        return None
+
+    def on_chunk(self, agent: str, file_id: str, index: int, payload: bytes) -> None:
+        self.calls.put((f"chunk/{index}", agent, file_id, payload))
+
+    def on_fin(self, agent: str, file_id: str) -> Reply | None:
+        self.calls.put(("fin", agent, file_id, b""))
+        return None
+
+
+@contextmanager
+def _collector_service(broker, directory: Path, name: str) -> Iterator[tuple[CollectorService, RecordingIngest]]:
+    """A CollectorService on the deploy broker with a config as an operator writes it (no client_id)."""
+    from exam_contract.signing import generate_private_key
+
+    instance, passwords = broker
+    directory.mkdir()
+    (directory / "mqtt.pass").write_text(passwords[name] + "\n")
+    generate_private_key(directory / "collector.key")
+    (directory / "collector.toml").write_text(
+        f'[collector]\ndata_dir = "{directory}"\n[mqtt]\nurl = "mqtts://127.0.0.1:{instance.port}"\n'
+        f'username = "{name}"\npassword_file = "{directory / "mqtt.pass"}"\nca_file = "{instance.ca.ca_cert}"\n')
+    config = load_config(directory / "collector.toml")
+    engine = make_engine(f"sqlite:///{directory / 'collector.db'}")
+    ingest = RecordingIngest(engine, config.storage_dir)
+    service = CollectorService(config.mqtt, ingest, workers=1, queue_size=100)
+    try:
+        service.start()
+        assert service.connected.wait(10), "the collector did not subscribe"
+        yield service, ingest
+    finally:
+        service.shutdown()
+        engine.dispose()
+
+
+def _not_retained(broker, agent_a: SyncClient, topic: str) -> None:
+    """A new subscription to `topic` gets no retained message: the broker would hand it over right after the
+    SUBACK, before agent-a's status message published afterwards."""
+    fresh = _client(broker, "collector-1")
+    try:
+        fresh.subscribe(topic)
+        fresh.subscribe("exam/v1/agent-a/status")
+        assert not agent_a.publish("exam/v1/agent-a/status", b"control").is_failure
+        assert _next(fresh) == ("exam/v1/agent-a/status", b"control")
+    finally:
+        fresh.close()
+
+
+def test_a_retained_upload_message_is_ingested_and_cleared_by_the_collector(broker, tmp_path, caplog):
+    """Mosquitto cannot refuse retain per topic: the collector deletes what an agent leaves retained under seg/
+    (an empty retained publish), and does not take that deletion for data."""
+    topic = "exam/v1/agent-a/seg/cam-1-1/init"
+    agent_a = _client(broker, "agent-a")
+    watcher = _client(broker, "collector-1")
+    try:
+        with caplog.at_level("WARNING", logger="collector.service"), \
+                _collector_service(broker, tmp_path / "collector", "collector-2") as (service, ingest):
+            watcher.subscribe(topic)
+            assert not agent_a.publish(topic, b"left-retained", retain=True).is_failure
+            assert _next(watcher) == (topic, b"left-retained")
+            # The clear goes through the broker, which deletes the retained copy before it forwards it.
+            assert _next(watcher) == (topic, b"")
+            assert ingest.calls.get(timeout=10) == ("init", "agent-a", "cam-1-1", b"left-retained")
+            # The clear reached the collector too, before this; the next thing ingested is this chunk.
+            assert not agent_a.publish("exam/v1/agent-a/seg/cam-1-1/chunk/0", b"control").is_failure
+            assert ingest.calls.get(timeout=10) == ("chunk/0", "agent-a", "cam-1-1", b"control")
+            assert f"agent agent-a left a retained message on {topic}; cleared it on 127.0.0.1:" in caplog.text
+        watcher.close()
+        _not_retained(broker, agent_a, topic)
+    finally:
+        watcher.close()
+        agent_a.close()
+
+
+def test_a_message_left_retained_while_no_collector_was_connected_is_cleared_when_one_connects(broker, tmp_path):
+    topic = "exam/v1/agent-a/seg/cam-1-2/chunk/0"
+    agent_a = _client(broker, "agent-a")
+    watcher = _client(broker, "collector-1")
+    try:
+        watcher.subscribe(topic)
+        assert not agent_a.publish(topic, b"left-retained", retain=True).is_failure
+        assert _next(watcher) == (topic, b"left-retained")
+        watcher.subscribe(topic)  # subscribing again hands over the retained copy
+        assert _next(watcher) == (topic, b"left-retained")
+        with _collector_service(broker, tmp_path / "collector", "collector-2") as (service, ingest):
+            assert _next(watcher) == (topic, b"")
+            # Cleared only, not ingested: it was no live upload, and the deletion is no data either.
+            assert not agent_a.publish("exam/v1/agent-a/seg/cam-1-2/chunk/1", b"control").is_failure
+            assert ingest.calls.get(timeout=10) == ("chunk/1", "agent-a", "cam-1-2", b"control")
+        watcher.close()
+        _not_retained(broker, agent_a, topic)
+    finally:
+        watcher.close()
+        agent_a.close()

@@ -36,7 +36,8 @@ def test_sigkill_twice_then_restart_states_every_downtime(tmp_path: Path, mosqui
     log = open(tmp_path / "agent.log", "ab")
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([str(BIN / "exam-edge"), "--config", str(config), "run"], stdout=log,
+        # --new-chains: no collector runs here, and these cameras have never uploaded anywhere
+        return subprocess.Popen([str(BIN / "exam-edge"), "--config", str(config), "run", "--new-chains"], stdout=log,
                                 stderr=subprocess.STDOUT)
 
     def sealed() -> int:

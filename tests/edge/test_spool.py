@@ -171,3 +171,37 @@ def test_restart_recovers_interrupted_move_and_leftovers(tmp_path: Path, sample_
     assert Manifest.from_dict(records[1].manifest_raw).prev == records[0].record_hash
     assert still_open.exists()
     journal.close()
+
+
+def test_records_not_yet_stored_are_signed_again_with_a_new_key(stack, sample_ts: Path) -> None:
+    """After a key change the collector verifies with the new key: pending and rejected records get a new
+    signature; their manifest, record hash and chain stay as they were, and stored ones are left alone."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from exam_contract.signing import verify
+
+    config, journal, sealer = stack
+    records = [sealer.seal_file(CAM, place(config, sample_ts, index)) for index in range(3)]
+    assert journal.mark_stored(CAM, records[0].seq, records[0].record_hash)
+    journal.mark_rejected(CAM, records[2].seq, "bad_signature: x", records[2].record_hash, retryable=True)
+    new_key = Ed25519PrivateKey.generate()
+    assert journal.resign(new_key) == 2
+    assert journal.resign(new_key) == 0  # already done
+    after = journal.records(CAM)
+    assert [r.record_hash for r in after] == [r.record_hash for r in records]
+    assert [r.manifest_json for r in after] == [r.manifest_json for r in records]
+    assert after[0].signature == records[0].signature  # stored: kept as the collector has it
+    for record in after[1:]:
+        assert verify(new_key.public_key(), record.manifest_json.encode(), record.signature)
+
+
+def test_adopted_chain_head_continues_the_collectors_chain(stack, sample_ts: Path) -> None:
+    config, journal, sealer = stack
+    head_end = ANCHOR - timedelta(hours=1)
+    assert journal.adopt_head(CAM, 41, "c" * 64, head_end)
+    assert not journal.adopt_head(CAM, 50, "d" * 64, head_end)  # only for a camera this journal never had
+    record = sealer.seal_file(CAM, place(config, sample_ts, 0))
+    assert record.seq == 42 and record.manifest_raw["prev"] == "c" * 64
+    assert journal.chain_known(CAM) and not journal.chain_known("other-cam")
+    journal.start_chain("other-cam")
+    assert journal.chain_known("other-cam") and journal.camera_state("other-cam").last_seq == 0

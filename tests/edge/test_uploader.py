@@ -35,6 +35,7 @@ class FakeCollectorSide:
         self.chunks: dict[str, dict[int, bytes]] = defaultdict(dict)
         self.chunk_counts: dict[str, list[int]] = defaultdict(list)
         self.fins: dict[str, int] = defaultdict(int)
+        self.fin_payloads: dict[str, set[bytes]] = defaultdict(set)
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-collector",
                                   protocol=mqtt.MQTTv5)
@@ -53,10 +54,11 @@ class FakeCollectorSide:
                 self.chunk_counts[topic.file_id].append(topic.chunk_index)
             else:
                 self.fins[topic.file_id] += 1
+                self.fin_payloads[topic.file_id].add(bytes(message.payload))
 
-    def reply(self, file_id: str, state: str, missing=None, reason=None) -> None:
+    def reply(self, file_id: str, state: str, missing=None, reason=None, record=None) -> None:
         body = Reply(file_id=file_id, state=state, collector_time=datetime.now(timezone.utc),
-                     missing=missing or [], reason=reason).encode()
+                     missing=missing or [], reason=reason, record=record).encode()
         self.client.publish(reply_topic(AGENT), body, qos=1).wait_for_publish(5)
 
     def close(self) -> None:
@@ -95,15 +97,17 @@ def test_upload_protocol_and_replies(tmp_path: Path, mosquitto, sample_ts: Path)
                     assert sha256_hex(data) == record.manifest_raw["sha256"]
                 else:
                     assert init.chunks == 0 and not side.chunks[record.file_id]
+            # every fin names the record it finishes
+            assert all(side.fin_payloads[r.file_id] == {r.record_hash.encode()} for r in records)
         # a PUBACK proves nothing: without a reply everything stays pending
         assert [r.state for r in journal.records(CAM)] == ["pending"] * 3
         assert uploader.peak_inflight_bytes <= LIMIT + CHUNK
 
         with side.lock:
             side.chunk_counts[ids[1]].clear()
-        side.reply(ids[0], "stored")
-        side.reply(ids[1], "missing", missing=[[1, 2]])
-        side.reply(ids[2], "rejected", reason="venue_mismatch: test")
+        side.reply(ids[0], "stored", record=records[0].record_hash)
+        side.reply(ids[1], "missing", missing=[[1, 2]], record=records[1].record_hash)
+        side.reply(ids[2], "rejected", reason="venue_mismatch: test", record=records[2].record_hash)
         wait_until(lambda: journal.records(CAM)[0].state == "stored", 30, what="stored")
         wait_until(lambda: journal.records(CAM)[2].state == "rejected", 30, what="rejected")
         fins_before = side.fins[ids[1]]
@@ -111,7 +115,7 @@ def test_upload_protocol_and_replies(tmp_path: Path, mosquitto, sample_ts: Path)
         with side.lock:
             assert sorted(side.chunk_counts[ids[1]]) == [1, 2]  # only the missing chunks again
         assert journal.records(CAM)[1].state == "pending"
-        side.reply(ids[1], "stored")
+        side.reply(ids[1], "stored", record=records[1].record_hash)
         wait_until(lambda: journal.records(CAM)[1].state == "stored", 30, what="second stored")
         final = journal.records(CAM)
         assert final[2].reason == "venue_mismatch: test"
@@ -140,3 +144,79 @@ def test_clock_estimate_ntp_style_and_the_two_second_flag() -> None:
     clock.add(sent, sent + timedelta(milliseconds=10), sent + timedelta(milliseconds=1805))
     estimate = clock.current()
     assert estimate.offset_ms == 1800.0 and estimate.synced is True
+
+
+def test_stored_counts_only_for_this_records_hash_and_rejections_are_retried(tmp_path: Path, mosquitto,
+                                                                            sample_ts: Path) -> None:
+    """A `stored` reply about other bytes (another record under the same file id, or naming none) never
+    acknowledges a record; a rejection an operator can cure is retried after a backoff, with an alarm."""
+    from datetime import timedelta
+
+    config = load_config(write_config(tmp_path, broker_url=mosquitto.url))
+    journal = Journal(config.agent.journal_path)
+    sealer = Sealer(config, journal, load_private_key(config.agent.key_file))
+    target = config.agent.recording_dir / CAM / "20261126T080000000000-000000.ts"
+    shutil.copyfile(sample_ts, target)
+    sealer.seal_file(CAM, target)
+    sealer.note_outage(CAM, "camera_unreachable", "Connection refused")
+    sealer.close_outages()
+    segment, gap = journal.records(CAM)
+    alarms: list[tuple[str, str | None]] = []
+    side = FakeCollectorSide(mosquitto.port)
+    uploader = Uploader(config, journal, chunk_size=CHUNK, max_inflight_bytes=LIMIT, reply_timeout=1.0,
+                        on_alarm=lambda code, detail: alarms.append((code, detail)))
+    uploader.connect()
+    uploader.start()
+    try:
+        wait_until(lambda: side.fins[segment.file_id] >= 1 and side.fins[gap.file_id] >= 1, 60, what="both fins")
+        side.reply(segment.file_id, "stored", record="e" * 64)   # about other bytes
+        side.reply(segment.file_id, "stored")                     # about no record at all
+        side.reply(gap.file_id, "rejected", reason="unknown_agent: not enrolled", record=gap.record_hash)
+        wait_until(lambda: journal.records(CAM)[1].state == "rejected", 30, what="the rejection")
+        wait_until(lambda: alarms and alarms[-1][0] == "records_rejected" and "unknown_agent" in (alarms[-1][1] or ""),
+                   30, what="the records_rejected alarm")
+        assert journal.records(CAM)[0].state == "pending"
+        side.reply(segment.file_id, "stored", record=segment.record_hash)
+        wait_until(lambda: journal.records(CAM)[0].state == "stored", 30, what="the real acknowledgement")
+
+        # retried after the backoff: pretend the backoff is over, the uploader sends the init again
+        with side.lock:
+            inits_before = len(side.inits[gap.file_id])
+        assert journal.requeue_due(datetime.now(timezone.utc) + timedelta(minutes=2)) == 1
+        wait_until(lambda: len(side.inits[gap.file_id]) > inits_before, 30, what="the retried init")
+        side.reply(gap.file_id, "stored", record=gap.record_hash)
+        wait_until(lambda: journal.records(CAM)[1].state == "stored", 30, what="the retried record stored")
+        wait_until(lambda: alarms[-1] == ("records_rejected", None), 30, what="the alarm cleared")
+    finally:
+        uploader.stop()
+        side.close()
+        journal.close()
+
+
+def test_rejection_that_needs_an_operator_waits_for_exam_edge_retry(tmp_path: Path, sample_ts: Path) -> None:
+    """seq_replayed is not retried by itself; `exam-edge retry` queues it again. Rejected records are never
+    offered for pruning."""
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    config_path = write_config(tmp_path)
+    config = load_config(config_path)
+    journal = Journal(config.agent.journal_path)
+    sealer = Sealer(config, journal, load_private_key(config.agent.key_file))
+    target = config.agent.recording_dir / CAM / "20261126T080000000000-000000.ts"
+    shutil.copyfile(sample_ts, target)
+    record = sealer.seal_file(CAM, target)
+    marked, retry_at = journal.mark_rejected(CAM, record.seq, "seq_replayed: x", record.record_hash)
+    assert marked and retry_at is None
+    assert journal.requeue_due(datetime.now(timezone.utc) + timedelta(days=30)) == 0
+    assert journal.prunable(10) == []
+    journal.close()
+    result = subprocess.run([str(Path(sys.executable).parent / "exam-edge"), "--config", str(config_path), "retry"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 rejected record(s) queued for upload again")
+    assert "seq_replayed" in result.stdout
+    journal = Journal(config.agent.journal_path)
+    assert [r.state for r in journal.records(CAM)] == ["pending"]
+    journal.close()

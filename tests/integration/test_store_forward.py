@@ -240,7 +240,8 @@ def test_edge_disk_budget_stops_cameras_then_resumes(tmp_path: Path, mosquitto: 
     watcher.loop_start()
     with small_filesystem(pipeline.edge_data, size_kib=32 * 1024):
         try:
-            pipeline.start_agent("--drain-seconds", "120")
+            # the collector starts only later, and this new venue's cameras have never uploaded
+            pipeline.start_agent("--drain-seconds", "120", "--new-chains")
             agent_log = tmp_path / "agent.log"
             wait_until(lambda: "ALARM disk_full" in agent_log.read_text(errors="replace"), 120,
                        what="the agent's disk_full alarm")

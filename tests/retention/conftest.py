@@ -17,7 +17,7 @@ from collector.ingest import Ingest
 from collector.models import SegmentRecord
 from exam_contract.signing import generate_private_key
 from retention.cli import main as retention_main
-from tests.collector.conftest import AGENT, INSTITUTION, VENUE, Harness, SigningAgent
+from tests.collector.conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent
 
 REPO = Path(__file__).resolve().parents[2]
 EXAM_RETENTION = REPO / ".venv" / "bin" / "exam-retention"
@@ -107,7 +107,7 @@ margin_days = 7
     upgrade(engine)
     agent = SigningAgent()
     enroll(session_factory(engine), AGENT, VENUE, agent.pubkey, INSTITUTION)
-    harness = Harness(Ingest(engine, storage), engine, storage, agent)
+    harness = Harness(Ingest(engine, storage, limits=TEST_LIMITS), engine, storage, agent)
     yield Env(config, engine, storage, harness, clips)
     engine.dispose()
 

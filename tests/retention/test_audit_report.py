@@ -6,7 +6,10 @@ import csv
 import json
 from datetime import datetime, timedelta, timezone
 
-from collector.models import ExamBatch, ExamBatchPart
+from sqlalchemy import update
+
+from collector.models import ExamBatch, ExamBatchPart, SegmentRecord
+from exam_contract.canonical import format_time
 
 from .conftest import EXAM_RETENTION, Env
 
@@ -69,3 +72,40 @@ def test_bad_dates_exit_1_and_real_command(env: Env, capsys, tmp_path) -> None:
                            "--out", str(tmp_path / "empty.html"))
     assert proc.returncode == 0, proc.stderr
     assert "未发现覆盖缺口" in (tmp_path / "empty.html").read_text(encoding="utf-8")
+
+
+def test_clock_suspect_records_listed_per_camera(env: Env, capsys, tmp_path) -> None:
+    """Records the collector flagged clock_suspect are listed per camera (count, first/last arrival), whether
+    their claimed times or their arrival fall in the period; a gap next to one names the cause."""
+    batch(env)
+    front = [env.store("t101-front", PART_START + timedelta(seconds=2 * i), clip=i, seq=i + 1) for i in (0, 1, 3, 4)]
+    ahead = env.store("t102-back", datetime(2099, 1, 1, 1, 0, tzinfo=timezone.utc), room="T102")  # clock in 2099
+    arrival_front = PART_START + timedelta(minutes=5)
+    arrival_ahead = PART_START + timedelta(hours=2)
+    with env.engine.begin() as conn:
+        conn.execute(update(SegmentRecord).where(SegmentRecord.id == front[2].id)
+                     .values(clock_suspect=True, stored_at=arrival_front))
+        conn.execute(update(SegmentRecord).where(SegmentRecord.id == ahead.id)
+                     .values(clock_suspect=True, stored_at=arrival_ahead))
+    for fmt in ("json", "csv", "html"):
+        code, text, err = env.run(capsys, "audit", "--from", "2026-11-20", "--to", "2026-11-20", "--format", fmt,
+                                  "--out", str(tmp_path / f"report.{fmt}"))
+        assert code == 3, text + err   # the missing seq 3 is a gap; suspect records alone are not
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["totals"]["clock_suspect_records"] == 2
+    assert [(c["camera"], c["records"], c["first_stored_at"], c["last_stored_at"], c["seqs"])
+            for c in report["clock_suspect"]] == [
+        ("t101-front", 1, format_time(arrival_front), format_time(arrival_front), [4]),
+        ("t102-back", 1, format_time(arrival_ahead), format_time(arrival_ahead), [1])]
+    assert report["clock_suspect"][1]["claimed_start"] == "2099-01-01T01:00:00.000Z"
+    assert report["clock_suspect"][0]["first_stored_local"] == "2026-11-20 09:05:00"
+    (gap,) = [g for g in report["gaps"] if g["source"] == "batch"]
+    assert gap["causes"] == ["clock_suspect", "clock_unsynced", "missing_seq"]
+    rows = list(csv.DictReader((tmp_path / "report.csv").open(encoding="utf-8")))
+    suspect_rows = [r for r in rows if r["row"] == "clock_suspect"]
+    assert [(r["camera"], r["status"], r["start_local"]) for r in suspect_rows] == [
+        ("t101-front", "1 records", "2026-11-20 09:05:00"), ("t102-back", "1 records", "2026-11-20 11:00:00")]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h2>时钟可疑</h2>" in page and "时钟可疑片段数" in page
+    assert "<td>t102-back</td><td>1</td><td>2026-11-20 11:00:00</td>" in page
+    assert "时钟可疑、时钟未同步、片段序号缺失" in page

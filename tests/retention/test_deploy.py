@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from .conftest import EXAM_RETENTION, REPO, Env
+from .test_enforce import arrived
 
 UNITS = REPO / "deploy" / "systemd"
 SCRIPT = UNITS / "exam-retention.sh"
@@ -37,6 +38,7 @@ def test_units_verify(tmp_path: Path) -> None:
 
 def test_daily_script_runs_all_three_steps(env: Env, tmp_path: Path) -> None:
     old = env.store("t101-front", datetime(2024, 6, 1, 1, 0, tzinfo=timezone.utc))
+    arrived(env, [old])   # uploaded back then: its keep counts from the later of its end and its arrival
     yesterday = (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
     # Yesterday's footage for the audit: a camera with seq 2 missing (a gap, exit 3 expected).
     start = datetime.combine(yesterday, datetime.min.time(), tzinfo=ZoneInfo("Asia/Shanghai")) + timedelta(hours=9)

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
-from collector.models import AuditEntry, ExamBatch, ExamBatchPart, SegmentRecord
+from collector.models import AuditCheckpoint, AuditEntry, ExamBatch, ExamBatchPart, SegmentRecord
+from retention.enforce import CLOCK_TOLERANCE, ClockError, build_plan, check_clock
+from retention.policy import RetentionPolicy, add_calendar_years
 
 from .conftest import EXAM_COLLECTOR, EXAM_RETENTION, Env
 
 OLD = datetime(2024, 6, 1, 1, 0, tzinfo=timezone.utc)       # long expired by now (Nov 2026)
 RECENT = datetime.now(timezone.utc) - timedelta(days=30)   # within the year
+MARGINS = timedelta(minutes=15)
+
+
+def arrived(env: Env, rows: Iterable[SegmentRecord], at: datetime | None = None, by: str | None = None) -> None:
+    """Set when (and by which collector instance) stored rows arrived: footage uploaded long ago is stored
+    here today, and the retention floor counts from the later of its end and its arrival. Default: a minute
+    after the footage's own end, as a prompt upload would have been."""
+    with env.engine.begin() as conn:
+        for row in rows:
+            values: dict = {"stored_at": at or row.end_at + timedelta(minutes=1)}
+            if by is not None:
+                values["stored_by"] = by
+            conn.execute(update(SegmentRecord).where(SegmentRecord.id == row.id).values(**values))
 
 
 def add_batch(env: Env, batch_id: str, start: datetime, end: datetime, room: str = "T101") -> None:
@@ -26,6 +44,7 @@ def add_batch(env: Env, batch_id: str, start: datetime, end: datetime, room: str
 
 def test_dry_run_and_real_run_same_plan_tombstones_then_verify(env: Env, capsys) -> None:
     old = [env.store("t101-front", OLD + timedelta(seconds=2 * i), clip=i) for i in range(3)]
+    arrived(env, old)
     recent = env.store("t101-back", RECENT)
     code, dry, err = env.run(capsys, "enforce", "--dry-run", "--json")
     assert code == 0, err
@@ -65,6 +84,7 @@ def test_batch_link_and_hold_keep_expired_footage(env: Env, capsys) -> None:
     linked = env.store("t101-front", OLD)
     held = env.store("t102-front", OLD, room="T102")
     free = env.store("t103-front", OLD, room="T103")
+    arrived(env, [linked, held, free])
     # The batch part ended a year and a day ago: with margin_days 7 it is not yet due.
     now = datetime.now(timezone.utc)
     add_batch(env, "B-2025-1", now - timedelta(days=400), now - timedelta(days=366))
@@ -100,7 +120,7 @@ def test_batch_link_and_hold_keep_expired_footage(env: Env, capsys) -> None:
 
 
 def test_unknown_batch_hold_holds_everything(env: Env, capsys) -> None:
-    env.store("t101-front", OLD)
+    arrived(env, [env.store("t101-front", OLD)])
     hold = env.run_process(EXAM_COLLECTOR, "hold", "add", "--batch", "B-NOT-IMPORTED", "--reason", "复核",
                            "--case", "C-1")
     assert hold.returncode == 0, hold.stderr
@@ -110,18 +130,83 @@ def test_unknown_batch_hold_holds_everything(env: Env, capsys) -> None:
     assert "ALARM: hold 1 (case C-1) names batch B-NOT-IMPORTED" in err
 
 
-def test_clock_behind_stored_footage_refuses(env: Env, capsys) -> None:
-    env.store("t101-front", OLD)
-    env.store("t101-back", datetime.now(timezone.utc) + timedelta(days=3))  # footage "from the future"
+def test_footage_from_a_reset_agent_clock_is_kept_a_year_from_its_arrival(env: Env, capsys) -> None:
+    """An agent with a reset clock uploads footage dated two years ago: stored now, it is not due one second
+    later, nor on the next real `enforce`; its floor counts from its arrival."""
+    row = env.store("t101-front", datetime.now(timezone.utc) - timedelta(days=2 * 366))
+    assert row.end_at < add_calendar_years(row.stored_at, -1)
+    with env.sessions() as s:
+        plan = build_plan(s, RetentionPolicy(), row.stored_at + timedelta(seconds=1), env.storage, MARGINS, MARGINS)
+        assert plan.deletions == () and plan.candidates == 0
+        # Even a year after its end *and* past the first pass's cutoff for it, the arrival decides:
+        later = build_plan(s, RetentionPolicy(), add_calendar_years(row.stored_at) + timedelta(days=6),
+                           env.storage, MARGINS, MARGINS)
+        assert later.deletions == () and later.candidates == 1
+        due = build_plan(s, RetentionPolicy(), add_calendar_years(row.stored_at) + timedelta(days=7),
+                         env.storage, MARGINS, MARGINS)
+    assert [d.segment_id for d in due.deletions] == [row.id]
+    assert "kept from its arrival at the collector" in due.deletions[0].reason
+    code, out, err = env.run(capsys, "enforce", "--json")
+    assert code == 0, err
+    assert json.loads(out)["files"] == 0
+    with env.sessions() as s:
+        assert s.get(SegmentRecord, row.id).deleted_at is None
+    assert (env.storage / row.storage_path).exists()
+
+
+def test_footage_dated_in_the_future_is_kept_and_does_not_stop_enforce(env: Env, capsys) -> None:
+    """One agent with a clock in 2099 must not stop retention for everyone: its footage is kept (and named
+    in an alarm), and the expired footage of other cameras is deleted in the same run."""
+    expired = env.store("t101-front", OLD)
+    arrived(env, [expired])
+    future = env.store("t101-back", datetime(2099, 1, 1, 1, 0, tzinfo=timezone.utc))
+    code, out, err = env.run(capsys, "enforce", "--json")
+    assert code == 0, err
+    assert [d["segment_id"] for d in json.loads(out)["deletions"]] == [expired.id]
+    assert "ALARM: 1 stored segment(s) end more than 1 day after this clock" in err
+    assert "JL2201001-01/t101-back/1 ends 2099-01-01T01:00:02" in err and "footage is kept" in err
+    with env.sessions() as s:
+        assert s.get(SegmentRecord, expired.id).deleted_at is not None
+        assert s.get(SegmentRecord, future.id).deleted_at is None
+    assert not (env.storage / expired.storage_path).exists() and (env.storage / future.storage_path).exists()
+
+
+def test_clock_behind_what_a_collector_stored_refuses_and_names_both_machines(env: Env, capsys) -> None:
+    """The clock check compares only times collectors wrote (arrival, audit entry, checkpoint); the refusal
+    names this machine and the collector instance whose clock disagrees."""
+    row = env.store("t101-front", OLD)
+    stored_at = datetime.now(timezone.utc) + timedelta(hours=2)   # another collector's clock is ahead
+    arrived(env, [row], at=stored_at, by="collector-b.4242.a1b2c3")
+    with env.sessions() as s:
+        check_clock(s, stored_at - CLOCK_TOLERANCE, host="exam-a")   # within the tolerance: fine
+        with pytest.raises(ClockError) as info:
+            check_clock(s, stored_at - CLOCK_TOLERANCE - timedelta(seconds=1), host="exam-a")
+    message = str(info.value)
+    assert message.startswith("the clock of this machine (exam-a) says ")
+    assert "but collector instance collector-b.4242.a1b2c3 stored a segment at " in message
+    assert "one of these two clocks is wrong; fix it (NTP) before enforcing retention" in message
     code, out, err = env.run(capsys, "enforce")
     assert code == 1 and out == ""
-    assert "exam-retention: error: the clock says" in err and "fix the time (NTP)" in err
+    assert f"exam-retention: error: the clock of this machine ({socket.gethostname()}) says" in err
+    assert "collector instance collector-b.4242.a1b2c3" in err
     with env.sessions() as s:
         assert all(r.deleted_at is None for r in s.scalars(select(SegmentRecord)))
 
 
+def test_checkpoint_signed_later_than_this_clock_refuses(env: Env) -> None:
+    arrived(env, [env.store("t101-front", OLD)])
+    at = datetime.now(timezone.utc) + timedelta(hours=1)
+    with env.sessions.begin() as s:
+        s.add(AuditCheckpoint(at=at, entry_count=1, head_hash=None, occasion="schedule", public_key="k",
+                              signature="s"))
+    with env.sessions() as s, pytest.raises(ClockError) as info:
+        check_clock(s, datetime.now(timezone.utc), host="exam-a")
+    assert "(exam-a)" in str(info.value) and "audit checkpoint" in str(info.value)
+    assert "one of these two clocks is wrong" in str(info.value)
+
+
 def test_config_minimum_below_one_year_refuses(env: Env, capsys) -> None:
-    env.store("t101-front", OLD)
+    arrived(env, [env.store("t101-front", OLD)])
     env.config.write_text(env.config.read_text().replace("margin_days = 7",
                                                          "margin_days = 7\nunlinked_retention_days = 90"))
     code, _, err = env.run(capsys, "enforce", "--dry-run")
@@ -131,6 +216,7 @@ def test_config_minimum_below_one_year_refuses(env: Env, capsys) -> None:
 def test_real_commands_dry_run_then_run(env: Env) -> None:
     """Through the installed console scripts, as the systemd unit runs them."""
     row = env.store("t101-front", OLD)
+    arrived(env, [row])
     dry = env.run_process(EXAM_RETENTION, "enforce", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"delete JL2201001-01/t101-front/1 {row.storage_path} {row.size} B: expired" in dry.stdout
@@ -158,10 +244,10 @@ def test_hold_input_errors_exit_1(env: Env) -> None:
 
 def test_hold_placed_after_planning_still_wins(env: Env) -> None:
     from collector.holds import add_hold
-    from retention.enforce import build_plan, execute
-    from retention.policy import RetentionPolicy
+    from retention.enforce import execute
 
     row = env.store("t101-front", OLD)
+    arrived(env, [row])
     policy, pre, post = RetentionPolicy(), timedelta(minutes=15), timedelta(minutes=15)
     now = datetime.now(timezone.utc)
     with env.sessions() as s:

@@ -8,7 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import delete, func, select, update
 
-from collector.models import AuditEntry, ScrubRun, SegmentRecord
+from collector import audit
+from collector.models import AuditCheckpoint, AuditEntry, AuditHead, ScrubRun, SegmentRecord
+from exam_contract.signing import load_private_key
 
 from .conftest import Env
 
@@ -134,3 +136,82 @@ def test_row_marked_deleted_without_tombstone_is_named(env: Env, capsys) -> None
     code, out, _ = env.run(capsys, "scrub")
     assert code == 4
     assert "no_tombstone: JL2201001-01/t101-front/2: row is marked deleted (entry 1)" in out
+
+
+# ---------------------------------------------------------------------------- checkpoints (version 2)
+
+def _rewrite_after(env: Env, seq: int) -> None:
+    """Edit entry `seq` and recompute every hash from there on, head row included."""
+    with env.sessions.begin() as s:
+        prev = None
+        for e in s.scalars(select(AuditEntry).order_by(AuditEntry.seq)):
+            if e.seq == seq:
+                e.reason = "nothing happened"
+            e.prev_hash = prev
+            e.entry_hash = audit.entry_hash_of(e)
+            prev = e.entry_hash
+        s.get(AuditHead, 1).head_hash = prev
+
+
+def test_commands_leave_the_head_checkpointed(env: Env, capsys, tmp_path) -> None:  # noqa: ANN001
+    """scrub and audit append an entry and sign a checkpoint over it: the log verifies even long after."""
+    three(env)
+    assert env.run(capsys, "scrub")[0] == 0
+    code, _, err = env.run(capsys, "audit", "--from", "2026-11-20", "--to", "2026-11-20", "--format", "json",
+                           "--out", str(tmp_path / "r.json"))
+    assert code in (0, 3), err
+    with env.sessions() as s:
+        head = s.get(AuditHead, 1)
+        cps = list(s.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)))
+        assert [c.occasion for c in cps] == ["command", "command"]
+        assert cps[-1].entry_count == head.seq and cps[-1].head_hash == head.head_hash
+        public = load_private_key(env.config.parent / "collector" / "collector.key").public_key()
+        assert audit.verify_log(s, public, now=cps[-1].at + timedelta(days=30)).ok
+    code, out, _ = env.run(capsys, "verify-log")
+    assert code == 0 and "2 signed checkpoints match" in out
+
+
+def test_deleted_newest_checkpoint_contradicted_by_a_copy(env: Env, capsys, tmp_path) -> None:  # noqa: ANN001
+    """Drop the newest checkpoint and rewrite the entries after the one before: the saved copy of the dropped
+    checkpoint (the retained MQTT message, or the one an evidence package cites) names the range."""
+    three(env)
+    assert env.run(capsys, "scrub")[0] == 0
+    assert env.run(capsys, "scrub")[0] == 0
+    with env.sessions() as s:
+        older, newest = s.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)).all()
+    retained = tmp_path / "retained.json"
+    retained.write_bytes(audit.checkpoint_payload(newest))
+    package = tmp_path / "package.json"
+    package.write_text(json.dumps({"format": "exam-footage evidence package",
+                                   "exported": {"audit_checkpoint": audit.checkpoint_document(newest)}}))
+    code, out, _ = env.run(capsys, "verify-log", "--checkpoint", str(retained), "--checkpoint", str(package))
+    assert code == 0 and "2 checkpoint copies held elsewhere agree" in out
+    with env.engine.begin() as conn:
+        conn.execute(delete(AuditCheckpoint).where(AuditCheckpoint.id == newest.id))
+    _rewrite_after(env, newest.entry_count)
+    first = older.entry_count + 1
+    for copy in (retained, package):
+        code, out, _ = env.run(capsys, "verify-log", "--checkpoint", str(copy))
+        assert code == 4, out
+        assert f"first bad entry {first}: entries {first}..{newest.entry_count} were rewritten" in out
+        assert str(copy) in out.splitlines()[0]
+
+
+def test_bad_checkpoint_copy_is_one_line_exit_1(env: Env, capsys, tmp_path) -> None:  # noqa: ANN001
+    three(env)
+    assert env.run(capsys, "scrub")[0] == 0
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json", encoding="utf-8")
+    code, out, err = env.run(capsys, "verify-log", "--checkpoint", str(garbage))
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert str(garbage) in err and "not JSON" in err
+    with env.sessions() as s:
+        cp = s.scalars(select(AuditCheckpoint)).one()
+    forged = audit.checkpoint_document(cp)
+    forged["entry_count"] += 1
+    bad = tmp_path / "forged.json"
+    bad.write_text(json.dumps(forged), encoding="utf-8")
+    code, out, err = env.run(capsys, "verify-log", "--checkpoint", str(bad))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not signed by the collector key" in err
+    code, out, err = env.run(capsys, "verify-log", "--checkpoint", str(tmp_path / "missing.json"))
+    assert code == 1 and "cannot read checkpoint copy" in err

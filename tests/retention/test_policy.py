@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,8 +24,11 @@ def segments(draw, seg_id: int = 1) -> SegmentFacts:
     end = start + timedelta(seconds=draw(st.integers(min_value=1, max_value=600)))
     links = tuple(BatchLink(f"B{draw(st.integers(0, 3))}", end + timedelta(seconds=draw(st.integers(-3600, 86400 * 3))))
                   for _ in range(draw(st.integers(0, 2))))
+    # Arrival: usually seconds to days after the end; any moment at all when the agent's clock is wrong.
+    stored_at = draw(st.one_of(st.integers(0, 3 * 86400).map(lambda s: end + timedelta(seconds=s)), moments))
     return SegmentFacts(id=seg_id, venue=draw(st.sampled_from(VENUES)), room=draw(st.sampled_from(["T1", "T2"])),
-                        camera=draw(st.sampled_from(CAMERAS)), start=start, end=end, size=1, links=links)
+                        camera=draw(st.sampled_from(CAMERAS)), start=start, end=end, size=1, links=links,
+                        stored_at=stored_at)
 
 
 @st.composite
@@ -59,18 +63,23 @@ def truly_held(seg: SegmentFacts, hold: HoldFacts) -> bool:
             and (hold.start is None or seg.end >= hold.start) and (hold.end is None or seg.start <= hold.end))
 
 
+def plus_year(m: datetime) -> datetime:
+    local = m.astimezone(SHANGHAI)
+    try:
+        moved = local.replace(year=local.year + 1)
+    except ValueError:
+        moved = local.replace(year=local.year + 1, month=3, day=1)
+    return moved.astimezone(UTC)
+
+
 def floor_of(seg: SegmentFacts, policy: RetentionPolicy) -> datetime:
-    """Independent restatement of the floor: one calendar year in Shanghai wall time, etc."""
-    def plus_year(m: datetime) -> datetime:
-        local = m.astimezone(SHANGHAI)
-        try:
-            moved = local.replace(year=local.year + 1)
-        except ValueError:
-            moved = local.replace(year=local.year + 1, month=3, day=1)
-        return moved.astimezone(UTC)
-    floors = [plus_year(seg.end)] + [plus_year(l.end) + timedelta(days=policy.margin_days) for l in seg.links]
+    """Independent restatement of the floor: one calendar year in Shanghai wall time plus the margin, from the
+    later of the end (agent's clock) and the arrival (collector's clock); batch parts; unlinked days."""
+    margin = timedelta(days=policy.margin_days)
+    basis = seg.end if seg.stored_at is None else max(seg.end, seg.stored_at)
+    floors = [plus_year(basis) + margin] + [plus_year(l.end) + margin for l in seg.links]
     if not seg.links and policy.unlinked_retention_days:
-        floors.append(seg.end + timedelta(days=policy.unlinked_retention_days))
+        floors.append(basis + timedelta(days=policy.unlinked_retention_days))
     return max(floors)
 
 
@@ -87,8 +96,8 @@ def test_never_deletes_before_floor_or_while_held(data, policy: RetentionPolicy,
         assert d.keep_until == floor
         if d.delete:
             assert now >= floor, (seg, d)
-            assert now >= seg.end + timedelta(days=365)
-            assert seg.end <= earliest_possible_floor(now)
+            assert now >= seg.end + timedelta(days=365) and now >= seg.stored_at + timedelta(days=365)
+            assert seg.end <= earliest_possible_floor(now) and seg.stored_at <= earliest_possible_floor(now)
             assert not held, (seg, hs, d)
         else:
             assert held or now < floor
@@ -105,6 +114,43 @@ def test_clock_going_backwards_never_deletes_more(seg: SegmentFacts, policy: Ret
         assert decide(seg, [], now, policy).delete
 
 
+@settings(max_examples=400, deadline=None)
+@given(seg=segments(), end=moments, stored_at=moments, now=moments, policy=policies)
+def test_never_deletes_before_a_year_after_end_and_arrival(seg: SegmentFacts, end: datetime, stored_at: datetime,
+                                                            now: datetime, policy: RetentionPolicy) -> None:
+    """Whatever the agent's clock wrote as `end` and whenever the footage arrived: never deleted before one
+    calendar year (plus margin) after the later of the two; a wrong agent clock never shortens a keep."""
+    seg = replace(seg, start=end - (seg.end - seg.start), end=end, stored_at=stored_at)
+    d = decide(seg, [], now, policy)
+    assert d.keep_until >= add_calendar_years(max(end, stored_at)) + timedelta(days=policy.margin_days)
+    if d.delete:
+        assert now >= add_calendar_years(max(end, stored_at))
+        assert now >= plus_year(max(end, stored_at)) + timedelta(days=policy.margin_days)
+    if stored_at > end and d.keep_until == add_calendar_years(stored_at) + timedelta(days=policy.margin_days) \
+            and d.keep_until > add_calendar_years(end) + timedelta(days=policy.margin_days):
+        assert "kept from its arrival at the collector" in d.reason
+
+
+def test_agent_clock_two_years_behind_is_kept_a_year_from_arrival() -> None:
+    """An agent with a reset clock: the segment says it ended two years before it arrived. One second after
+    arrival it is not deleted; it is kept one calendar year plus margin after its arrival."""
+    stored_at = shanghai(2026, 12, 1, 10, 0)
+    end = add_calendar_years(stored_at, -2)
+    seg = SegmentFacts(1, "V1", "T1", "c1", end - timedelta(minutes=1), end, stored_at=stored_at)
+    policy = RetentionPolicy(margin_days=7)
+    d = decide(seg, [], stored_at + timedelta(seconds=1), policy)
+    assert not d.delete
+    assert d.keep_until == add_calendar_years(stored_at) + timedelta(days=7) == shanghai(2027, 12, 8, 10, 0)
+    assert "kept from its arrival at the collector (2026-12-01 10:00:00+08:00)" in d.reason
+    assert "its end time (2024-12-01 10:00:00+08:00) is earlier than its arrival" in d.reason
+    assert not decide(seg, [], shanghai(2027, 12, 8, 9, 59), policy).delete
+    assert decide(seg, [], shanghai(2027, 12, 8, 10, 0), policy).delete
+    # Footage from the future (agent clock ahead): kept from its end, the later moment.
+    ahead = SegmentFacts(2, "V1", "T1", "c1", shanghai(2099, 1, 1), shanghai(2099, 1, 1, 0, 1), stored_at=stored_at)
+    assert keep_until(ahead, policy) == (shanghai(2100, 1, 8, 0, 1), "unlinked")
+    assert "arrival" not in decide(ahead, [], stored_at, policy).reason
+
+
 def shanghai(y: int, mo: int, d: int, h: int = 0, mi: int = 0) -> datetime:
     return datetime(y, mo, d, h, mi, tzinfo=SHANGHAI).astimezone(UTC)
 
@@ -119,7 +165,7 @@ def test_leap_day_plus_one_year_is_first_of_march() -> None:
 def test_leap_day_segment_kept_until_first_of_march() -> None:
     end = shanghai(2024, 2, 29, 10, 0)
     seg = SegmentFacts(1, "V1", "T1", "c1", end - timedelta(minutes=1), end)
-    policy = RetentionPolicy()
+    policy = RetentionPolicy(margin_days=0)
     assert not decide(seg, [], shanghai(2025, 2, 28, 23, 59), policy).delete
     assert not decide(seg, [], shanghai(2025, 3, 1, 9, 59), policy).delete
     assert decide(seg, [], shanghai(2025, 3, 1, 10, 0), policy).delete
@@ -129,10 +175,12 @@ def test_year_end_in_shanghai_not_utc() -> None:
     """31 Dec 23:30 Shanghai is still 31 Dec 15:30 UTC: the year is counted on the Shanghai calendar."""
     end = shanghai(2025, 12, 31, 23, 30)
     seg = SegmentFacts(1, "V1", "T1", "c1", end - timedelta(minutes=5), end)
-    until, rule = keep_until(seg, RetentionPolicy())
+    until, rule = keep_until(seg, RetentionPolicy(margin_days=0))
     assert until == shanghai(2026, 12, 31, 23, 30) and rule == "unlinked"
-    assert not decide(seg, [], shanghai(2026, 12, 31, 23, 29), RetentionPolicy()).delete
-    assert decide(seg, [], shanghai(2026, 12, 31, 23, 30), RetentionPolicy()).delete
+    assert not decide(seg, [], shanghai(2026, 12, 31, 23, 29), RetentionPolicy(margin_days=0)).delete
+    assert decide(seg, [], shanghai(2026, 12, 31, 23, 30), RetentionPolicy(margin_days=0)).delete
+    # The default margin (7 days) applies to unlinked footage too.
+    assert keep_until(seg, RetentionPolicy())[0] == shanghai(2027, 1, 7, 23, 30)
 
 
 def test_linked_footage_waits_for_batch_end_plus_year_plus_margin() -> None:
@@ -148,8 +196,8 @@ def test_linked_footage_waits_for_batch_end_plus_year_plus_margin() -> None:
 def test_clock_going_backwards_keeps_what_it_would_have_deleted() -> None:
     end = shanghai(2024, 5, 1)
     seg = SegmentFacts(1, "V1", "T1", "c1", end - timedelta(minutes=1), end)
-    assert decide(seg, [], shanghai(2025, 5, 2), RetentionPolicy()).delete
-    assert not decide(seg, [], shanghai(2025, 4, 30), RetentionPolicy()).delete
+    assert decide(seg, [], shanghai(2025, 5, 9), RetentionPolicy()).delete
+    assert not decide(seg, [], shanghai(2025, 5, 7), RetentionPolicy()).delete
 
 
 def test_hold_blocks_expired_footage_and_unresolved_batch_hold_blocks_all() -> None:

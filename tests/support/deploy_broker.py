@@ -157,7 +157,8 @@ class DeployBroker:
 
 
 class SyncClient:
-    """A paho MQTT 5 client over TLS whose results (CONNACK, SUBACK, PUBACK reasons, messages) tests await."""
+    """A paho MQTT 5 client over TLS whose results (CONNACK, SUBACK, PUBACK reasons, messages, disconnects)
+    tests await. paho reconnects by itself: a second CONNACK means the connection was lost meanwhile."""
 
     def __init__(self, broker: DeployBroker, username: str | None, password: str | None,
                  client_id: str | None = None, ca_file: Path | None = None,
@@ -177,12 +178,14 @@ class SyncClient:
         self.connack: queue.Queue = queue.Queue()
         self.subacks: queue.Queue = queue.Queue()
         self.messages: queue.Queue = queue.Queue()
+        self.disconnects: queue.Queue = queue.Queue()
         self._pubacks: dict[int, object] = {}
         self._puback_cv = threading.Condition()
         self.client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put(rcs)
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
         self.client.on_publish = self._on_publish
+        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(rc)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._puback_cv:

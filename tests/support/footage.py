@@ -29,8 +29,9 @@ from collector.db import make_engine, session_factory, upgrade
 from collector.ingest import Ingest
 from exam_contract.chunks import chunk_count
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo
-from exam_contract.protocol import InitMessage
+from exam_contract.protocol import InitMessage, encode_fin
 from exam_contract.signing import generate_private_key, public_key_b64, sign
+from tests.collector.conftest import TEST_LIMITS
 
 BASE = datetime(2026, 11, 26, 1, 0, 0, tzinfo=timezone.utc)   # 09:00 Asia/Shanghai
 SEGMENT_SECONDS = 2
@@ -113,7 +114,7 @@ class Demo:
             if data:
                 for i in range(chunk_count(len(data), CHUNK)):
                     self.ingest.on_chunk(camera.site.agent, manifest.file_id, i, data[i * CHUNK:(i + 1) * CHUNK])
-            reply = self.ingest.on_fin(camera.site.agent, manifest.file_id)
+            reply = self.ingest.on_fin(camera.site.agent, manifest.file_id, encode_fin(manifest.record_hash()))
         assert reply is not None and reply.state == "stored", reply
 
     def write_config(self, mqtt_url: str = "mqtt://127.0.0.1:1883", http_listen: str = "127.0.0.1:8080") -> Path:
@@ -143,7 +144,7 @@ def build_demo(root: Path, database_url: str, segment_files: list[Path]) -> Demo
     if not key_file.exists():
         generate_private_key(key_file)
     storage = root / "storage"
-    demo = Demo(root, database_url, engine, sessions, storage, key_file, Ingest(engine, storage))
+    demo = Demo(root, database_url, engine, sessions, storage, key_file, Ingest(engine, storage, limits=TEST_LIMITS))
     for site in (SITE_A, SITE_B):
         camera = Camera(site, Ed25519PrivateKey.generate())
         enroll(sessions, site.agent, site.venue, public_key_b64(camera.key), site.institution)

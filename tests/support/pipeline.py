@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -78,6 +79,11 @@ class Pipeline:
             init += ["--database-url", self.database_url]
         self.collector(*init)
         self.collector("db", "upgrade")
+        self.set_up_edge()
+
+    def set_up_edge(self, replace: bool = False) -> None:
+        """`exam-edge init` (a new key), the cameras, and the enrolment of the new key (`--replace`: a venue
+        machine replaced, its journal and key gone)."""
         self.edge("init", "--agent", self.agent, "--institution", self.institution, "--venue", self.venue,
                   "--broker", self.broker_url, "--data-dir", str(self.edge_data),
                   "--key-file", str(self.root / "edge" / "agent.key"))
@@ -89,7 +95,13 @@ class Pipeline:
                      f'source = "{cam.source}"\n')
         self.edge_config.write_text(text)
         pubkey = self.edge("pubkey").stdout.strip()
-        self.collector("enroll", "--agent", self.agent, "--venue", self.venue, "--pubkey", pubkey)
+        self.collector("enroll", "--agent", self.agent, "--venue", self.venue, "--institution", self.institution,
+                       "--pubkey", pubkey, *(["--replace"] if replace else []))
+
+    def replace_edge_machine(self) -> None:
+        """The venue machine is replaced (or re-imaged): config, key, journal and spool are gone."""
+        shutil.rmtree(self.root / "edge")
+        self.set_up_edge(replace=True)
 
     def start_collector(self) -> None:
         log = open(self.root / "collector.log", "ab")
