@@ -5,9 +5,10 @@ sends `init`, 256 KiB chunks and `fin` per protocol v1, keeps a few files in fli
 done only when the real `exam-collector serve` replies `stored` (verified signature, SHA-256 and
 chain, file and directory fsynced, row committed). The clock runs from the first publish to the last
 `stored` reply. Then `bench.mqtt_baseline` sends the same number of bytes through the same broker.
-Prints ingest MB/s / baseline MB/s (target >= 0.6). Run from the repo root:
+Prints ingest MB/s / baseline MB/s (target >= 0.6), best of `--rounds` for both sides (each round a fresh
+collector, then the baseline), with every round's figures. Run from the repo root:
 
-    .venv/bin/python -m bench.ingest --mib 256 [--database-url postgresql+psycopg://...]
+    .venv/bin/python -m bench.ingest --mib 256 --rounds 3 [--database-url postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import paho.mqtt.client as mqtt
 from bench.mqtt_baseline import BenchError, run_on_broker
 from exam_contract.canonical import sha256_hex
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, file_id_for
-from exam_contract.protocol import InitMessage, Reply
+from exam_contract.protocol import InitMessage, Reply, encode_fin
 from exam_contract.signing import generate_private_key, public_key_b64, sign
 from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
 from tests.support.services import Mosquitto, mosquitto_binary
@@ -113,7 +114,7 @@ def _publish(client: mqtt.Client, manifest: Manifest, signature: str, data: byte
     for index in range(init.chunks):
         chunk = data[index * DEFAULT_CHUNK_SIZE:(index + 1) * DEFAULT_CHUNK_SIZE]
         client.publish(chunk_topic(AGENT, file_id, index), chunk, qos=1)
-    client.publish(fin_topic(AGENT, file_id), b"", qos=1)
+    client.publish(fin_topic(AGENT, file_id), encode_fin(manifest.record_hash()), qos=1)
 
 
 def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, database_url: str | None,
@@ -127,8 +128,11 @@ def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, 
     text = config.read_text(encoding="utf-8")
     if "\n[collector]\n" not in f"\n{text}":
         raise BenchError(f"no [collector] table in {config}")
-    config.write_text(f"\n{text}".replace("\n[collector]\n", f"\n[collector]\nworkers = {workers}\n", 1).lstrip(),
-                      encoding="utf-8")
+    # One client id for every round's collector: a new id would leave the previous round's session to swallow
+    # its share of the shared subscription until that session expires.
+    text = f"\n{text}".replace("\n[collector]\n", f"\n[collector]\nworkers = {workers}\n", 1)
+    text = text.replace("\n[mqtt]\n", "\n[mqtt]\nclient_id = \"bench-collector\"\n", 1)
+    config.write_text(text.lstrip(), encoding="utf-8")
     _cli("--config", str(config), "db", "upgrade")
     key = generate_private_key(workdir / "agent.key")
     _cli("--config", str(config), "enroll", "--agent", AGENT, "--venue", VENUE, "--pubkey", public_key_b64(key),
@@ -188,26 +192,45 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"files sent before their stored reply (default {FILES_IN_FLIGHT})")
     parser.add_argument("--workers", type=int, default=2, help="collector ingest workers ([collector] workers, "
                                                                  "default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ingest then baseline (default 3)")
     args = parser.parse_args(argv)
+    if args.database_url and args.rounds > 1 and not args.database_url.startswith("sqlite"):
+        print("bench: note: every round re-enrols the agent in the same PostgreSQL database; give a fresh "
+              "database (or --rounds 1)", file=sys.stderr)
     if mosquitto_binary() is None:
         print("bench: error: mosquitto is not installed; run `make deps`", file=sys.stderr)
         return 2
+    ingests: list[IngestResult] = []
+    baselines = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
         broker = Mosquitto(workdir=workdir / "mosquitto", extra_config="persistence false")
         broker.start()
         try:
-            ingest = run_ingest(broker, workdir, args.mib, args.file_mib, args.database_url, args.workers, args.in_flight)
-            baseline = run_on_broker("127.0.0.1", broker.port, total_mib=ingest.total_bytes // 2**20)
+            for round_number in range(1, args.rounds + 1):
+                round_dir = workdir / f"round-{round_number}"
+                round_dir.mkdir()
+                ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, args.database_url, args.workers,
+                                    args.in_flight)
+                baseline = run_on_broker("127.0.0.1", broker.port, total_mib=ingest.total_bytes // 2**20)
+                ingests.append(ingest)
+                baselines.append(baseline)
+                print(f"round {round_number}: ingest {ingest.mb_per_s:.0f} MB/s ({ingest.seconds:.2f} s), baseline "
+                      f"{baseline.mb_per_s:.0f} MB/s ({baseline.seconds:.2f} s)", flush=True)
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 2
         finally:
             broker.stop(kill=True)
-    print(f"ingest ({ingest.database}, {args.workers} workers, {args.in_flight} files in flight): {ingest.files} x {args.file_mib} MiB segments, verified + fsynced + "
-          f"acknowledged in {ingest.seconds:.2f} s: {ingest.mb_per_s:.0f} MB/s")
-    print(f"mqtt baseline, same broker, same bytes: {baseline.seconds:.2f} s: {baseline.mb_per_s:.0f} MB/s")
-    print(f"ingest / baseline = {ingest.mb_per_s / baseline.mb_per_s:.2f} (target >= 0.6)")
+    best_ingest = max(ingests, key=lambda r: r.mb_per_s)
+    base_speeds = sorted(b.mb_per_s for b in baselines)
+    print(f"ingest ({best_ingest.database}, {args.workers} workers, {args.in_flight} files in flight): "
+          f"{best_ingest.files} x {args.file_mib} MiB segments, verified + fsynced + acknowledged: best "
+          f"{best_ingest.mb_per_s:.0f} MB/s of {', '.join(f'{r.mb_per_s:.0f}' for r in ingests)}")
+    print(f"mqtt baseline, same broker, same bytes: best {base_speeds[-1]:.0f} MB/s, spread "
+          f"{base_speeds[0]:.0f}-{base_speeds[-1]:.0f}")
+    print(f"ingest / baseline = {best_ingest.mb_per_s / base_speeds[-1]:.2f} (best of {args.rounds} each; "
+          "target >= 0.6)")
     return 0
 
 

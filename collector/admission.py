@@ -7,6 +7,8 @@ claims (its `size` and `chunks` are untrusted, even under a valid signature).
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -115,3 +117,31 @@ def clock_suspicion(manifest: Manifest, received: datetime, limits: IngestLimits
     if offset is not None and abs(offset) > limits.clock_offset_seconds * 1000:
         return f"the agent measured its own clock {offset / 1000:+.0f} s off the collector's when it sealed the record"
     return None
+
+
+class NoteThrottle:
+    """At most `per_minute` notes per key and minute; what is held back is counted and reported with the next
+    note, so a flood from one agent neither fills the database nor disappears. `clock` is injectable."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, per_minute: int, clock=time.monotonic) -> None:  # noqa: ANN001
+        self.per_minute = per_minute
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}   # key -> (window start, notes, held back)
+
+    def admit(self, key: str) -> tuple[bool, int]:
+        """(note it now?, how many were held back before it)."""
+        now = self._clock()
+        with self._lock:
+            start, notes, held = self._windows.get(key, (now, 0, 0))
+            if now - start >= 60:
+                start, notes = now, 0
+            if notes < self.per_minute:
+                self._windows[key] = (start, notes + 1, 0)
+                return True, held
+            self._windows[key] = (start, notes, held + 1)
+            if len(self._windows) > self.MAX_KEYS:  # keys are checked ids, but the table never grows without end
+                self._windows.pop(next(iter(self._windows)))
+            return False, 0

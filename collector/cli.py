@@ -681,8 +681,10 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
     if result.source_problems:
         for problem in result.source_problems:
             click.echo(f"integrity: {problem}", err=True)
-        raise Fail(f"{len(result.source_problems)} stored file(s) are missing or altered; the package records "
-                   f"them and will verify NOT_OK: run `{PROG} summary --verify` to see the damage", EXIT_INTEGRITY)
+        raise Fail(f"{len(result.source_problems)} integrity problem(s) in the stored footage (listed above: "
+                   "missing or altered files, unreadable paths, keys missing from the key history); the package "
+                   f"records them and will verify NOT_OK: run `{PROG} summary --verify` to see the damage",
+                   EXIT_INTEGRITY)
     click.echo(f"check it with: {PROG} verify-package {result.path}  (or: python3 verify.py in the package)")
 
 

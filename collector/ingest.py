@@ -54,8 +54,8 @@ from exam_contract.manifest import Manifest, ManifestError
 from exam_contract.protocol import InitMessage, ProtocolError, Reply, decode_fin
 from exam_contract.signing import PublicKeyError, key_fingerprint, parse_public_key, verify
 
-from .admission import (AgentLoad, IngestLimits, Refusal, check_agent_load, check_init_shape, check_plausible,
-                        clock_suspicion)
+from .admission import (AgentLoad, IngestLimits, NoteThrottle, Refusal, check_agent_load, check_init_shape,
+                        check_plausible, clock_suspicion)
 from .db import session_factory
 from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EVENT_CHAIN_LINKED,
                      EVENT_CHUNK_DROPPED, EVENT_CLOCK_SUSPECT, EVENT_HANDLER_ERROR, EVENT_REJECTED, Agent,
@@ -87,31 +87,6 @@ class Staged:
 
 def _topic_ids_ok(agent: str, file_id: str) -> bool:
     return is_identifier(agent) and is_file_id(file_id)
-
-
-class _Throttle:
-    """At most `per_minute` notes per key and minute; what is held back is counted and reported with the next
-    note, so a flood from one agent neither fills the database nor disappears."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._lock = threading.Lock()
-        self._windows: dict[str, tuple[float, int, int]] = {}   # key -> (window start, notes, held back)
-
-    def admit(self, key: str) -> tuple[bool, int]:
-        """(note it now?, how many were held back before it)."""
-        now = time.monotonic()
-        with self._lock:
-            start, notes, held = self._windows.get(key, (now, 0, 0))
-            if now - start >= 60:
-                start, notes = now, 0
-            if notes < self.per_minute:
-                self._windows[key] = (start, notes + 1, 0)
-                return True, held
-            self._windows[key] = (start, notes, held + 1)
-            if len(self._windows) > 10_000:  # ids are checked, but do not let the table grow without end
-                self._windows.pop(next(iter(self._windows)))
-            return False, 0
 
 
 class _EarlyChunks:
@@ -192,8 +167,8 @@ class Ingest:
         # database_unreachable alarm (a message answered without the database proves nothing).
         self.database_ok_at = 0.0
         event.listen(engine, "checkout", self._database_answered)
-        self._rejection_notes = _Throttle(per_minute=60)
-        self._drop_notes = _Throttle(per_minute=6)
+        self._rejection_notes = NoteThrottle(per_minute=60)
+        self._drop_notes = NoteThrottle(per_minute=6)
 
     def _database_answered(self, *_: object) -> None:
         self.database_ok_at = time.monotonic()

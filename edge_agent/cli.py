@@ -135,7 +135,8 @@ def init(ctx: click.Context, agent: str, institution: str, venue: str, broker: s
     except OSError as exc:
         fail(f"cannot write config file {path} ({exc.strerror or exc}): choose a writable --config")
     click.echo(f"wrote {path} and key {key}; add [[camera]] tables, then enroll the agent with:")
-    click.echo(f"  exam-collector enroll --agent {agent} --venue {venue} --pubkey {public_key_b64(load_private_key(key))}")
+    click.echo(f"  exam-collector enroll --agent {agent} --venue {venue} --institution {institution} "
+               f"--pubkey {public_key_b64(load_private_key(key))}")
 
 
 @cli.command()

@@ -18,7 +18,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # followed by one short test, starts the longest ones at once on different workers, and the suite takes
 # about as long as the longest test (the chaos test, 5 min) instead of their sum.
 LONG_RUNNING_FILES = ("test_chaos.py", "test_vertical_slice.py", "test_batch_coverage.py", "test_crash.py",
-                      "test_store_forward.py", "test_recording.py", "test_rtsp.py")
+                      "test_store_forward.py", "test_machine_replacement.py", "test_recording.py", "test_rtsp.py",
+                      "test_redaction.py")
 PG_ADMIN_URL = os.environ.get("EXAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

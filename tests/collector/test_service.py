@@ -19,8 +19,9 @@ from collector.admin import enroll
 from collector.ingest import Ingest
 from collector.service import BrokerUnavailable, CollectorService
 from exam_contract.chunks import chunk_count
-from exam_contract.protocol import Reply
-from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
+from exam_contract.protocol import ChainHeads, ChainRequest, Reply, encode_fin
+from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
+                                  init_topic, reply_topic)
 from tests.support.services import free_port
 
 from .conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent, payload_bytes
@@ -185,3 +186,92 @@ def test_service_is_ready_only_when_the_broker_grants_its_subscription(tmp_path:
     service.client.on_subscribe(service.client, None, 2, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
     assert service.connected.is_set()
     engine.dispose()
+
+
+@pytest.fixture
+def db_service(tmp_path: Path, test_agent: SigningAgent, mosquitto, database_url: str):
+    """The service on SQLite and on PostgreSQL."""
+    engine = make_engine(database_url)
+    upgrade(engine)
+    enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
+    ingest = Ingest(engine, tmp_path / "storage", limits=TEST_LIMITS)
+    cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
+                     client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
+    service = CollectorService(cfg, ingest, workers=2, queue_size=100)
+    service.start()
+    assert service.connected.wait(10)
+    yield service, Harness(ingest, engine, tmp_path / "storage", test_agent)
+    service.shutdown()
+    engine.dispose()
+
+
+def _fin_reply(up: Uploader, file_id: str, record: str) -> Reply:
+    up.client.publish(fin_topic(AGENT, file_id), encode_fin(record), qos=1).wait_for_publish(10)
+    while True:
+        reply = up.replies.get(timeout=10)
+        if reply.file_id == file_id:
+            return reply
+
+
+def test_a_stored_reply_is_only_ever_about_the_bytes_the_fin_names(db_service, mosquitto) -> None:
+    """A journal lost and seq 1 reused for new footage: asking about the new record under the same file id
+    never gets `stored` (the agent would prune footage the collector never received)."""
+    service, h = db_service
+    up = Uploader(mosquitto.port)
+    try:
+        data = payload_bytes(1, 100_000)
+        first = h.agent.manifest(1, data, None)
+        stored = up.upload(h.agent, first, data)
+        assert stored.state == "stored" and stored.record == first.record_hash()
+        assert _fin_reply(up, first.file_id, first.record_hash()).state == "stored"
+
+        other_data = payload_bytes(1, 120_000)
+        reused = h.agent.manifest(1, other_data, None, start=first.start.replace(hour=7),
+                                  end=first.end.replace(hour=7))
+        assert reused.file_id == first.file_id and reused.record_hash() != first.record_hash()
+        asked = _fin_reply(up, reused.file_id, reused.record_hash())
+        assert asked.state == "missing" and asked.record == reused.record_hash()
+        assert asked.reason.startswith("init_missing")
+        final = up.upload(h.agent, reused, other_data)
+        assert final.state == "rejected" and final.reason_code == "seq_replayed"
+        assert final.record == reused.record_hash()
+        # asked again later: still the rejection of *this* record, never the stored one's `stored`
+        again = _fin_reply(up, reused.file_id, reused.record_hash())
+        assert again.state == "rejected" and again.record == reused.record_hash()
+        assert [r.record_hash for r in h.records()] == [first.record_hash()]
+    finally:
+        up.close()
+
+
+def test_chain_request_is_answered_with_the_newest_stored_record(db_service, mosquitto) -> None:
+    service, h = db_service
+    up = Uploader(mosquitto.port)
+    answers: queue.Queue[ChainHeads] = queue.Queue()
+    try:
+        prev = None
+        for seq in (1, 2, 3):
+            data = payload_bytes(seq, 50_000)
+            m = h.agent.manifest(seq, data, prev)
+            assert up.upload(h.agent, m, data).state == "stored"
+            prev = m.record_hash()
+        watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"w-{uuid.uuid4().hex[:6]}",
+                              protocol=mqtt.MQTTv5)
+        granted: queue.Queue[bool] = queue.Queue()
+        watcher.on_message = lambda c, u, msg: answers.put(ChainHeads.decode(msg.payload))
+        watcher.on_subscribe = lambda *a: granted.put(True)
+        watcher.connect("127.0.0.1", mosquitto.port)
+        watcher.loop_start()
+        watcher.subscribe(chain_topic(AGENT), qos=1)
+        granted.get(timeout=10)  # the subscription is in place before the question
+        request = ChainRequest("n1", (h.agent.camera, "never-seen"))
+        up.client.publish(chain_request_topic(AGENT), request.encode(), qos=1).wait_for_publish(10)
+        answer = answers.get(timeout=15)
+        watcher.loop_stop()
+        watcher.disconnect()
+    finally:
+        up.close()
+    assert answer.nonce == "n1" and answer.heads["never-seen"] is None
+    head = answer.heads[h.agent.camera]
+    assert head is not None and head.seq == 3 and head.record == prev
+    [event] = h.events("chain_heads")
+    assert "after seq 3" in event.detail
