@@ -51,6 +51,16 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
         row = session.get(Agent, agent)
         now = utcnow()
         retired: str | None = None
+        wanted = institution if institution is not None else (row.institution if row is not None else None)
+        if wanted is not None:
+            # A venue (备案场所) is filed by one institution: footage, playback and exports are authorized by the
+            # enrolled institution, so two institutions' agents in one venue would show one's footage to the other.
+            other = session.scalars(select(Agent).where(Agent.venue == venue, Agent.id != agent,
+                                                        Agent.institution.is_not(None),
+                                                        Agent.institution != wanted).limit(1)).first()
+            if other is not None:
+                raise EnrollError(f"venue {venue} belongs to institution {other.institution} (agent {other.id} is "
+                                  f"enrolled there), not {wanted}: check --venue and --institution")
         if row is None:
             if institution is None:
                 raise EnrollError(f"--institution is required to enrol agent {agent}: give its institution code "

@@ -258,3 +258,27 @@ def test_the_whole_hostile_session_stays_under_the_memory_bound(hostile: Harness
     finally:
         tracemalloc.stop()
     assert peak < MEMORY_BOUND, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_record_dated_years_back_is_stored_flagged_and_kept_from_its_arrival(hostile: Harness) -> None:
+    """An agent with a reset clock: its footage is evidence and is stored, but its own times are not believed:
+    `clock_suspect` is set, an event says why, and retention keeps it a year from its arrival."""
+    from datetime import datetime, timedelta, timezone
+
+    from collector.admission import IngestLimits
+    from retention.enforce import build_plan
+    from retention.policy import RetentionPolicy
+
+    hostile.ingest.limits = replace(LIMITS, clock_backlog_days=IngestLimits().clock_backlog_days)
+    data = payload_bytes(1, 100_000)
+    two_years_ago = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=730)
+    m = hostile.agent.manifest(1, data, None, start=two_years_ago, end=two_years_ago + timedelta(seconds=10))
+    assert _send(hostile, m, data).state == "stored"
+    [row] = hostile.records()
+    assert row.clock_suspect and row.stored_by == hostile.ingest.instance_id
+    [event] = hostile.events("clock_suspect")
+    assert "days before the collector received it" in event.detail and event.record_hash == m.record_hash()
+    with session_factory(hostile.engine)() as session:
+        plan = build_plan(session, RetentionPolicy(), row.stored_at + timedelta(seconds=1), hostile.storage,
+                          timedelta(minutes=15), timedelta(minutes=15))
+    assert plan.deletions == ()

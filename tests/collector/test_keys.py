@@ -69,3 +69,14 @@ def test_enrolment_needs_an_institution_and_valid_ids(harness: Harness) -> None:
         enroll(sessions, "new-agent", VENUE, SigningAgent().pubkey, "../x")
     with pytest.raises(EnrollError, match=r"^--venue 'a/b' is not a usable id"):
         enroll(sessions, "new-agent", "a/b", SigningAgent().pubkey, INSTITUTION)
+
+
+def test_a_venue_belongs_to_one_institution(harness: Harness) -> None:
+    import pytest
+
+    from collector.admin import EnrollError
+
+    sessions = session_factory(harness.engine)
+    with pytest.raises(EnrollError, match=rf"^venue {VENUE} belongs to institution {INSTITUTION} \(agent {AGENT}"):
+        enroll(sessions, "intruder-agent", VENUE, SigningAgent().pubkey, "JL9999999")
+    assert enroll(sessions, "second-agent", VENUE, SigningAgent().pubkey, INSTITUTION).startswith("enrolled")

@@ -275,3 +275,46 @@ def test_chain_request_is_answered_with_the_newest_stored_record(db_service, mos
     assert head is not None and head.seq == 3 and head.record == prev
     [event] = h.events("chain_heads")
     assert "after seq 3" in event.detail
+
+
+def test_a_hostile_agent_over_the_broker_gets_named_refusals_and_the_next_upload_is_stored(
+        db_service, mosquitto, tmp_path: Path) -> None:
+    """The same attacks as tests/collector/test_hostile.py, through the real broker and service."""
+    from dataclasses import replace
+
+    from exam_contract.canonical import sha256_hex
+    from exam_contract.protocol import InitMessage
+    from exam_contract.signing import sign
+
+    service, h = db_service
+    up = Uploader(mosquitto.port)
+
+    def init_reply(manifest, chunk_size: int = DEFAULT_CHUNK_SIZE, chunks: int | None = None) -> Reply:
+        message = InitMessage(manifest.to_dict(), sign(h.agent.key, manifest.canonical()), chunk_size,
+                              chunks if chunks is not None else chunk_count(manifest.size, chunk_size))
+        up.client.publish(init_topic(AGENT, manifest.file_id), message.encode(), qos=1).wait_for_publish(10)
+        while True:
+            reply = up.replies.get(timeout=10)
+            if reply.file_id == manifest.file_id:
+                return reply
+
+    try:
+        data = payload_bytes(1, 100_000)
+        base = h.agent.manifest(1, data, None)
+        assert init_reply(replace(base, institution="../../x")).reason_code == "malformed"
+        assert init_reply(replace(base, institution="JL9999999")).reason_code == "institution_mismatch"
+        assert init_reply(replace(base, size=2**40), chunk_size=1).reason_code == "too_large"
+        assert init_reply(replace(base, size=12_000_000), chunk_size=1).reason_code == "bad_chunk_size"
+        assert init_reply(replace(base, size=0, sha256=sha256_hex(b""))).reason_code == "empty_segment"
+        for n in range(400):  # a flood of chunks that no init announced
+            up.client.publish(chunk_topic(AGENT, f"t101-front-{n + 100}", 0), b"f" * 1000, qos=1)
+        stored = up.upload(h.agent, base, data)
+        assert stored.state == "stored" and stored.record == base.record_hash()
+    finally:
+        up.close()
+    staging = h.storage / "staging" / AGENT
+    assert len(list(staging.rglob("early/*"))) <= TEST_LIMITS.max_early_chunks
+    assert [r.record_hash for r in h.records()] == [base.record_hash()]
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and h.storage not in p.parents
+               and p.suffix == ".ts"]
+    assert outside == []
