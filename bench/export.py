@@ -30,6 +30,7 @@ from collector.admin import enroll
 from collector.batches import import_batches
 from collector.db import make_engine, session_factory, upgrade
 from collector.export import ExportSettings, export_batch
+from collector.footage_store import FilesystemStore
 from collector.ingest import Ingest
 from exam_contract.signing import generate_private_key, load_private_key, public_key_b64
 from tests.support.footage import BASE, SITE_A, Camera, Demo, make_segments
@@ -72,7 +73,7 @@ def drop_outputs(root: Path) -> None:
 def timed_export(demo: Demo, out: Path, viewing: bool, check_hashes: bool = False) -> float:
     key = load_private_key(demo.key_file)
     started = time.perf_counter()
-    result = export_batch(demo.sessions, storage_dir=demo.storage, key=key, batch_id="BENCH", out=out,
+    result = export_batch(demo.sessions, store=FilesystemStore(demo.storage), key=key, batch_id="BENCH", out=out,
                           actor="bench", reason="benchmark", settings=ExportSettings(viewing=viewing, check_hashes=check_hashes))
     elapsed = time.perf_counter() - started
     if result.source_problems:

@@ -25,6 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from collector.db import make_engine, session_factory, upgrade
+from collector.footage_store import FilesystemStore
 from collector.ingest import storage_relpath
 from collector.models import CHAIN_FIRST, CHAIN_LINKED, Agent, SegmentRecord
 from exam_contract.manifest import Manifest, VideoInfo
@@ -107,7 +108,7 @@ def run(files: int = 16, mib: int = 32, rounds: int = 3, workers: int | None = N
         scrub, ossl = [], []
         try:
             for _ in range(rounds):
-                result = run_scrub(sessions, storage, sample=1.0, actor="bench", workers=workers)
+                result = run_scrub(sessions, FilesystemStore(storage), sample=1.0, actor="bench", workers=workers)
                 if result.problems or result.bytes_checked != total:
                     raise BenchError(f"scrub found problems in the bench store: {result.problems[:3]}")
                 scrub.append(result.mb_per_s)

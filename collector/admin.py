@@ -8,19 +8,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, sha256_hex
-from exam_contract.files import hash_file
 from exam_contract.identifiers import IDENTIFIER_RULE, is_identifier
 from exam_contract.signing import PublicKeyError, key_fingerprint, parse_public_key, public_key_b64, verify
 
+from .footage_store import FootageStore, StoredFileMissing, UnsafePath
 from .ingest import utcnow
 from .models import EVENT_ENROLLED, Agent, AgentKey, IngestEvent, SegmentRecord
-from .placement import UnsafePath, stored_path
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +201,7 @@ class Problem:
     what: str
 
 
-def verify_all(sessions: sessionmaker[Session], storage_dir: Path) -> list[Problem]:
+def verify_all(sessions: sessionmaker[Session], store: FootageStore) -> list[Problem]:
     """Re-hash every stored file, re-verify every signature with the key that verified it at ingest (the
     agent's key history), re-walk every chain."""
     problems: list[Problem] = []
@@ -238,11 +236,10 @@ def verify_all(sessions: sessionmaker[Session], storage_dir: Path) -> list[Probl
             pass  # deleted by retention after its keep; its tombstone is in the audit log
         elif rec.kind == "segment" and rec.storage_path:
             try:
-                path = stored_path(storage_dir, rec.storage_path)
-                digest, size = hash_file(path)
+                digest, size = store.hash(rec.storage_path)
             except UnsafePath as exc:
                 bad(str(exc))
-            except FileNotFoundError:
+            except StoredFileMissing:
                 bad(f"file {rec.storage_path} is missing")
             except OSError as exc:
                 bad(f"file {rec.storage_path} unreadable: {exc.strerror or exc}")

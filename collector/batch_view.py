@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .batches import SHANGHAI, BatchReport, BatchSummary, ImportResult
+from .batch_coverage import BatchReport, BatchSummary
+from .batch_import import ImportResult
+from .batch_parse import SHANGHAI
 
 TEXT = {
     "zh": {

@@ -1,4 +1,7 @@
-"""`exam-collector`: central ingest, database and inspection commands."""
+"""`exam-collector`: central ingest, database and inspection commands.
+
+Kept as one module of about 800 lines on purpose: it is one function per command, each only parsing options
+and calling the module that does the work."""
 
 from __future__ import annotations
 
@@ -314,6 +317,7 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     """Run MQTT ingest, and the HTTP API and web portal on [http] listen."""
     from datetime import timedelta
 
+    from .footage_store import store_for
     from .ingest import Ingest
     from .service import CollectorService
 
@@ -323,7 +327,7 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = obj.config()
     engine = _engine(cfg)
-    ingest = Ingest(engine, cfg.storage_dir, limits=cfg.ingest)
+    ingest = Ingest(engine, cfg.storage_dir, limits=cfg.ingest, store=store_for(cfg))
     service = CollectorService(cfg.mqtt, ingest, workers=cfg.workers, queue_size=cfg.queue_size,
                                staging_ttl=timedelta(hours=cfg.staging_ttl_hours))
     from exam_contract.signing import load_private_key
@@ -340,7 +344,7 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     from .web import HttpServer, ListenError, Portal  # issue 6
 
     try:
-        http = HttpServer(Portal(cfg, ingest.sessions, checkpoints.key), cfg.http.listen)
+        http = HttpServer(Portal(cfg, ingest.sessions, checkpoints.key, store=ingest.store), cfg.http.listen)
     except ListenError as exc:
         raise Fail(str(exc))
 
@@ -410,11 +414,12 @@ def summary(obj: Obj, do_verify: bool, as_json: bool, lang: str) -> None:
     """Per venue/camera: room, segments, gap records, seconds covered, chain holes."""
     from .admin import summarize, summary_json, verify_all
     from .db import session_factory
+    from .footage_store import store_for
 
     cfg = obj.config()
     sessions = session_factory(_engine(cfg))
     items = summarize(sessions)
-    problems = verify_all(sessions, cfg.storage_dir) if do_verify else []
+    problems = verify_all(sessions, store_for(cfg)) if do_verify else []
     L = LABELS[lang]
     if as_json:
         out: dict = {"cameras": summary_json(items)}
@@ -655,6 +660,7 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
     from .batches import BatchNotFound
     from .db import session_factory
     from .export import ExportError, ExportSettings, ProgressBar, export_batch
+    from .footage_store import store_for
 
     cfg = obj.config()
     key = load_private_key(cfg.key_file)
@@ -664,7 +670,7 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
                               viewing=not no_viewing, make_zip=make_zip, check_hashes=check_hashes)
     bar = ProgressBar(sys.stderr)
     try:
-        result = export_batch(session_factory(_engine(cfg)), storage_dir=cfg.storage_dir, key=key,
+        result = export_batch(session_factory(_engine(cfg)), store=store_for(cfg), key=key,
                               batch_id=batch_id, out=out, actor=actor or local_actor(), reason=reason,
                               settings=settings, staging_dir=cfg.staging_dir, progress=bar.update)
     except (ExportError, BatchNotFound) as exc:

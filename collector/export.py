@@ -20,22 +20,17 @@ Layout of a package:
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
 import shutil
 import socket
-import struct
-import subprocess
-import tempfile
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
@@ -46,13 +41,14 @@ from exam_contract.files import hash_file
 from exam_contract.signing import key_fingerprint, public_key_b64, sign
 
 from . import audit
-from .batch_view import TEXT
-from .batches import SHANGHAI, BatchReport, batch_report, linked_records, report_json
+from .batches import BatchReport, batch_report, linked_records, report_json
 from .coverage import DISQUALIFYING_HEALTH
 from .admin import KeyView, agent_keys
 from .evidence_verify import PACKAGE_FORMAT
+from .footage_store import FootageStore, UnsafePath
 from .models import Agent, SegmentRecord
-from .placement import UnsafePath, stored_path
+from .package_text import PACKAGE_README, coverage_html, local_iso
+from .viewing import CameraRecords, Clip, ViewingCopies
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +72,6 @@ class ExportSettings:
     # Re-hash every stored file while copying, to report a damaged source at export time. Off by default:
     # a kernel copy is about 2.5x faster than hashing here, and verify.py checks every hash in any case.
     check_hashes: bool = False
-
-
-@dataclass(frozen=True)
-class Clip:
-    path: str
-    start: datetime
-    end: datetime
-    first_seq: int
-    last_seq: int
 
 
 @dataclass(frozen=True)
@@ -121,40 +108,25 @@ class PackageKeys:
                  "retired_reason": k.retired_reason} for k in self.history.get(agent, ())]
 
 
-@dataclass
-class _Camera:
-    venue: str
-    camera: str
-    records: list[SegmentRecord]
-
-
-def _local(t: datetime) -> str:
-    return t.astimezone(SHANGHAI).isoformat(timespec="seconds")
-
-
-def _local_text(t: datetime, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
-    return t.astimezone(SHANGHAI).strftime(fmt)
-
-
 def _gaps(report: BatchReport) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for part in report.parts:
         if not part.coverage.cameras:
             out.append({"part": part.part, "venue": part.venue, "room": part.room, "camera": "",
                         "start": format_time(part.start), "end": format_time(part.end),
-                        "start_local": _local(part.start), "end_local": _local(part.end),
+                        "start_local": local_iso(part.start), "end_local": local_iso(part.end),
                         "seconds": round((part.end - part.start).total_seconds(), 3), "causes": ["no_camera"]})
         for cam in part.coverage.cameras:
             for gap in cam.gaps:
                 out.append({"part": part.part, "venue": part.venue, "room": part.room, "camera": cam.camera,
                             "start": format_time(gap.start), "end": format_time(gap.end),
-                            "start_local": _local(gap.start), "end_local": _local(gap.end),
+                            "start_local": local_iso(gap.start), "end_local": local_iso(gap.end),
                             "seconds": round(gap.seconds, 3), "causes": list(gap.causes)})
     return out
 
 
 def collect(session: Session, batch_id: str, settings: ExportSettings,
-            staging_dir: Path | None = None) -> tuple[BatchReport, list[_Camera], PackageKeys]:
+            staging_dir: Path | None = None) -> tuple[BatchReport, list[CameraRecords], PackageKeys]:
     """The batch's coverage, its linked records per camera (seq order) and its agents' keys."""
     report = batch_report(session, batch_id, tolerance_seconds=settings.tolerance_seconds,
                           pre_margin_minutes=settings.pre_margin_minutes,
@@ -164,7 +136,7 @@ def collect(session: Session, batch_id: str, settings: ExportSettings,
     for part in report.parts:
         for record in linked_records(session, part.venue, part.room, part.start - pre, part.end + post):
             cameras.setdefault((record.venue, record.camera), {})[record.id] = record
-    out = [_Camera(venue, camera, sorted(rows.values(), key=lambda r: r.seq))
+    out = [CameraRecords(venue, camera, sorted(rows.values(), key=lambda r: r.seq))
            for (venue, camera), rows in sorted(cameras.items())]
     agent_ids = sorted({r.agent_id for c in out for r in c.records})
     return report, out, _package_keys(session, agent_ids)
@@ -191,13 +163,13 @@ def _holes(records: list[SegmentRecord]) -> list[dict[str, Any]]:
              "before": format_time(b.start_at)} for a, b in zip(records, records[1:]) if b.seq > a.seq + 1]
 
 
-def copy_and_hash(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """Copy `src` to `dst` in one pass, hashing the bytes on the way (sha256 hex, size)."""
+def copy_and_hash(fin: BinaryIO, dst: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Copy the open `fin` to `dst` in one pass, hashing the bytes on the way (sha256 hex, size)."""
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray(COPY_BLOCK)
     view = memoryview(buffer)
-    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+    with open(dst, "wb", buffering=0) as fout:
         while True:
             n = fin.readinto(buffer)
             if not n:
@@ -216,25 +188,7 @@ def _file_entry(root: Path, path: Path) -> dict[str, Any]:
     return {"path": path.relative_to(root).as_posix(), "size": size, "sha256": sha256}
 
 
-def _runs(records: list[SegmentRecord], tolerance: timedelta) -> list[list[SegmentRecord]]:
-    """Segments in runs without any gap: a new run starts at a seq hole, a gap record, or a time jump."""
-    runs: list[list[SegmentRecord]] = []
-    previous: SegmentRecord | None = None
-    for record in records:
-        if record.kind != "segment" or record.storage_path is None:
-            previous = None
-            continue
-        joined = (previous is not None and record.seq == previous.seq + 1
-                  and abs((record.start_at - previous.end_at).total_seconds()) < tolerance.total_seconds())
-        if joined:
-            runs[-1].append(record)
-        else:
-            runs.append([record])
-        previous = record
-    return runs
-
-
-def _key_problems(cameras: list[_Camera], keys: PackageKeys) -> list[str]:
+def _key_problems(cameras: list[CameraRecords], keys: PackageKeys) -> list[str]:
     """Records whose key the package cannot carry (not in their agent's key history): verify.py will say NOT_OK."""
     problems: list[str] = []
     known = {agent: {k.fingerprint for k in views} for agent, views in keys.history.items()}
@@ -248,7 +202,7 @@ def _key_problems(cameras: list[_Camera], keys: PackageKeys) -> list[str]:
     return problems
 
 
-def _copy_segments(cameras: list[_Camera], folder: Path, storage_dir: Path, check_hashes: bool,
+def _copy_segments(cameras: list[CameraRecords], folder: Path, store: FootageStore, check_hashes: bool,
                    advance: Callable[[int], None],
                    keys: PackageKeys) -> tuple[list[dict[str, Any]], list[str]]:
     """Copy every stored segment into segments/; package.json's camera entries and the source problems."""
@@ -266,21 +220,23 @@ def _copy_segments(cameras: list[_Camera], folder: Path, storage_dir: Path, chec
                 dst = folder / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    src = stored_path(storage_dir, r.storage_path) if r.storage_path else None
+                    present = r.storage_path is not None and store.exists(r.storage_path)
                 except UnsafePath as exc:
                     problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file not read: {exc}")
                     advance(r.size)
                     entries.append(item)
                     continue
-                if src is None or r.deleted_at is not None or not src.is_file():
+                if not present or r.storage_path is None or r.deleted_at is not None:
                     problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file "
                                     f"{r.storage_path or '-'} is missing (deleted {r.deleted_at or 'no'})")
                     advance(r.size)
                 else:
                     if check_hashes:
-                        sha, size = copy_and_hash(src, dst, advance)
+                        with store.open(r.storage_path) as source:
+                            sha, size = copy_and_hash(source, dst, advance)
                     else:
-                        shutil.copyfile(src, dst)   # sendfile/copy_file_range: the bytes stay in the kernel
+                        with store.local_path(r.storage_path) as local:
+                            shutil.copyfile(local, dst)   # sendfile/copy_file_range: the bytes stay in the kernel
                         sha, size = r.sha256, dst.stat().st_size
                         advance(size)
                     if sha != r.sha256 or size != r.size:
@@ -294,224 +250,7 @@ def _copy_segments(cameras: list[_Camera], folder: Path, storage_dir: Path, chec
     return camera_entries, problems
 
 
-@dataclass(frozen=True)
-class ClipSources:
-    """A clip's stored files, in groups whose bytes are one continuous MPEG-TS stream (consecutive segments
-    of one ffmpeg run: each starts at the very millisecond the previous one ends), and their total length."""
-
-    groups: tuple[tuple[Path, ...], ...]
-    seconds: float
-
-    @property
-    def files(self) -> int:
-        return sum(len(group) for group in self.groups)
-
-    def one_per_file(self) -> "ClipSources":
-        return ClipSources(tuple((path,) for group in self.groups for path in group), self.seconds)
-
-
-MAX_GROUP_URL = 3000  # characters of one `concat:a|b|…` URL (libavformat keeps some URLs in 4 KiB buffers)
-
-
-def _clip_sources(run: list[SegmentRecord], files: list[Path]) -> ClipSources:
-    """The run's files (`files[i]` is `run[i]`'s stored file, from `stored_path`) grouped by ffmpeg run: a
-    segment that starts at the very millisecond the previous one ended joins its group (`|` separates files
-    in a concat URL, so a path holding one stays alone)."""
-    groups: list[list[Path]] = []
-    previous: SegmentRecord | None = None
-    for record, file in zip(run, files, strict=True):
-        path = file.resolve()
-        same_run = previous is not None and record.start_at == previous.end_at
-        if (same_run and "|" not in str(path) and "|" not in str(groups[-1][-1])
-                and sum(len(str(p)) + 1 for p in groups[-1]) + len(str(path)) < MAX_GROUP_URL):
-            groups[-1].append(path)
-        else:
-            groups.append([path])
-        previous = record
-    return ClipSources(tuple(tuple(group) for group in groups), sum(r.duration for r in run))
-
-
-def _plan_clips(cameras: list[_Camera], tolerance: timedelta,
-                storage_dir: Path) -> tuple[list[tuple[Clip, ClipSources]], list[tuple[str, datetime, datetime]]]:
-    """One viewing clip per gap-free run of stored segments, and the gaps between runs. A run with a
-    missing stored file gets no clip: the clip would hide the hole."""
-    planned: list[tuple[Clip, ClipSources]] = []
-    gaps_between: list[tuple[str, datetime, datetime]] = []
-    for cam in cameras:
-        runs = _runs(cam.records, tolerance)
-        for a, b in zip(runs, runs[1:]):
-            gaps_between.append((f"{cam.venue}/{cam.camera}", a[-1].end_at, b[0].start_at))
-        for run in runs:
-            try:
-                sources = [stored_path(storage_dir, r.storage_path) for r in run
-                           if r.storage_path and r.deleted_at is None]
-            except UnsafePath:
-                continue   # _copy_segments reports it as a source problem
-            if len(sources) != len(run) or not all(src.is_file() for src in sources):
-                continue
-            name = (f"viewing/{cam.venue}_{cam.camera}_{_local_text(run[0].start_at, '%Y%m%d-%H%M%S')}"
-                    f"_{_local_text(run[-1].end_at, '%H%M%S')}.mp4")
-            planned.append((Clip(name, run[0].start_at, run[-1].end_at, run[0].seq, run[-1].seq),
-                            _clip_sources(run, sources)))
-    return planned, gaps_between
-
-
-def make_clip(sources: ClipSources, out: Path) -> None:
-    """Stream-copy the sources, in order, into one MP4 (ffmpeg concat demuxer, no re-encode).
-
-    The demuxer probes every file it opens, and for H.264 that means decoding frames: most of its CPU time.
-    So each group of one run's segments is opened as one byte stream (the concat protocol, which cannot
-    rebase timestamps but needs not within a run), the demuxer joins the groups and rebases them, and every
-    entry after the first gets the smallest probe. The MP4 is the same, byte for byte. If the grouped MP4's
-    length is not the segments' total (two runs taken for one), it is made again file by file."""
-    if sources.files > len(sources.groups):
-        try:
-            _remux(sources, out)
-            made = mp4_seconds(out)
-            if made is not None and abs(made - sources.seconds) <= CLIP_LENGTH_TOLERANCE:
-                return
-            log.warning("viewing clip %s: %s s instead of %.3f s from grouped segments; remuxing file by file",
-                        out.name, made, sources.seconds)
-        except ExportError as exc:
-            log.warning("viewing clip %s: grouped remux failed (%s); remuxing file by file", out.name, exc)
-    _remux(sources.one_per_file(), out)
-
-
-CLIP_LENGTH_TOLERANCE = 1.0  # seconds; a wrongly joined run loses at least a segment
-
-
-def _remux(sources: ClipSources, out: Path) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".ffconcat", delete=False, encoding="utf-8") as listing:
-        listing.write("ffconcat version 1.0\n")
-        for index, group in enumerate(sources.groups):
-            url = ("concat:" + "|".join(str(p) for p in group)) if len(group) > 1 else str(group[0].resolve())
-            escaped = url.replace("'", "'\\''")
-            listing.write(f"file '{escaped}'\n")
-            if index:
-                listing.write("option analyzeduration 0\noption probesize 32\n")
-    try:
-        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-                        "-protocol_whitelist", "file,concat", "-f", "concat", "-safe", "0", "-i", listing.name,
-                        "-map", "0", "-c", "copy", str(out)], check=True, capture_output=True, timeout=3600)
-    except subprocess.CalledProcessError as exc:
-        raise ExportError(f"ffmpeg could not remux {out.name}: {exc.stderr.decode(errors='replace').strip()[-300:]}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ExportError(f"ffmpeg did not finish {out.name} within {exc.timeout:.0f} s") from exc
-    finally:
-        os.unlink(listing.name)
-
-
-def mp4_seconds(path: Path) -> float | None:
-    """The movie length in an MP4's `moov/mvhd` box; None if there is none."""
-    def boxes(handle, end: int):  # noqa: ANN001, ANN202
-        while handle.tell() + 8 <= end:
-            start = handle.tell()
-            size, kind = struct.unpack(">I4s", handle.read(8))
-            if size == 1:
-                size = struct.unpack(">Q", handle.read(8))[0]
-            elif size == 0:
-                size = end - start
-            if size < 8:
-                return
-            yield kind, start, handle.tell(), start + size
-            handle.seek(start + size)
-
-    try:
-        with open(path, "rb") as handle:
-            total = os.fstat(handle.fileno()).st_size
-            for kind, _, body, moov_end in boxes(handle, total):
-                if kind != b"moov":
-                    continue
-                handle.seek(body)
-                for inner, _, inner_body, _ in boxes(handle, moov_end):
-                    if inner == b"mvhd":
-                        handle.seek(inner_body)
-                        version = handle.read(4)[0]
-                        if version == 1:
-                            _, _, timescale, duration = struct.unpack(">QQIQ", handle.read(28))
-                        else:
-                            _, _, timescale, duration = struct.unpack(">IIII", handle.read(16))
-                        return duration / timescale if timescale else None
-    except (OSError, struct.error, IndexError):
-        return None
-    return None
-
-
-def _coverage_html(report: BatchReport, gaps: list[dict[str, Any]], exported: dict[str, Any],
-                   clips: list[Clip]) -> str:
-    L = TEXT["zh"]
-    e = html.escape
-
-    def status(s: str) -> str:
-        return L["gaps_status" if s == "gaps" else s]
-
-    rows = []
-    for part in report.parts:
-        rows.append(f"<h2>{e(L[part.part])} {e(part.room)}（{e(L['venue'])} {e(part.venue)}）"
-                    f"{e(_local_text(part.start))} – {e(_local_text(part.end))}，{e(L['status'])}："
-                    f"<span class='s-{e(part.status)}'>{e(status(part.status))}</span></h2>")
-        if not part.coverage.cameras:
-            rows.append(f"<p>{e(L['no_camera'])}</p>")
-        for cam in part.coverage.cameras:
-            rows.append(f"<h3>{e(L['camera'])} {e(cam.camera)}：{e(L['covered'])} {cam.percent:.2f}%，"
-                        f"{e(status(cam.status))}</h3>")
-            if not cam.gaps:
-                rows.append(f"<p>{e(L['no_gaps'])}</p>")
-                continue
-            rows.append(f"<table><tr><th>{e(L['gaps'])}（{e(L['tz'])}）</th><th>{e(L['seconds'])}</th>"
-                        f"<th>{e(L['cause'])}</th></tr>")
-            for gap in cam.gaps:
-                rows.append(f"<tr><td>{e(_local_text(gap.start))} – {e(_local_text(gap.end, '%H:%M:%S'))}</td>"
-                            f"<td>{gap.seconds:.1f}</td><td>{e('、'.join(L.get(c, c) for c in gap.causes))}</td></tr>")
-            rows.append("</table>")
-    clip_rows = "".join(f"<li>{e(c.path)}：{e(_local_text(c.start))} – {e(_local_text(c.end))}"
-                        f"（序号 {c.first_seq}–{c.last_seq}）</li>" for c in clips)
-    return f"""<!doctype html>
-<html lang="zh-CN"><head><meta charset="utf-8"><title>{e(L['batch'])} {e(report.batch_id)} 覆盖报告</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #999;padding:.2em .6em}}.s-complete{{color:#070}}.s-gaps,.s-no_footage{{color:#b00}}</style>
-</head><body>
-<h1>{e(L['batch'])} {e(report.batch_id)} 覆盖报告</h1>
-<p>{e(L['institution'])} {e(report.institution)}，{e(L['occupation'])} {e(report.occupation)}，{e(L['level'])}
-{e(report.level)}，{e(L['status'])}：{e(status(report.status))}。时间均为北京时间（Asia/Shanghai），
-{e(L['tolerance'])} {report.tolerance_seconds:g} 秒。</p>
-<p>导出人：{e(str(exported['by']))}，导出时间：{e(_local_text(datetime.fromisoformat(exported['at_local'])))}，
-导出原因：{e(str(exported['reason']))}</p>
-{''.join(rows)}
-<h2>覆盖缺口汇总：{len(gaps)} 处</h2>
-<h2>观看用视频（viewing/，流复制，在每个缺口处分段）</h2><ul>{clip_rows or '<li>无</li>'}</ul>
-<p>校验：<code>python3 verify.py .</code>（只需要 Python 3 和 cryptography）：结果为 OK、OK_WITH_GAPS 或 NOT_OK。</p>
-</body></html>
-"""
-
-
-def _viewing_readme(clips: list[Clip], gaps_between: list[tuple[str, datetime, datetime]]) -> str:
-    lines = ["观看用视频 / viewing copies (MP4, stream copy of the original segments, no re-encode)",
-             "每个文件只含连续录像；缺口处分段。时间为北京时间 (Asia/Shanghai).",
-             "Each file holds continuous footage only; files are split at every gap. Times are Asia/Shanghai.",
-             "The evidence is segments/ (verified by verify.py); these files are for convenient viewing.", "",
-             "片段 / clips:"]
-    lines += [f"  {c.path}: {_local_text(c.start)} – {_local_text(c.end)} (seq {c.first_seq}–{c.last_seq})"
-              for c in clips]
-    lines += ["", "片段之间的缺口 / gaps between clips:"]
-    lines += [f"  {camera}: {_local_text(a)} – {_local_text(b)} ({(b - a).total_seconds():.1f} s)"
-              for camera, a, b in gaps_between] or ["  无 / none"]
-    return "\n".join(lines) + "\n"
-
-
-PACKAGE_README = """exam-footage 证据包 / evidence package
-
-校验 / verify:   python3 verify.py .        (Python 3 + `pip install cryptography`)
-结果 / verdict:  OK | OK_WITH_GAPS (exit 3) | NOT_OK (exit 4, each problem listed)
-
-package.json 由采集中心密钥签名（package.sig，公钥 keys/collector.pub）；segments/ 为原始片段，逐字节一致；
-viewing/ 为观看用 MP4（流复制，缺口处分段）；coverage.html 为覆盖报告（北京时间）。
-package.json is signed by the collector (package.sig, key keys/collector.pub); segments/ holds the original
-files bit-identical; viewing/ has stream-copied MP4s split at gaps; coverage.html is the coverage report.
-"""
-
-
-def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed25519PrivateKey, batch_id: str,
+def export_batch(sessions: sessionmaker[Session], *, store: FootageStore, key: Ed25519PrivateKey, batch_id: str,
                  out: Path, actor: str, reason: str, settings: ExportSettings = ExportSettings(),
                  staging_dir: Path | None = None, progress: Progress | None = None) -> ExportResult:
     """Write the evidence package of `batch_id` to `out` (a new folder; `out`.zip with make_zip)."""
@@ -555,38 +294,16 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
 
     if progress is not None:
         progress(0, total)
-    # The viewing MP4s are remuxed from the stored files while the copy runs (ffmpeg is CPU-bound, the copy
-    # is not): one ffmpeg per core, alongside the copy.
-    notes: list[str] = []
-    gaps_between: list[tuple[str, datetime, datetime]] = []
-    planned: list[tuple[Clip, ClipSources]] = []
-    if settings.viewing and segments:
-        if shutil.which("ffmpeg") is None:
-            notes.append("ffmpeg is not installed: no viewing MP4s were made (the evidence in segments/ is complete)")
-        else:
-            (folder / "viewing").mkdir(exist_ok=True)
-            planned, gaps_between = _plan_clips(cameras, tolerance, storage_dir)
-    pool = ThreadPoolExecutor(max_workers=max(1, min(len(planned), os.cpu_count() or 1)))
-    remuxing = [(clip, pool.submit(make_clip, sources, folder / clip.path)) for clip, sources in planned]
-    pool.shutdown(wait=False)
+    # The viewing MP4s are remuxed from the stored files while the copy runs.
+    viewing = ViewingCopies(cameras, tolerance, store, folder, wanted=settings.viewing and bool(segments))
     try:
-        camera_entries, source_problems = _copy_segments(cameras, folder, storage_dir, settings.check_hashes,
-                                                         advance, keys)
+        camera_entries, source_problems = _copy_segments(cameras, folder, store, settings.check_hashes, advance,
+                                                         keys)
     except BaseException:
-        for _, future in remuxing:
-            future.cancel()
-        pool.shutdown(wait=True)  # no ffmpeg left writing into a failed export
+        viewing.cancel()
         raise
-    clips: list[Clip] = []
-    for clip, future in remuxing:
-        try:
-            future.result()
-        except ExportError as exc:
-            notes.append(str(exc))
-            continue
-        clips.append(clip)
-    if (folder / "viewing").is_dir():
-        (folder / "viewing" / "README.txt").write_text(_viewing_readme(clips, gaps_between), encoding="utf-8")
+    clips = viewing.finish()
+    notes = viewing.notes
 
     collector_pub = public_key_b64(key)
     (folder / "keys" / "collector.pub").write_text(collector_pub + "\n", encoding="ascii")
@@ -596,7 +313,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
         for view in views:
             (folder / "keys" / "agents" / agent_id / f"{view.fingerprint}.pub").write_text(view.public_key + "\n",
                                                                                           encoding="ascii")
-    exported = {"by": actor, "at": format_time(now), "at_local": _local(now), "reason": reason,
+    exported = {"by": actor, "at": format_time(now), "at_local": local_iso(now), "reason": reason,
                 "host": socket.gethostname(), "audit_entry": audit_seq,
                 # the same document `exam-collector serve` publishes, so `verify-log --checkpoint` takes either
                 "audit_checkpoint": audit.checkpoint_document(checkpoint)}
@@ -604,7 +321,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
     coverage["gaps"] = gaps
     (folder / "coverage.json").write_text(json.dumps(coverage, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
-    (folder / "coverage.html").write_text(_coverage_html(report, gaps, exported, clips), encoding="utf-8")
+    (folder / "coverage.html").write_text(coverage_html(report, gaps, exported, clips), encoding="utf-8")
     shutil.copyfile(VERIFIER_SOURCE, folder / "verify.py")
     (folder / "README.txt").write_text(PACKAGE_README, encoding="utf-8")
 
@@ -615,7 +332,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
     for part in report.parts:
         parts.append({"part": part.part, "venue": part.venue, "room": part.room, "status": part.status,
                       "start": format_time(part.start), "end": format_time(part.end),
-                      "start_local": _local(part.start), "end_local": _local(part.end),
+                      "start_local": local_iso(part.start), "end_local": local_iso(part.end),
                       "cameras": [c.camera for c in part.coverage.cameras]})
     package = {
         "format": PACKAGE_FORMAT, "v": PACKAGE_VERSION,
@@ -630,7 +347,7 @@ def export_batch(sessions: sessionmaker[Session], *, storage_dir: Path, key: Ed2
                           "post_margin_minutes": settings.post_margin_minutes,
                           "disqualifying_health": sorted(DISQUALIFYING_HEALTH)},
         "viewing": [{"path": c.path, "start": format_time(c.start), "end": format_time(c.end),
-                     "start_local": _local(c.start), "end_local": _local(c.end), "first_seq": c.first_seq,
+                     "start_local": local_iso(c.start), "end_local": local_iso(c.end), "first_seq": c.first_seq,
                      "last_seq": c.last_seq} for c in clips],
         "exported": exported,
         "keys": {"collector": collector_pub,

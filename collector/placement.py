@@ -1,11 +1,5 @@
-"""Where a stored record's file lives under `storage_dir`, and the check that it never lives anywhere else.
-
-The relative path is `{institution}/{venue}/{camera}/{YYYY}/{MM}/{DD}/{camera}@{UTC start}.ts`, built only
-from ids that passed `exam_contract.identifiers` (the institution is the enrolled one). Every path is still
-checked here before a write or a delete: each component must be a plain name, and the resolved folder
-(symlinks followed) must be inside `storage_dir`. Readers (export, playback, scrub, enforce) resolve a row's
-`storage_path` through `stored_path`, so a row written by an older version cannot send them outside either.
-"""
+"""The path rules of stored footage: a record's relative path, and the checks that a path never leaves the
+store, made by `FilesystemStore` before every write, read or delete (so an older row cannot send it outside)."""
 
 from __future__ import annotations
 
@@ -24,22 +18,33 @@ class UnsafePath(ValueError):
     """A storage path would leave storage_dir, or has a component that is not a plain name."""
 
 
-def storage_relpath(manifest: Manifest, institution: str | None = None) -> Path:
-    """The relative path of a segment's file; `institution` is the enrolled one (the manifest's by default)."""
+def storage_relpath(manifest: Manifest, institution: str | None = None) -> PurePosixPath:
+    """`{institution}/{venue}/{camera}/{YYYY}/{MM}/{DD}/{camera}@{UTC start}.ts`, built only from ids that passed
+    `exam_contract.identifiers`; `institution` is the enrolled one (the manifest's by default)."""
     start = manifest.start.astimezone(timezone.utc)
     folder = PurePosixPath(check_identifier(institution or manifest.institution, "institution"),
                            check_identifier(manifest.venue, "venue"), check_identifier(manifest.camera, "camera"),
                            f"{start:%Y}", f"{start:%m}", f"{start:%d}")
-    return Path(folder / segment_file_name(manifest.camera, manifest.start))
+    return folder / segment_file_name(manifest.camera, manifest.start)
 
 
-def _check_components(relpath: Path | PurePosixPath) -> None:
-    parts = PurePosixPath(relpath).parts
-    if not parts or PurePosixPath(relpath).is_absolute():
+def alternate_relpath(relpath: PurePosixPath, seq: int) -> PurePosixPath:
+    """Where a segment goes when its path already holds other bytes (another seq of the camera started at the
+    same millisecond): `{camera}@{start}~seq{N}.ts` in the same folder."""
+    return relpath.with_name(f"{relpath.stem}~seq{seq}{relpath.suffix}")
+
+
+def check_relpath(relpath: PurePosixPath | str) -> PurePosixPath:
+    """`relpath` as a PurePosixPath, after checking it is relative and each component a plain name; the check
+    any store makes, whatever it keeps footage in."""
+    relpath = PurePosixPath(relpath)
+    parts = relpath.parts
+    if not parts or relpath.is_absolute():
         raise UnsafePath(f"storage path {str(relpath)!r} is not a relative path")
     for part in parts:
         if part in (".", "..") or not _FILE_NAME_RE.fullmatch(part):
             raise UnsafePath(f"storage path {str(relpath)!r} has the component {part!r}, which is not a plain name")
+    return relpath
 
 
 def _inside(root: str, path: str) -> bool:
@@ -49,8 +54,7 @@ def _inside(root: str, path: str) -> bool:
 def contained(storage_dir: Path, relpath: Path | PurePosixPath | str) -> Path:
     """`storage_dir / relpath`, after checking every component and that the deepest existing folder on the way
     (symlinks resolved) is inside `storage_dir`. Call again after creating folders."""
-    relpath = PurePosixPath(relpath)
-    _check_components(relpath)
+    relpath = check_relpath(relpath)
     root = os.path.realpath(storage_dir)
     target = Path(storage_dir) / relpath
     probe = target.parent
@@ -61,6 +65,3 @@ def contained(storage_dir: Path, relpath: Path | PurePosixPath | str) -> Path:
     return target
 
 
-def stored_path(storage_dir: Path, storage_path: str) -> Path:
-    """The file of a stored row, for reading or deleting; UnsafePath if the row's path would leave storage_dir."""
-    return contained(storage_dir, storage_path)

@@ -6,21 +6,22 @@ of their account; anything else answers 404, as if it did not exist. Every view 
 every export and every download is written to the audit log.
 
 Segments are stored as MPEG-TS, which Chromium cannot play: playback serves an MP4 remuxed with
-`ffmpeg -c copy` (no re-encode), cached under `data_dir/cache/mp4/` by the segment's SHA-256, with HTTP
-range requests.
+`ffmpeg -c copy` (no re-encode, collector/viewing.py), cached under `data_dir/cache/mp4/` by the segment's
+SHA-256, with HTTP range requests. Stored footage is read only through the portal's `FootageStore`.
+
+The routes stay in one `create_app` because they share its closures (sessions, report_of, visible_batch,
+record_view); split into routers they would only pass those around.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
 import subprocess
 import threading
-import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -42,9 +43,10 @@ from .batches import (SHANGHAI, BatchImportError, BatchNotFound, batch_report, i
                       report_json)
 from .config import CollectorConfig
 from .export import ExportError, ExportSettings, export_batch
+from .footage_store import FootageStore, StoredFileMissing, UnsafePath, store_for
 from .models import ExamBatch, ExamBatchPart, SegmentRecord
-from .placement import UnsafePath, stored_path
 from .users import AuthError, User, authenticate, login, logout
+from .viewing import playable_mp4
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,11 @@ class Portal:
     config: CollectorConfig
     sessions: sessionmaker[Session]
     key: Ed25519PrivateKey
+    store: FootageStore = None  # type: ignore[assignment]  # the configured one (store_for) when not given
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            self.store = store_for(self.config)
 
     @property
     def cache_dir(self) -> Path:
@@ -144,32 +151,6 @@ def remove_old_exports(exports_dir: Path, keep: timedelta, now: datetime | None 
             log.info("removed HTTP export %s (older than %s h)", folder.name, keep.total_seconds() / 3600)
             removed.append(folder.name)
     return removed
-
-
-_remux_locks: dict[str, threading.Lock] = {}
-_remux_guard = threading.Lock()
-
-
-def playable_mp4(source: Path, sha256: str, cache_dir: Path) -> Path:
-    """The MP4 remux (stream copy) of a stored segment, made once and cached by its hash."""
-    target = cache_dir / f"{sha256}.mp4"
-    if target.is_file():
-        return target
-    with _remux_guard:
-        lock = _remux_locks.setdefault(sha256, threading.Lock())
-    with lock:
-        if target.is_file():
-            return target
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{sha256}.{uuid.uuid4().hex[:8]}.mp4"
-        try:
-            subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source),
-                            "-map", "0", "-c", "copy", "-movflags", "+faststart", str(tmp)],
-                           check=True, capture_output=True, timeout=600)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
 
 
 def _local(t: datetime | None) -> str | None:
@@ -354,14 +335,14 @@ def create_app(portal: Portal) -> FastAPI:
                 or record.storage_path is None or record.deleted_at is not None or record.sha256 is None):
             raise HTTPException(404, f"segment {segment_id} not found")
         try:
-            source = stored_path(cfg.storage_dir, record.storage_path)
+            if not portal.store.exists(record.storage_path):
+                raise StoredFileMissing(record.storage_path, portal.store)
+            mp4 = playable_mp4(portal.store, record.storage_path, record.sha256, portal.cache_dir)
         except UnsafePath:
             log.error("segment %s: stored path %r leaves storage_dir; not served", segment_id, record.storage_path)
             raise HTTPException(404, f"segment {segment_id}: the stored file is missing") from None
-        if not source.is_file():
-            raise HTTPException(404, f"segment {segment_id}: the stored file is missing")
-        try:
-            mp4 = playable_mp4(source, record.sha256, portal.cache_dir)
+        except StoredFileMissing:
+            raise HTTPException(404, f"segment {segment_id}: the stored file is missing") from None
         except subprocess.CalledProcessError as exc:
             log.warning("segment %s: remux failed: %s", segment_id, exc.stderr[-300:] if exc.stderr else exc)
             raise HTTPException(422, f"segment {segment_id} cannot be remuxed for playback") from None
@@ -392,7 +373,7 @@ def create_app(portal: Portal) -> FastAPI:
                                   pre_margin_minutes=cfg.coverage.pre_margin_minutes,
                                   post_margin_minutes=cfg.coverage.post_margin_minutes, make_zip=True)
         try:
-            result = export_batch(sessions, storage_dir=cfg.storage_dir, key=portal.key, batch_id=batch_id,
+            result = export_batch(sessions, store=portal.store, key=portal.key, batch_id=batch_id,
                                   out=folder / "package", actor=user.actor, reason=reason, settings=settings,
                                   staging_dir=cfg.staging_dir)
         except BatchNotFound:

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .config import EdgeConfig
 from .diskkeeper import DiskKeeper
-from .recorder import CameraRecorder, Recorders
-from .spool import Journal, Sealer
+from .journal import Journal
+from .recorder import CameraRecorder, Recorders, RecorderState
+from .sealer import Sealer
 from .status import StatusReporter
 from .uploader import Uploader
 from .watcher import SegmentWatcher
@@ -91,7 +92,7 @@ class Agent:
                 self.alarms[code] = detail
             self.uploader.set_status(alarms=dict(self.alarms))
 
-    def _camera_state(self, camera: str, state: str) -> None:
+    def _camera_state(self, camera: str, state: RecorderState) -> None:
         with self._state_lock:
             self.uploader.set_status(cameras=self.recorders.states())
 

@@ -199,7 +199,7 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_
         new_chains: bool) -> None:
     """Record every camera, seal and upload segments until SIGTERM/SIGINT (or --duration)."""
     from .agent import Agent, AlreadyRunning, ChainUnknown
-    from .spool import JournalError
+    from .journal import JournalError
     from .uploader import BrokerRefused, BrokerUnreachable
 
     config = _load(ctx)
@@ -298,7 +298,7 @@ def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], 
 def retry(ctx: click.Context, camera: str | None) -> None:
     """Send every record the collector rejected again (after fixing the enrolment, the key or the venue).
     Works while `exam-edge run` is running: it picks them up within seconds."""
-    from .spool import Journal, JournalError
+    from .journal import Journal, JournalError
 
     config = _load(ctx)
     if camera is not None and camera not in {cam.id for cam in config.cameras}:
@@ -326,7 +326,7 @@ def retry(ctx: click.Context, camera: str | None) -> None:
 @click.pass_context
 def status(ctx: click.Context) -> None:
     """Spool backlog, last acknowledged segment, camera states and health per camera."""
-    from .spool import Journal, JournalError
+    from .journal import Journal, JournalError
     from .status import StatusFileError, read_local_status
 
     config = _load(ctx)

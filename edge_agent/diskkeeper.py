@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import EdgeConfig
-from .spool import Journal
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 

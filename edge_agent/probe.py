@@ -1,5 +1,6 @@
-"""`exam-edge probe`: opens each camera like the recorder will, reports what it delivers, saves a snapshot.
+"""What a camera delivers (`exam-edge probe`) and what a recorded segment holds (`probe_segment`, for the sealer).
 
+`exam-edge probe` opens each camera like the recorder will, reports what it delivers and saves a snapshot.
 A failure is reported as a short reason a technician can act on (unreachable host:port, 401, no video
 stream, timeout...). `classify_failure` is the pure part that reads ffmpeg's messages.
 """
@@ -15,14 +16,16 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import cv2
-import numpy as np
-
+from exam_contract.manifest import VideoInfo
 from exam_contract.redact import redact_credentials, redact_source
 
 from .config import CameraConfig, EdgeConfig, source_kind
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,11 @@ def probe_camera(camera: CameraConfig, snapshot_dir: Path, timeout: float = PROB
 
 def _probe(camera: CameraConfig, snapshot_dir: Path, timeout: float, ffmpeg: str,
            ffprobe: str) -> tuple[CameraProbe, np.ndarray]:
+    # Imported here, not at the top: the sealer imports this module for probe_segment, and an agent without
+    # the health analysis does not load OpenCV.
+    import cv2
+    import numpy as np
+
     check_reachable(camera.source, min(CONNECT_TIMEOUT, timeout))
     cmd = [ffprobe, "-hide_banner", "-v", "error", *input_args(camera, timeout), "-select_streams", "v:0",
            "-read_intervals", f"%+{BITRATE_SECONDS}", "-show_streams", "-show_entries",
@@ -248,3 +256,40 @@ def format_table(probes: list[CameraProbe]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
     return redact_credentials(table)
+
+
+# --- recorded segments (the sealer) ---------------------------------------------------------------
+
+class ProbeError(Exception):
+    """ffprobe cannot read a segment."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    duration: float
+    start_time: float | None
+    video: VideoInfo
+
+
+def probe_segment(path: Path, timeout: float = 60) -> ProbeResult:
+    try:
+        result = subprocess.run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+                                capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProbeError(f"ffprobe failed on {path.name}: {exc}") from exc
+    if result.returncode != 0:
+        last = (result.stderr.decode(errors="replace").strip().splitlines() or ["exit %d" % result.returncode])[-1]
+        raise ProbeError(f"ffprobe cannot read {path.name}: {last}")
+    try:
+        info = json.loads(result.stdout)
+        fmt = info.get("format") or {}
+        video = next(s for s in info.get("streams", []) if s.get("codec_type") == "video")
+        duration = float(fmt["duration"])
+    except (ValueError, KeyError, StopIteration, TypeError) as exc:
+        raise ProbeError(f"ffprobe found no video duration in {path.name}") from exc
+    if not duration > 0 or not video.get("width"):
+        raise ProbeError(f"ffprobe found no video frames in {path.name}")
+    start = fmt.get("start_time")
+    return ProbeResult(duration=round(duration, 6), start_time=float(start) if start is not None else None,
+                       video=VideoInfo(codec=str(video.get("codec_name", "unknown")), width=int(video["width"]),
+                                       height=int(video["height"]), fps=_fps(video) or 0.0))

@@ -1,43 +1,45 @@
-"""One ffmpeg per camera, writing MPEG-TS segments into recording/{camera}/, and its supervisor.
-
-Segment times. Each ffmpeg run gets a run id (its UTC launch time). ffmpeg reports its progress
-(`-progress pipe:1`): `out_time_us`, the position on the run's output timeline. The run's *anchor* is the
-wall-clock time of that timeline's zero, estimated as min(wall time at report - out_time) over the first
-reports, then frozen and journaled. A segment's start/end are anchor + its start/end on the timeline
-from ffmpeg's CSV segment list, so consecutive segments of one run are contiguous and do not drift.
-"""
+"""The recorders: a supervisor per camera that runs its ffmpeg (edge_agent.ffmpeg_run), restarts it with backoff,
+holds it on request and reports the camera's state and lost intervals; `Recorders` answers the sealer about runs."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 
-import ffmpeg
-
 from exam_contract.manifest import VideoInfo
-from exam_contract.redact import redact_credentials, redact_source
+from exam_contract.redact import redact_source
 
-from .config import CameraConfig, source_kind
-from .spool import Journal, Sealer, recording_name, segment_list_name
+from .config import CameraConfig
+from .ffmpeg_run import FfmpegRun, build_command, new_run_id, run_end_cause
+from .ffmpeg_run import parse_video_stream, split_log_level  # noqa: F401 - importers of edge_agent.recorder
+from .journal import Journal
+from .sealer import Sealer
 
 log = logging.getLogger(__name__)
-UTC = timezone.utc
 
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
-ANCHOR_SAMPLES = 4
 STOP_TIMEOUT = 15.0
+
+
+class RecorderState(StrEnum):
+    """A camera's state as its recorder reports it (the `cameras` of the agent's status): a str, so JSON and
+    the status output carry the plain value."""
+
+    STARTING = "starting"        # ffmpeg launched, no output yet
+    RECORDING = "recording"      # ffmpeg delivers
+    RESTARTING = "restarting"    # ffmpeg ended or could not start; waiting out the backoff
+    DISK_FULL = "disk_full"      # held: a held camera's state is its hold's cause (the disk keeper's, the only one)
+    STOPPED = "stopped"          # not started, or stopped for good
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
@@ -47,209 +49,13 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
-# How ffmpeg reports a live source that went away (a killed GStreamer RTSP server: exit 0 after EOF).
-_SOURCE_LOST = ("connection reset", "connection refused", "connection timed out", "operation timed out",
-                "broken pipe", "end of file", "no route to host", "network is unreachable",
-                "input/output error", "no such device")
-
-
-def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> str:
-    """Why a run ended by itself: `disk_full` when ffmpeg could not write (ENOSPC, before the disk keeper's
-    next check holds the camera); `camera_unreachable` when the camera never delivered, or when a live
-    camera stopped delivering (the stream ended or the network failed); otherwise `recorder_crashed`."""
-    said = " ".join(run.stderr_tail).lower()
-    if "no space left on device" in said:
-        return "disk_full"
-    if not run.produced:
-        return "camera_unreachable"
-    if source_kind(camera.source) in ("rtsp", "v4l2"):
-        if run.proc.returncode == 0 or any(words in said for words in _SOURCE_LOST):
-            return "camera_unreachable"
-    return "recorder_crashed"
-
-
-QUIET_LEVELS = frozenset({"info", "verbose", "debug", "trace"})
-_LOG_LINE = re.compile(r"^(?P<context>\[[^\]]* @ 0x[0-9a-f]+\] )?\[(?P<level>[a-z]+)\] (?P<text>.*)$")
-_STREAM_CODEC = re.compile(r"\bVideo: (?P<codec>[A-Za-z0-9_]+)")
-_STREAM_SIZE = re.compile(r", (?P<width>\d{2,5})x(?P<height>\d{2,5})\b")
-_STREAM_RATE = re.compile(r", (?P<rate>\d+(?:\.\d+)?)(?P<k>k?) (?P<unit>fps|tbr)\b")
-
-
-def split_log_level(line: str) -> tuple[str | None, str]:
-    """('error', '[segment @ 0x..] message') from ffmpeg's `-loglevel level+...` line; (None, line) if untagged."""
-    match = _LOG_LINE.match(line)
-    if match is None:
-        return None, line
-    return match["level"], (match["context"] or "") + match["text"].strip()
-
-
-def parse_video_stream(text: str) -> VideoInfo | None:
-    """VideoInfo from ffmpeg's stream line (`Stream #0:0: Video: h264 (High), yuv420p, 1920x1080 [SAR 1:1
-    DAR 16:9], 25 fps, 25 tbr, 90k tbn`); fps from `fps`, else `tbr`. None if the line is not that."""
-    codec = _STREAM_CODEC.search(text)
-    size = _STREAM_SIZE.search(text)
-    if not text.startswith("Stream #") or codec is None or size is None:
-        return None
-    rates = {m["unit"]: float(m["rate"]) * (1000 if m["k"] else 1) for m in _STREAM_RATE.finditer(text)}
-    fps = rates.get("fps") or rates.get("tbr") or 0.0
-    return VideoInfo(codec=codec["codec"], width=int(size["width"]), height=int(size["height"]), fps=round(fps, 3))
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
-
-
-def build_command(camera: CameraConfig, segment_seconds: int, out_dir: Path, run_id: str,
-                  binary: str = "ffmpeg") -> list[str]:
-    """The ffmpeg command line of one run (built with ffmpeg-python)."""
-    kind = source_kind(camera.source)
-    source = camera.source
-    in_opts: dict[str, object] = {}
-    if kind == "rtsp":
-        in_opts = {"rtsp_transport": "tcp", "timeout": "10000000"}
-    elif kind == "v4l2":
-        in_opts = {"f": "v4l2"}
-    elif kind == "lavfi":
-        source = camera.source[len("lavfi:"):]
-        in_opts = {"f": "lavfi", "re": None}  # lavfi is not live-paced by itself
-    elif kind == "file":
-        in_opts = {"re": None, "stream_loop": "-1"}
-    out_opts: dict[str, object]
-    if kind in ("rtsp", "file"):
-        out_opts = {"c": "copy"}
-    else:
-        out_opts = {"c:v": "libx264", "preset": "ultrafast" if kind == "lavfi" else "veryfast",
-                    "tune": "zerolatency", "pix_fmt": "yuv420p",
-                    "force_key_frames": f"expr:gte(t,n_forced*{segment_seconds})"}
-    escaped_dir = str(out_dir).replace("%", "%%")
-    out_opts.update({"f": "segment", "segment_time": str(segment_seconds), "segment_format": "mpegts",
-                     # flush every packet so a killed ffmpeg leaves everything it had on disk
-                     "segment_format_options": "flush_packets=1",
-                     "segment_list": str(out_dir / segment_list_name(run_id)), "segment_list_type": "csv"})
-    cmd = (ffmpeg.input(source, **in_opts)
-           .output(f"{escaped_dir}/{recording_name(run_id)}", **out_opts)
-           .compile(cmd=binary))
-    # level+info: each line carries its level; warnings and errors are kept for the gap's detail, and the
-    # info lines give the output stream (codec, size, fps) so segments need no ffprobe.
-    cmd[1:1] = ["-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+info",
-                "-progress", "pipe:1", "-stats_period", "0.5"]
-    return cmd
-
-
-@dataclass
-class FfmpegRun:
-    """One ffmpeg process and what it reported."""
-
-    camera: str
-    run_id: str
-    proc: subprocess.Popen
-    journal: Journal
-    started: float = field(default_factory=time.monotonic)
-    stderr_tail: deque = field(default_factory=lambda: deque(maxlen=20))
-    _samples: int = 0
-    _best: datetime | None = None
-    _anchor: datetime | None = None
-    _max_out_us: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list = field(default_factory=list)
-    video: VideoInfo | None = None  # the output stream, from ffmpeg's own report
-    source: str = ""  # the camera source, whose credentials are redacted from ffmpeg's messages
-    # set when something the supervisor waits for happens: first output, or ffmpeg's exit (stdout EOF)
-    changed: threading.Event = field(default_factory=threading.Event)
-
-    def start_readers(self) -> None:
-        for target in (self._read_progress, self._read_stderr):
-            thread = threading.Thread(target=target, name=f"ffmpeg-{self.camera}-{target.__name__}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _read_progress(self) -> None:
-        # One read per progress block (about a dozen key=value lines every stats_period), not per line.
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        pending = b""
-        while chunk := os.read(fd, 65536):
-            wall = datetime.now(UTC)
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                if line.startswith(b"out_time_us="):
-                    self._progress(wall, line[len(b"out_time_us="):].strip())
-        try:  # stdout closes as ffmpeg exits: reap it so the supervisor sees it dead when woken
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        self.changed.set()
-
-    def _progress(self, wall: datetime, value: bytes) -> None:
-        try:
-            out_us = int(value)
-        except ValueError:
-            return  # N/A before the first packet
-        if out_us < 0:
-            return
-        with self._lock:
-            if self._max_out_us == 0 and out_us > 0:
-                self.changed.set()
-            self._max_out_us = max(self._max_out_us, out_us)
-            if self._anchor is not None:
-                return
-            candidate = wall - timedelta(microseconds=out_us)
-            self._best = candidate if self._best is None else min(self._best, candidate)
-            self._samples += 1
-            ready = self._samples >= ANCHOR_SAMPLES
-        if ready:
-            self.freeze_anchor()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        in_output = False
-        for raw in self.proc.stderr:
-            # ffmpeg names its input URL, password included, in its messages: redacted before anything keeps it
-            line = redact_credentials(raw.decode(errors="replace").strip(), self.source)
-            if not line:
-                continue
-            log.debug("ffmpeg %s: %s", self.camera, line)
-            level, text = split_log_level(line)
-            if level not in QUIET_LEVELS:
-                self.stderr_tail.append(text)
-            elif text.startswith("Output #0"):
-                in_output = True
-            elif in_output and self.video is None and (video := parse_video_stream(text)) is not None:
-                self.video = video
-
-    def freeze_anchor(self) -> datetime | None:
-        """Fix the run's anchor (once) and journal it; None if ffmpeg never reported a position."""
-        with self._lock:
-            if self._anchor is None and self._best is not None:
-                self._anchor = self._best
-                self.journal.set_run_anchor(self.camera, self.run_id, self._anchor)
-                log.info("camera %s run %s anchored at %s", self.camera, self.run_id, self._anchor.isoformat())
-            return self._anchor
-
-    @property
-    def produced(self) -> bool:
-        with self._lock:
-            return self._max_out_us > 0
-
-    @property
-    def last_error(self) -> str | None:
-        return self.stderr_tail[-1] if self.stderr_tail else None
-
-    def is_alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def join_readers(self, timeout: float = 5) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-
-
 class CameraRecorder:
     """Supervises the ffmpeg of one camera: starts it, restarts it with exponential backoff when it dies,
     reports the lost interval to the sealer, and stops it gracefully."""
 
     def __init__(self, camera: CameraConfig, segment_seconds: int, recording_dir: Path, journal: Journal,
                  sealer: Sealer, binary: str = "ffmpeg", poll_interval: float = 5.0,
-                 on_state: Callable[[str, str], None] | None = None):
+                 on_state: Callable[[str, RecorderState], None] | None = None):
         self.camera = camera
         self.segment_seconds = segment_seconds
         self.out_dir = recording_dir / camera.id
@@ -262,13 +68,14 @@ class CameraRecorder:
         self._thread: threading.Thread | None = None
         self._run: FfmpegRun | None = None
         self._run_lock = threading.Lock()
-        self.state = "stopped"
+        self.state = RecorderState.STOPPED
         self.restarts = 0
-        self._hold: tuple[str, str] | None = None  # (cause, detail) while the camera must not record
+        self._hold: tuple[RecorderState, str] | None = None  # (cause, detail) while the camera must not record
 
     def hold(self, cause: str, detail: str) -> None:
-        """Stop recording (gracefully) and stay stopped until `release()`; the sealer states the outage."""
-        self._hold = (cause, detail)
+        """Stop recording (gracefully) and stay stopped until `release()`; the sealer states the outage. The
+        camera's state meanwhile is `cause` (a RecorderState: ValueError for another)."""
+        self._hold = (RecorderState(cause), detail)
         self._wake()
 
     def release(self) -> None:
@@ -305,7 +112,7 @@ class CameraRecorder:
         if run is not None:
             run.changed.set()
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: RecorderState) -> None:
         self.state = state
         if self._on_state:
             self._on_state(self.camera.id, state)
@@ -333,7 +140,7 @@ class CameraRecorder:
         while not self._stop.is_set():
             held = self._hold
             if held is not None:
-                self.sealer.submit_outage(self.camera.id, held[0], held[1])
+                self.sealer.submit_outage(self.camera.id, held[0].value, held[1])
                 log.warning("camera %s: not recording (%s): %s", self.camera.id, held[0], held[1])
                 self._set_state(held[0])
                 while self._hold is not None and not self._stop.wait(0.5):
@@ -343,7 +150,7 @@ class CameraRecorder:
                 log.info("camera %s: resuming after %s", self.camera.id, held[0])
                 delay = BACKOFF_START
                 continue
-            self._set_state("starting")
+            self._set_state(RecorderState.STARTING)
             run = self._launch()
             if run is None:
                 self.sealer.submit_outage(self.camera.id, "camera_unreachable", f"cannot start {self.binary}")
@@ -353,8 +160,8 @@ class CameraRecorder:
                 while not self._stop.is_set():
                     if not run.is_alive() or self._hold is not None:
                         break
-                    if self.state != "recording" and run.produced:
-                        self._set_state("recording")
+                    if self.state != RecorderState.RECORDING and run.produced:
+                        self._set_state(RecorderState.RECORDING)
                     run.changed.wait(self.poll_interval)
                     run.changed.clear()
                 if (self._stop.is_set() or self._hold is not None) and run.is_alive():
@@ -379,12 +186,12 @@ class CameraRecorder:
                 if run.produced and time.monotonic() - run.started > BACKOFF_CAP:
                     delay = BACKOFF_START
             self.restarts += 1
-            self._set_state("restarting")
+            self._set_state(RecorderState.RESTARTING)
             log.info("camera %s: restarting ffmpeg in %.0f s", self.camera.id, delay)
             if self._stop.wait(delay):
                 break
             delay = min(delay * 2, BACKOFF_CAP)
-        self._set_state("stopped")
+        self._set_state(RecorderState.STOPPED)
 
     def _graceful_stop(self, run: FfmpegRun) -> None:
         """SIGINT makes ffmpeg close its current segment properly (same as pressing q)."""
@@ -447,5 +254,5 @@ class Recorders:
         for recorder in self.by_camera.values():
             recorder.release()
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, RecorderState]:
         return {cam: rec.state for cam, rec in self.by_camera.items()}

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +22,7 @@ from exam_contract.canonical import format_time, parse_time
 from exam_contract.redact import redact_values
 
 from .config import EdgeConfig
-from .spool import Journal
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 UTC = timezone.utc
@@ -79,7 +79,7 @@ def read_local_status(config: EdgeConfig) -> LocalStatus | None:
 
 
 class StatusReporter:
-    def __init__(self, config: EdgeConfig, journal: Journal, camera_states: Callable[[], dict[str, str]],
+    def __init__(self, config: EdgeConfig, journal: Journal, camera_states: Callable[[], Mapping[str, str]],
                  publish: Callable[..., None], alarms: Callable[[], dict[str, str]] = dict,
                  health: Callable[[], dict[str, tuple[str, ...]]] = dict, interval: float = STATUS_INTERVAL):
         self.config = config

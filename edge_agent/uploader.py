@@ -5,6 +5,8 @@ and only when that reply names this record's hash (`Reply.record`): an answer ab
 same file id (a lost journal's record, another agent's) never acknowledges ours. Rejections for reasons an
 operator can cure are retried with backoff and raise the `records_rejected` alarm meanwhile.
 Bytes published but not yet PUBACKed are bounded (paho keeps queued payloads in memory).
+The module stays over 400 lines because the send loop, the reply handling and the PUBACK accounting share the
+active transfers and one lock; the per-record state is edge_agent.transfer.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,17 +26,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from exam_contract.canonical import canonical_bytes, format_time
-from exam_contract.chunks import chunk_count, chunk_span, expand_ranges
-from exam_contract.manifest import ClockInfo, Manifest, ManifestError
-from exam_contract.protocol import (RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, InitMessage, ProtocolError, Reply,
-                                    encode_fin)
+from exam_contract.canonical import format_time
+from exam_contract.chunks import chunk_span, expand_ranges
+from exam_contract.protocol import RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, ProtocolError, Reply, encode_fin
 from exam_contract.redact import redact_values
 from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
                                   init_topic, reply_topic, status_topic)
 
 from .config import EdgeConfig, MqttConfig
-from .spool import Journal, Record
+from .journal import Journal
+from .transfer import ClockEstimator, Transfer
 
 log = logging.getLogger(__name__)
 UTC = timezone.utc
@@ -46,7 +45,6 @@ MAX_ACTIVE_FILES = 4
 REPLY_TIMEOUT = 10.0
 REPLY_TIMEOUT_CAP = 60.0
 SESSION_EXPIRY = 7 * 24 * 3600
-SYNC_LIMIT_MS = 2000.0
 INIT_MISSING = "init_missing"
 REQUEUE_INTERVAL = 5.0          # how often due retries of rejected records are looked for
 ALARM_RECORDS_REJECTED = "records_rejected"
@@ -58,76 +56,6 @@ class BrokerUnreachable(Exception):
 
 class BrokerRefused(Exception):
     """The broker refused the connection (credentials, client id); the message names host:port."""
-
-
-class ClockEstimator:
-    """NTP-style offset of the collector's clock to ours from replies' `collector_time`:
-    offset = collector_time - midpoint(request sent, reply received); the sample with the shortest
-    round trip among the recent ones wins."""
-
-    def __init__(self, window: int = 16):
-        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
-        self._lock = threading.Lock()
-
-    def add(self, sent: datetime, received: datetime, collector_time: datetime) -> None:
-        rtt = (received - sent).total_seconds()
-        if rtt < 0:
-            return
-        midpoint = sent + (received - sent) / 2
-        offset_ms = (collector_time - midpoint).total_seconds() * 1000
-        with self._lock:
-            self._samples.append((rtt, offset_ms))
-
-    def current(self) -> ClockInfo:
-        with self._lock:
-            if not self._samples:
-                return ClockInfo(offset_ms=None, synced=False)
-            _, offset = min(self._samples)
-        offset = round(offset, 1)
-        return ClockInfo(offset_ms=offset, synced=abs(offset) <= SYNC_LIMIT_MS)
-
-
-@dataclass
-class Transfer:
-    record: Record
-    init_payload: bytes
-    chunk_size: int
-    chunks: int
-    fd: int | None = None
-    to_send: deque[int] = field(default_factory=deque)
-    init_needed: bool = True
-    fin_needed: bool = True
-    fin_sent: datetime | None = None
-    deadline: float | None = None
-    asks: int = 0
-    fin_at: float | None = None          # a deferred fin (after a repeated, identical `missing`)
-    last_missing: tuple | None = None
-    repeats: int = 0
-    first_unanswered_fin: datetime | None = None  # clock samples use the earliest fin a reply may answer
-
-    @property
-    def file_id(self) -> str:
-        return self.record.file_id
-
-    def queue_all(self) -> None:
-        self.to_send = deque(range(self.chunks))
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _init_payload(record: Record, chunk_size: int) -> tuple[bytes, int]:
-    raw = record.manifest_raw
-    try:
-        message = InitMessage.build(Manifest.from_dict(raw), record.signature, chunk_size)
-        if canonical_bytes(message.manifest_raw) != record.manifest_json.encode("utf-8"):
-            raise ManifestError("re-serialised manifest differs")
-    except ManifestError:
-        chunks = chunk_count(record.size, chunk_size) if record.kind == "segment" else 0
-        message = InitMessage(raw, record.signature, chunk_size, chunks)
-    return message.encode(), message.chunks
 
 
 class Uploader:
@@ -144,11 +72,20 @@ class Uploader:
         self.max_active = max_active
         self.reply_timeout = reply_timeout
         self.clock = ClockEstimator()
+        # (reply, when it arrived), from paho's network thread to the uploader's thread
         self._replies: queue.Queue[tuple[Reply, datetime]] = queue.Queue()
-        self._active: dict[str, Transfer] = {}
-        self._broken: set[int] = set()
+        self._active: dict[str, Transfer] = {}   # file id -> its transfer, at most max_active
+        self._broken: set[int] = set()           # records whose file cannot be read: not tried again in this run
+        # In-flight bytes, guarded by _lock: publish() may return after paho's network thread has already run
+        # on_publish for the message, so either side may come first.
+        # mid -> bytes of a counted message (init, chunk, fin) published and not yet PUBACKed; their sum is
+        # _inflight_bytes, which the send loop keeps under max_inflight_bytes. Added by _publish, removed by
+        # _on_publish.
         self._inflight: dict[int, int] = {}
+        # mids PUBACKed before _publish recorded them (counted or not): _publish removes the mark, records nothing.
         self._early_acks: set[int] = set()
+        # mids of uncounted messages (status, chain requests) not yet PUBACKed: _on_publish drops the mark and
+        # leaves the count alone.
         self._uncounted: set[int] = set()
         self._inflight_bytes = 0
         self.peak_inflight_bytes = 0
@@ -353,9 +290,8 @@ class Uploader:
             return
         busy = {t.record.id for t in self._active.values()} | self._broken
         for record in self.journal.pending(free, exclude=busy):
-            payload, chunks = _init_payload(record, self.chunk_size)
-            transfer = Transfer(record=record, init_payload=payload, chunk_size=self.chunk_size, chunks=chunks)
-            if chunks:
+            transfer = Transfer.for_record(record, self.chunk_size)
+            if transfer.chunks:
                 try:
                     assert record.path is not None
                     transfer.fd = os.open(record.path, os.O_RDONLY)
@@ -364,9 +300,8 @@ class Uploader:
                               record.seq, record.path, exc)
                     self._broken.add(record.id)
                     continue
-            transfer.queue_all()
             self._active[record.file_id] = transfer
-            log.debug("camera %s seq %s: upload started (%s chunks)", record.camera, record.seq, chunks)
+            log.debug("camera %s seq %s: upload started (%s chunks)", record.camera, record.seq, transfer.chunks)
 
     def _advance(self, transfer: Transfer, now: float) -> None:
         if transfer.init_needed:
@@ -389,9 +324,8 @@ class Uploader:
                          transfer.record.seq)
             self._publish(fin_topic(self.agent, transfer.file_id), encode_fin(transfer.record.record_hash))
             transfer.fin_needed = False
-            transfer.fin_sent = datetime.now(UTC)
             if transfer.first_unanswered_fin is None:
-                transfer.first_unanswered_fin = transfer.fin_sent
+                transfer.first_unanswered_fin = datetime.now(UTC)
             wait = min(self.reply_timeout * (2 ** transfer.asks), REPLY_TIMEOUT_CAP)
             transfer.asks += 1
             transfer.deadline = now + wait

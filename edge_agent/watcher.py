@@ -13,7 +13,8 @@ from pathlib import Path
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .spool import Sealer, parse_recording_name
+from .sealer import Sealer
+from .segment_files import parse_recording_name
 
 log = logging.getLogger(__name__)
 

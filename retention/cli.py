@@ -134,6 +134,7 @@ def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Pat
 def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
     """Delete footage past its retention floor and not under hold (tombstone first, rows kept)."""
     from collector import audit
+    from collector.footage_store import store_for
     from .enforce import ClockError, build_plan, execute, plan_lines
     from .policy import PolicyError, RetentionPolicy
 
@@ -147,10 +148,11 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
     post = timedelta(minutes=cfg.coverage.post_margin_minutes)
     key = None if dry_run else obj.signing_key()  # a real run must be able to sign its checkpoint
     sessions = obj.sessions()
+    store = store_for(cfg)
     now = datetime.now(timezone.utc)
     try:
         with sessions() as session:
-            plan = build_plan(session, policy, now, cfg.storage_dir, pre, post)
+            plan = build_plan(session, policy, now, store, pre, post)
     except ClockError as exc:
         raise Fail(str(exc))
     if as_json:
@@ -165,7 +167,7 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
             click.echo("dry run: nothing deleted")
         return
     actor = f"retention:{audit.local_actor()}"
-    result = execute(sessions, plan, cfg.storage_dir, policy, actor, pre, post)
+    result = execute(sessions, plan, store, policy, actor, pre, post)
     with sessions.begin() as session:
         audit.record(session, audit.ACTION_ENFORCE_RUN, actor=actor, target="storage",
                      detail={"now": plan.now, "deleted_files": len(result.deleted),
@@ -192,12 +194,13 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
 def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None:
     """Re-hash stored files; find missing, orphan and altered files and chain breaks (exit 4 on any)."""
     from collector.audit import checkpoint_after_command
+    from collector.footage_store import store_for
     from .scrub import run_scrub
 
     cfg = obj.config()
     show = sys.stderr.isatty() if progress is None else progress
     sessions = obj.sessions()
-    result = run_scrub(sessions, cfg.storage_dir, sample=sample, progress=sys.stderr if show else None,
+    result = run_scrub(sessions, store_for(cfg), sample=sample, progress=sys.stderr if show else None,
                        actor=f"retention:{_actor()}")
     if as_json:
         click.echo(json.dumps(result.as_json(), ensure_ascii=False, indent=2))

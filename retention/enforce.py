@@ -2,29 +2,26 @@
 
 For each deletion, in this order (a crash between steps leaves a state the next run finishes):
 1. the tombstone (segment, hashes, path, reason) is committed to the audit log;
-2. the file is unlinked and its directory fsynced;
+2. the file is deleted from the footage store (`FootageStore.unlink`, durable when it returns);
 3. the row is marked deleted (`deleted_at`, `deleted_entry`), never erased.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
+from collector.footage_store import FootageStore, UnsafePath
 from collector.models import AuditCheckpoint, AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
-from collector.placement import UnsafePath, stored_path
 from exam_contract.canonical import format_time
-from exam_contract.files import fsync_dir
 
 from .policy import (BatchLink, Decision, HoldFacts, HoldWindow, RetentionPolicy, SegmentFacts, decide,
                      earliest_possible_floor, shanghai_text)
@@ -227,18 +224,18 @@ def facts_of(row: SegmentRecord, windows_by_room: dict[tuple[str, str], list[Bat
                         stored_at=row.stored_at)
 
 
-def disk_alarm(storage_dir: Path) -> str | None:
+def disk_alarm(store: FootageStore) -> str | None:
     try:
-        usage = shutil.disk_usage(storage_dir)
+        usage = store.usage()
     except OSError as exc:
-        return f"storage {storage_dir} cannot be checked ({exc.strerror}): check the volume"
-    if usage.total and usage.free / usage.total < DISK_ALARM_FREE_FRACTION:
-        return (f"storage {storage_dir} is {100 * (1 - usage.free / usage.total):.1f}% full "
+        return f"{store} cannot be checked ({exc.strerror}): check the volume"
+    if usage is not None and usage.total and usage.free / usage.total < DISK_ALARM_FREE_FRACTION:
+        return (f"{store} is {100 * (1 - usage.free / usage.total):.1f}% full "
                 f"({usage.free / 1e9:.1f} GB free): add storage; retention never deletes footage early to make room")
     return None
 
 
-def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage_dir: Path,
+def build_plan(session: Session, policy: RetentionPolicy, now: datetime, store: FootageStore,
                pre: timedelta, post: timedelta) -> EnforcePlan:
     """The same inputs give the same plan: `--dry-run` prints exactly what a real run would delete."""
     policy.check()
@@ -264,7 +261,7 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage
             deletions.append(PlannedDeletion(row.id, row.venue, row.camera, row.seq, row.storage_path, row.size,
                                              row.sha256, row.record_hash, row.start_at, row.end_at,
                                              decision.keep_until, decision.rule, decision.reason))
-    for alarm in (future_footage_alarm(session, now), disk_alarm(storage_dir)):
+    for alarm in (future_footage_alarm(session, now), disk_alarm(store)):
         if alarm:
             alarms.append(alarm)
     return EnforcePlan(now, tuple(deletions), stored, candidates, held, tuple(alarms))
@@ -272,12 +269,15 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, storage
 
 # ---------------------------------------------------------------------------- execution
 
-def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Path, policy: RetentionPolicy,
+def execute(sessions: sessionmaker[Session], plan: EnforcePlan, store: FootageStore, policy: RetentionPolicy,
             actor: str, pre: timedelta, post: timedelta) -> EnforceResult:
+    """Carry out the plan, each deletion in the order the module docstring gives. A store that fails to delete
+    raises (OSError) after that deletion's tombstone and before its row is marked: the next run finishes it
+    under the same tombstone."""
     result = EnforceResult()
     for item in plan.deletions:
         try:
-            path = stored_path(storage_dir, item.storage_path)
+            present = store.exists(item.storage_path)   # the path is checked before anything is written
         except UnsafePath as exc:  # a row written before paths were checked: never unlink outside storage
             log.error("%s not deleted: %s", item.target, exc)
             result.skipped.append(f"{item.target}: {exc}; not deleted")
@@ -305,9 +305,9 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, storage_dir: Pat
                     detail={"segment_id": item.segment_id, "storage_path": item.storage_path, "size": item.size,
                             "sha256": item.sha256, "record_hash": item.record_hash, "start": item.start,
                             "end": item.end, "keep_until": item.keep_until, "rule": item.rule}).seq
-        path.unlink(missing_ok=True)
-        if path.parent.is_dir():  # a file already missing may have lost its folder too
-            fsync_dir(path.parent)
+        if not present:
+            log.info("%s: file %s is already missing; finishing its deletion", item.target, item.storage_path)
+        store.unlink(item.storage_path)
         with sessions.begin() as session:
             row = session.get(SegmentRecord, item.segment_id)
             if row is not None:

@@ -1,14 +1,14 @@
 """`exam-retention scrub`: re-hash stored files and re-prove every record's signature and chain link.
 
-Finds: files missing for live rows, orphan files (in storage without a live row), hash or size mismatches,
-records whose stored manifest no longer hashes to the record hash, signatures that fail, rows that differ
-from their signed manifest, and chain breaks (including a row deleted from the middle of a chain, which
-leaves its successor marked `linked` to a predecessor that is gone).
+Finds: files missing for live rows, orphan files (in storage without a live row), files the footage store
+cannot read, hash or size mismatches, records whose stored manifest no longer hashes to the record hash,
+signatures that fail, rows that differ from their signed manifest, and chain breaks (including a row deleted
+from the middle of a chain, which leaves its successor marked `linked` to a predecessor that is gone).
+Stored files are read only through the `FootageStore`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,27 +17,26 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import IO
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
+from collector.footage_store import FootageStore, StoredFileMissing, UnsafePath
 from collector.models import CHAIN_LINKED, Agent, AgentKey, AuditEntry, ScrubRun, SegmentRecord
-from collector.placement import UnsafePath, contained
 from exam_contract.canonical import format_time, sha256_hex
 from exam_contract.signing import PublicKeyError, parse_public_key, verify
 
-BLOCK = 1 << 20
 READ_CHUNK = 2000
 MAX_PROBLEMS_IN_LOG = 500
 
 
 @dataclass(frozen=True)
 class ScrubProblem:
-    kind: str      # missing_file | orphan_file | hash_mismatch | size_mismatch | record_hash | signature |
-                   # manifest_mismatch | chain_break | unknown_agent | no_tombstone
+    kind: str      # missing_file | orphan_file | unreadable_file | hash_mismatch | size_mismatch | record_hash |
+                   # signature | manifest_mismatch | chain_break | unknown_agent | no_tombstone
     item: str      # venue/camera/seq and/or the storage path
     what: str
 
@@ -66,22 +65,17 @@ class ScrubResult:
 @dataclass(frozen=True)
 class FileToHash:
     item: str
-    path: Path
+    path: PurePosixPath    # in the footage store
     sha256: str | None
     size: int
 
 
-def hash_path(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size), reading into one reused buffer (the digest releases the GIL on large blocks)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(BLOCK)
-    view = memoryview(buffer)
-    size = 0
-    with open(path, "rb", buffering=0) as handle:
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
+@dataclass(frozen=True)
+class Hashed:
+    file: FileToHash
+    digest: str | None = None    # None: not read
+    size: int = 0
+    error: str | None = None     # why the store could not read it (None with no digest: it vanished)
 
 
 class Progress:
@@ -203,28 +197,25 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
                 deleted.add(rec.storage_path)
             else:
                 live.add(rec.storage_path)
-                files.append(FileToHash(f"{item} {rec.storage_path}", Path(rec.storage_path), rec.sha256, rec.size))
+                files.append(FileToHash(f"{item} {rec.storage_path}", PurePosixPath(rec.storage_path), rec.sha256,
+                                        rec.size))
         elif rec.kind == "segment" and rec.size and rec.deleted_at is None:
             bad("missing_file", "segment row has no stored file")
         previous = rec
     return count, files, live, deleted
 
 
-def find_orphans(storage_dir: Path, live: set[str], deleted: set[str], problems: list[ScrubProblem]) -> None:
-    for root, dirs, names in os.walk(storage_dir):
-        rel_root = Path(root).relative_to(storage_dir)
-        if rel_root == Path("."):
-            dirs[:] = [d for d in dirs if d != "staging"]
-        for name in names:
-            rel = (rel_root / name).as_posix()
-            if rel in live:
-                continue
-            what = ("file of a segment deleted by retention is still on disk" if rel in deleted
-                    else "file in storage has no segment row (row deleted, or file planted)")
-            problems.append(ScrubProblem("orphan_file", rel, what))
+def find_orphans(store: FootageStore, live: set[str], deleted: set[str], problems: list[ScrubProblem]) -> None:
+    for relpath in store.walk():
+        rel = relpath.as_posix()
+        if rel in live:
+            continue
+        what = ("file of a segment deleted by retention is still on disk" if rel in deleted
+                else "file in storage has no segment row (row deleted, or file planted)")
+        problems.append(ScrubProblem("orphan_file", rel, what))
 
 
-def run_scrub(sessions: sessionmaker[Session], storage_dir: Path, sample: float = 1.0,
+def run_scrub(sessions: sessionmaker[Session], store: FootageStore, sample: float = 1.0,
               progress: IO[str] | None = None, actor: str = "retention", seed: int | None = None,
               workers: int | None = None) -> ScrubResult:
     started_at = datetime.now(timezone.utc)
@@ -235,15 +226,15 @@ def run_scrub(sessions: sessionmaker[Session], storage_dir: Path, sample: float 
     present: list[FileToHash] = []
     for f in files:
         try:
-            path = contained(storage_dir, f.path)
+            there = store.exists(f.path)
         except UnsafePath as exc:
             problems.append(ScrubProblem("missing_file", f.item, f"not checked: {exc}"))
             continue
-        if path.is_file():
+        if there:
             present.append(f)
         else:
             problems.append(ScrubProblem("missing_file", f.item, "stored file is missing"))
-    find_orphans(storage_dir, live, deleted, problems)
+    find_orphans(store, live, deleted, problems)
     chosen = present
     if sample < 1.0 and present:
         k = max(1, round(sample * len(present)))
@@ -251,15 +242,21 @@ def run_scrub(sessions: sessionmaker[Session], storage_dir: Path, sample: float 
     bar = Progress(progress, len(chosen), sum(f.size for f in chosen))
     t0 = time.perf_counter()
 
-    def work(f: FileToHash) -> tuple[FileToHash, str | None, int]:
+    def work(f: FileToHash) -> Hashed:
         try:
-            digest, size = hash_path(storage_dir / f.path)
-        except FileNotFoundError:
-            return f, None, 0
-        return f, digest, size
+            digest, size = store.hash(f.path)
+        except StoredFileMissing:
+            return Hashed(f)
+        except OSError as exc:   # a failing medium: reported for this file, the scrub goes on
+            return Hashed(f, error=str(exc.strerror or exc))
+        return Hashed(f, digest, size)
 
     with ThreadPoolExecutor(max_workers=workers or min(2, os.cpu_count() or 1)) as pool:
-        for f, digest, size in pool.map(work, chosen):
+        for done in pool.map(work, chosen):
+            f, digest, size = done.file, done.digest, done.size
+            if done.error is not None:
+                problems.append(ScrubProblem("unreadable_file", f.item, f"stored file cannot be read: {done.error}"))
+                continue
             if digest is None:
                 problems.append(ScrubProblem("missing_file", f.item, "stored file vanished during the scrub"))
                 continue

@@ -27,6 +27,7 @@ from collector.batches import import_batches
 from collector.db import make_engine, session_factory, upgrade
 from collector.evidence_verify import NOT_OK, OK, OK_WITH_GAPS, verify_package
 from collector.export import ExportError, ExportSettings, export_batch
+from collector.footage_store import FilesystemStore
 from collector.ingest import Ingest
 from collector.models import AuditCheckpoint, AuditEntry, SegmentRecord
 from exam_contract.canonical import format_time
@@ -65,7 +66,7 @@ def both_verdicts(package: Path, python: str = sys.executable) -> tuple[subproce
 
 
 def export(demo: Demo, batch: str, out: Path, **kw) -> Path:
-    result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+    result = export_batch(demo.sessions, store=FilesystemStore(demo.storage), key=load_private_key(demo.key_file),
                           batch_id=batch, out=out, actor="inspector-test", reason="complaint 2026-17", **kw)
     return result.path
 
@@ -285,7 +286,7 @@ def test_damaged_storage_is_reported_at_export_with_check_hashes(demo: Demo, tmp
 def test_two_runs_taken_for_one_are_remuxed_file_by_file(tmp_path: Path, caplog) -> None:
     """Segments of two ffmpeg runs joined as one byte stream lose footage (their timestamps restart);
     make_clip notices by the MP4's length and remuxes file by file, so the clip has all of it."""
-    from collector.export import ClipSources, make_clip, mp4_seconds
+    from collector.viewing import ClipSources, make_clip, mp4_seconds
 
     runs = []
     for name in ("a", "b"):
@@ -299,7 +300,7 @@ def test_two_runs_taken_for_one_are_remuxed_file_by_file(tmp_path: Path, caplog)
     make_clip(ClipSources((tuple(runs[0]),), 4.0), one_run)
     assert abs(mp4_seconds(one_run) - 4.0) < 0.05
     wrong = tmp_path / "wrong.mp4"
-    with caplog.at_level("WARNING", logger="collector.export"):
+    with caplog.at_level("WARNING", logger="collector.viewing"):
         make_clip(ClipSources((tuple(runs[0] + runs[1]),), 8.0), wrong)
     assert "remuxing file by file" in caplog.text
     assert abs(mp4_seconds(wrong) - 8.0) < 0.05
@@ -313,7 +314,7 @@ def test_clip_sources_group_one_runs_segments_only(tmp_path: Path) -> None:
     holds a `|`, and the concat URL stays short; otherwise a new group (the demuxer joins groups)."""
     from datetime import datetime, timedelta, timezone
 
-    from collector.export import MAX_GROUP_URL, _clip_sources
+    from collector.viewing import MAX_GROUP_URL, clip_sources
     from collector.models import SegmentRecord
 
     t0 = datetime(2026, 11, 26, 1, 0, tzinfo=timezone.utc)
@@ -323,12 +324,12 @@ def test_clip_sources_group_one_runs_segments_only(tmp_path: Path) -> None:
                              end_at=t0 + timedelta(seconds=end), duration=end - start)
 
     run = [seg("a.ts", 0, 2), seg("b.ts", 2, 4), seg("c.ts", 4.001, 6), seg("d|e.ts", 6, 8), seg("f.ts", 8, 10)]
-    sources = _clip_sources(run, [tmp_path / r.storage_path for r in run])
+    sources = clip_sources(run, [tmp_path / r.storage_path for r in run])
     assert [[p.name for p in g] for g in sources.groups] == [["a.ts", "b.ts"], ["c.ts"], ["d|e.ts"], ["f.ts"]]
     assert abs(sources.seconds - 9.999) < 1e-9 and sources.files == 5
     assert [len(g) for g in sources.one_per_file().groups] == [1] * 5
     many = [seg(f"{i:04d}-{'x' * 60}.ts", 2 * i, 2 * i + 2) for i in range(200)]
-    groups = _clip_sources(many, [tmp_path / r.storage_path for r in many]).groups
+    groups = clip_sources(many, [tmp_path / r.storage_path for r in many]).groups
     assert len(groups) > 1 and sum(len(g) for g in groups) == 200
     assert all(sum(len(str(p)) + 1 for p in g) <= MAX_GROUP_URL for g in groups)
 
@@ -511,7 +512,7 @@ def test_records_without_or_with_an_unknown_stored_key(tmp_path: Path, segment_f
         current = key_fingerprint(demo.cameras[SITE_A.institution].key)
         with demo.sessions.begin() as s:
             s.execute(update(SegmentRecord).values(key_fingerprint=None))
-        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+        result = export_batch(demo.sessions, store=FilesystemStore(demo.storage), key=load_private_key(demo.key_file),
                               batch_id="B-OK", out=tmp_path / "pkg", actor="inspector-test", reason="r")
         package = json.loads((result.path / "package.json").read_bytes())
         assert {r["key"] for r in package["cameras"][0]["records"]} == {current}
@@ -521,7 +522,7 @@ def test_records_without_or_with_an_unknown_stored_key(tmp_path: Path, segment_f
         with demo.sessions.begin() as s:
             s.execute(update(SegmentRecord).where(SegmentRecord.venue == SITE_A.venue, SegmentRecord.seq == 2)
                       .values(key_fingerprint=unknown))
-        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+        result = export_batch(demo.sessions, store=FilesystemStore(demo.storage), key=load_private_key(demo.key_file),
                               batch_id="B-OK", out=tmp_path / "pkg2", actor="inspector-test", reason="r")
         assert result.source_problems == (
             f"{LABEL} seq 2: verified at ingest with key {unknown}, which is not in agent {SITE_A.agent}'s key "
@@ -536,7 +537,7 @@ def test_records_without_or_with_an_unknown_stored_key(tmp_path: Path, segment_f
 def test_stored_path_outside_storage_is_a_source_problem_and_not_read(tmp_path: Path, segment_files: list[Path],
                                                                       database_url: str) -> None:
     """A row whose storage_path leaves storage_dir is reported like a missing file, even when a file with the
-    right bytes is there: export reads stored files only through `stored_path`."""
+    right bytes is there: export reads stored files only through the footage store."""
     demo = build_demo(tmp_path / "demo", database_url, segment_files)
     try:
         with demo.sessions.begin() as s:
@@ -545,7 +546,7 @@ def test_stored_path_outside_storage_is_a_source_problem_and_not_read(tmp_path: 
             shutil.copyfile(demo.storage / row.storage_path, tmp_path / "outside.ts")
             row.storage_path = os.path.relpath(tmp_path / "outside.ts", demo.storage)
             assert row.storage_path == "../../outside.ts"
-        result = export_batch(demo.sessions, storage_dir=demo.storage, key=load_private_key(demo.key_file),
+        result = export_batch(demo.sessions, store=FilesystemStore(demo.storage), key=load_private_key(demo.key_file),
                               batch_id="B-GAP", out=tmp_path / "pkg", actor="inspector-test", reason="r")
         assert result.source_problems == (
             f"{LABEL} seq 2: stored file not read: storage path '../../outside.ts' has the component '..', which "

@@ -279,6 +279,6 @@ def test_a_record_dated_years_back_is_stored_flagged_and_kept_from_its_arrival(h
     [event] = hostile.events("clock_suspect")
     assert "days before the collector received it" in event.detail and event.record_hash == m.record_hash()
     with session_factory(hostile.engine)() as session:
-        plan = build_plan(session, RetentionPolicy(), row.stored_at + timedelta(seconds=1), hostile.storage,
+        plan = build_plan(session, RetentionPolicy(), row.stored_at + timedelta(seconds=1), hostile.ingest.store,
                           timedelta(minutes=15), timedelta(minutes=15))
     assert plan.deletions == ()

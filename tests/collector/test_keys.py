@@ -36,7 +36,7 @@ def test_replaced_key_keeps_verifying_what_it_signed(harness: Harness) -> None:
 
     rows = harness.records()
     assert [r.key_fingerprint for r in rows] == [key_fingerprint(old.pubkey)] * 2 + [key_fingerprint(new.pubkey)]
-    assert verify_all(session_factory(harness.engine), harness.storage) == []
+    assert verify_all(session_factory(harness.engine), harness.ingest.store) == []
     with session_factory(harness.engine)() as session:
         keys = agent_keys(session, [AGENT])
     assert [(k.fingerprint, k.valid_to is None) for k in keys] == [
@@ -53,7 +53,7 @@ def test_a_key_missing_from_the_history_is_an_integrity_problem(harness: Harness
     assert harness.send(harness.agent.manifest(1, data, None), data).state == "stored"
     with session_factory(harness.engine).begin() as session:
         session.execute(delete(AgentKey))
-    [problem] = verify_all(session_factory(harness.engine), harness.storage)
+    [problem] = verify_all(session_factory(harness.engine), harness.ingest.store)
     assert "is not in the key history" in problem.what
 
 

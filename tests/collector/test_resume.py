@@ -1,17 +1,22 @@
 """Resume (issue 3): durable receipts in the database, any instance answers a repeated fin, claims of dead
-instances are taken over, abandoned staging expires, a full storage volume loses nothing."""
+instances are taken over, abandoned staging expires, a full or failing storage volume loses nothing."""
 
 from __future__ import annotations
 
+import errno
 import os
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from collector.db import session_factory
-from collector.ingest import EVENT_STAGING_EXPIRED, REASON_INIT_MISSING, Ingest
-from collector.models import ChunkReceipt, ChunkTransfer
+from collector.footage_store import FilesystemStore
+from collector.ingest import EVENT_STAGING_EXPIRED, REASON_INIT_MISSING, Ingest, storage_relpath
+from collector.ingest_alarms import STORAGE_ERROR, STORAGE_FULL, classify
+from collector.models import EVENT_REJECTED, ChunkReceipt, ChunkTransfer
+from tests.support.faulty_store import FaultyStore
 from tests.support.services import small_filesystem
 
 from exam_contract.protocol import encode_fin
@@ -123,6 +128,42 @@ def test_full_storage_keeps_no_receipt_and_recovers(harness: Harness, tmp_path: 
         assert reply.state == "stored"
         stored = [p for p in volume.rglob("*.ts")]
         assert len(stored) == 1 and stored[0].read_bytes() == data
+
+
+@pytest.mark.parametrize(("code", "alarm"), [(errno.ENOSPC, STORAGE_FULL), (errno.EIO, STORAGE_ERROR)])
+def test_store_failing_at_place_stores_nothing_and_a_repeated_fin_stores_it_once(harness: Harness, code: int,
+                                                                                 alarm: str) -> None:
+    """The store-based twin of the tmpfs test above, at the last step: the verified file cannot be placed.
+    on_fin raises (so the service sends no reply and raises the alarm `classify` names), no row and no stored
+    file exist, the upload stays staged with its receipts, and the agent's next fin stores it without a resend."""
+    store = FaultyStore(FilesystemStore(harness.storage))
+    ingest = Ingest(harness.engine, harness.storage, limits=TEST_LIMITS, store=store)
+    data = payload_bytes(1, 9500)
+    m = harness.agent.manifest(1, data, None)
+    fin = encode_fin(m.record_hash())
+    assert ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
+    for i in range(10):
+        ingest.on_chunk(AGENT, m.file_id, i, _chunk(data, i))
+    store.fail("place", code)
+    with pytest.raises(OSError) as failed:
+        ingest.on_fin(AGENT, m.file_id, fin)
+    assert failed.value.errno == code and classify(failed.value) == alarm
+    assert store.failed == [("place", storage_relpath(m).as_posix())]
+    assert harness.records() == [] and list(store.walk()) == []           # nothing half-stored
+    assert harness.events(EVENT_REJECTED) == []                          # and nothing refused
+    assert sorted(r.idx for r in _rows(harness, ChunkReceipt)) == list(range(10))
+    assert [p.name.split(".")[0] for p in harness.staging_entries() if p.name.startswith("claim.")] == ["claim"]
+
+    store.heal()  # space is freed (or the disk replaced); the agent repeats its fin
+    reply = ingest.on_fin(AGENT, m.file_id, fin)
+    assert reply.state == "stored" and reply.record == m.record_hash()
+    [row] = harness.records()
+    assert row.storage_path == storage_relpath(m).as_posix()
+    assert [p.as_posix() for p in store.walk()] == [row.storage_path]
+    assert store.hash(row.storage_path) == (m.sha256, len(data))
+    assert harness.staging_entries() == []
+    assert _rows(harness, ChunkReceipt) == [] and _rows(harness, ChunkTransfer) == []
+    assert ingest.on_fin(AGENT, m.file_id, fin).state == "stored" and len(harness.records()) == 1
 
 
 def test_restaged_file_drops_receipts_not_yet_committed(harness: Harness) -> None:

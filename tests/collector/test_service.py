@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import queue
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -16,12 +20,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from collector.config import MqttConfig
 from collector.db import make_engine, session_factory, upgrade
 from collector.admin import enroll
-from collector.ingest import Ingest
+from collector.footage_store import FilesystemStore, FootageStore
+from collector.ingest import Ingest, storage_relpath
+from collector.ingest_alarms import STORAGE_FULL
 from collector.service import BrokerUnavailable, CollectorService
+from exam_contract.canonical import truncate_to_millis
 from exam_contract.chunks import chunk_count
 from exam_contract.protocol import ChainHeads, ChainRequest, Reply, encode_fin
 from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
                                   init_topic, reply_topic)
+from tests.support.faulty_store import FaultyStore
 from tests.support.services import free_port
 
 from .conftest import AGENT, INSTITUTION, TEST_LIMITS, VENUE, Harness, SigningAgent, payload_bytes
@@ -44,19 +52,25 @@ class Uploader:
         self.client.subscribe(reply_topic(AGENT), qos=1)
         subscribed.get(timeout=10)
 
+    def send(self, agent: SigningAgent, manifest, data: bytes, indexes, with_init: bool,
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        """Publish the init (with_init) and the chunks `indexes`, each acknowledged by the broker."""
+        fid = manifest.file_id
+        infos = [self.client.publish(init_topic(AGENT, fid), agent.init_payload(manifest, chunk_size), qos=1)] \
+            if with_init else []
+        for i in indexes:
+            infos.append(self.client.publish(chunk_topic(AGENT, fid, i), data[i * chunk_size:(i + 1) * chunk_size],
+                                             qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+
     def upload(self, agent: SigningAgent, manifest, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reply:
         """Send init, chunks and fin; answer `missing` as the agent does (resend what is asked for)."""
         fid = manifest.file_id
         count = chunk_count(len(data), chunk_size)
-        init = agent.init_payload(manifest, chunk_size)
 
         def send(indexes, with_init: bool) -> None:
-            infos = [self.client.publish(init_topic(AGENT, fid), init, qos=1)] if with_init else []
-            for i in indexes:
-                infos.append(self.client.publish(chunk_topic(AGENT, fid, i),
-                                                 data[i * chunk_size:(i + 1) * chunk_size], qos=1))
-            for info in infos:
-                info.wait_for_publish(timeout=10)
+            self.send(agent, manifest, data, indexes, with_init, chunk_size)
 
         send(range(count), with_init=True)
         seen: list[Reply] = []
@@ -92,20 +106,32 @@ class ExplodingIngest(Ingest):
         return super().on_init(agent, file_id, payload)
 
 
-@pytest.fixture
-def service_harness(tmp_path: Path, test_agent: SigningAgent, mosquitto):
-    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+@contextmanager
+def running_service(database_url: str, storage: Path, agent: SigningAgent, mosquitto,  # noqa: ANN001
+                    ingest_class: type[Ingest] = Ingest,
+                    store: FootageStore | None = None) -> Iterator[tuple[CollectorService, Harness]]:
+    """The service on a migrated database with the test agent enrolled, subscribed to the test broker."""
+    engine = make_engine(database_url)
     upgrade(engine)
-    enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
-    ingest = ExplodingIngest(engine, tmp_path / "storage", limits=TEST_LIMITS)
+    enroll(session_factory(engine), AGENT, VENUE, agent.pubkey, INSTITUTION)
+    ingest = ingest_class(engine, storage, limits=TEST_LIMITS, store=store)
     cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
                      client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
     service = CollectorService(cfg, ingest, workers=2, queue_size=100)
     service.start()
-    assert service.connected.wait(10)
-    yield service, Harness(ingest, engine, tmp_path / "storage", test_agent)
-    service.shutdown()
-    engine.dispose()
+    try:
+        assert service.connected.wait(10)
+        yield service, Harness(ingest, engine, storage, agent)
+    finally:
+        service.shutdown()
+        engine.dispose()
+
+
+@pytest.fixture
+def service_harness(tmp_path: Path, test_agent: SigningAgent, mosquitto):
+    with running_service(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "storage", test_agent, mosquitto,
+                         ingest_class=ExplodingIngest) as running:
+        yield running
 
 
 def test_upload_over_mqtt_is_stored_byte_identical(service_harness, mosquitto) -> None:
@@ -191,18 +217,8 @@ def test_service_is_ready_only_when_the_broker_grants_its_subscription(tmp_path:
 @pytest.fixture
 def db_service(tmp_path: Path, test_agent: SigningAgent, mosquitto, database_url: str):
     """The service on SQLite and on PostgreSQL."""
-    engine = make_engine(database_url)
-    upgrade(engine)
-    enroll(session_factory(engine), AGENT, VENUE, test_agent.pubkey, INSTITUTION)
-    ingest = Ingest(engine, tmp_path / "storage", limits=TEST_LIMITS)
-    cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
-                     client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
-    service = CollectorService(cfg, ingest, workers=2, queue_size=100)
-    service.start()
-    assert service.connected.wait(10)
-    yield service, Harness(ingest, engine, tmp_path / "storage", test_agent)
-    service.shutdown()
-    engine.dispose()
+    with running_service(database_url, tmp_path / "storage", test_agent, mosquitto) as running:
+        yield running
 
 
 def _fin_reply(up: Uploader, file_id: str, record: str) -> Reply:
@@ -318,3 +334,47 @@ def test_a_hostile_agent_over_the_broker_gets_named_refusals_and_the_next_upload
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and h.storage not in p.parents
                and p.suffix == ".ts"]
     assert outside == []
+
+
+def test_a_full_store_gets_no_stored_reply_raises_storage_full_and_a_repeated_fin_stores_it(
+        tmp_path: Path, test_agent: SigningAgent, mosquitto) -> None:
+    """The store fails with ENOSPC when the verified file is placed (injected through the store, no tmpfs):
+    the service answers nothing, raises (and records) the storage_full alarm; once space is back the agent's
+    repeated fin gets `stored`, the first reply it ever gets about the file, and the alarm clears."""
+    storage = tmp_path / "storage"
+    store = FaultyStore(FilesystemStore(storage))
+
+    def wait_for(condition) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    with running_service(f"sqlite:///{tmp_path / 'c.db'}", storage, test_agent, mosquitto,
+                         store=store) as (service, h):
+        def alarms() -> set[str]:
+            return {a.code for a in service.alarms.active()}
+
+        up = Uploader(mosquitto.port)
+        try:
+            data = payload_bytes(1, 600_000)
+            m = test_agent.manifest(1, data, None)
+            store.fail("place", errno.ENOSPC)
+            up.send(test_agent, m, data, range(chunk_count(len(data), DEFAULT_CHUNK_SIZE)), with_init=True)
+            up.client.publish(fin_topic(AGENT, m.file_id), encode_fin(m.record_hash()), qos=1).wait_for_publish(10)
+            wait_for(lambda: STORAGE_FULL in alarms())
+            assert alarms() == {STORAGE_FULL} and store.failed == [("place", storage_relpath(m).as_posix())]
+            assert h.records() == [] and list(store.walk()) == []
+
+            healed_at = truncate_to_millis(datetime.now(timezone.utc))
+            store.heal()
+            reply = _fin_reply(up, m.file_id, m.record_hash())
+            # Replies on one topic arrive in order: a reply sent while the store was full would come first.
+            assert reply.state == "stored" and reply.collector_time >= healed_at
+            assert [r.record_hash for r in h.records()] == [m.record_hash()]
+            assert store.hash(h.records()[0].storage_path) == (m.sha256, len(data))
+            wait_for(lambda: not alarms())
+            assert alarms() == set()
+            assert [(e.event, e.reason) for e in h.events() if e.event.startswith("alarm")] == [
+                ("alarm", STORAGE_FULL), ("alarm_cleared", STORAGE_FULL)]
+        finally:
+            up.close()

@@ -59,7 +59,7 @@ def test_ffprobe_reads_the_first_listed_segment_of_a_run_and_every_unlisted_one(
                                                                                  monkeypatch) -> None:
     """Listed segments after the first take duration from ffmpeg's list and the stream from the run's probe;
     a listed file that is not MPEG-TS, and the unlisted partial, still go through ffprobe."""
-    import edge_agent.spool as spool
+    import edge_agent.sealer as spool  # the module the Sealer looks probe_segment up in
 
     config, journal, sealer = stack
     probed: list[str] = []
@@ -98,7 +98,7 @@ def test_ffprobe_reads_the_first_listed_segment_of_a_run_and_every_unlisted_one(
 
 def test_no_ffprobe_when_ffmpeg_reported_the_stream(stack, sample_ts: Path, monkeypatch) -> None:
     """With the live recorder's report of the run's stream, a listed segment is sealed without ffprobe."""
-    import edge_agent.spool as spool
+    import edge_agent.sealer as spool  # the module the Sealer looks probe_segment up in
     from edge_agent.spool import JournalRuns, probe_segment
 
     config, journal, sealer = stack

@@ -10,15 +10,17 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from collector.config import load_config
 from collector.models import IngestEvent, SegmentRecord
+from exam_contract.topics import ROOT
 from tests.support.pipeline import CameraSpec, Pipeline, read_journal, sha256_file, wait_until
 from tests.support.services import Mosquitto, free_port, lavfi_source, small_filesystem
 
@@ -88,47 +90,116 @@ def set_collector_option(pipeline: Pipeline, section: str, line: str) -> None:
     pipeline.collector_config.write_text(text)
 
 
+# With `log_type all` mosquitto logs, in order, each PUBLISH it receives ("Received PUBLISH from <client> (d0,
+# q1, r0, m7, '<topic>', ...") and each one it hands to a subscriber ("Sending PUBLISH to <client> (...").
+PUBLISH_LINE = re.compile(r"(Received|Sending) PUBLISH (?:from|to) (\S+) \(d\d, q\d, r\d, m\d+, '([^']*)'")
+DROP_NOTICE = "Outgoing messages are being dropped for client {}."
+MAX_QUEUED = 10
+FREEZE_LIMIT = 35.0  # per freeze; below 1.5 x the collector's 30 s keepalive, so the broker keeps it connected
+MAX_FREEZES = 3
+
+
+@dataclass
+class Freeze:
+    """What the broker logged while the collector was frozen (SIGSTOP): the segment messages it took from the
+    agent, and how many messages it handed to the collector. A frozen collector acknowledges nothing, so
+    what the broker could not hand over waits in the collector's queue (at most MAX_QUEUED) or is dropped:
+    more than MAX_QUEUED not handed over means some were dropped for certain, and, its in-flight window and
+    queue staying full from then on, the last ones taken were. (Messages handed over count whatever they
+    are, and those taken only on seg/ topics: the count errs on the side of fewer drops.)"""
+
+    received: list[str] = field(default_factory=list)  # topics, in order
+    sent: int = 0
+
+    @property
+    def certainly_dropped(self) -> list[str]:
+        count = len(self.received) - self.sent - MAX_QUEUED
+        return self.received[-count:] if count > 0 else []
+
+    @property
+    def dropped_chunks(self) -> list[str]:
+        return [t for t in self.certainly_dropped if "/chunk/" in t]
+
+    def summary(self) -> str:
+        return (f"{len(self.received)} segment message(s) from the agent, {self.sent} handed to the collector, "
+                f"{len(self.certainly_dropped)} certainly dropped ({len(self.dropped_chunks)} chunk(s))")
+
+
+def read_freeze(log: Path, offset: int, agent: str, collector: str) -> Freeze:
+    freeze = Freeze()
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    for line in text.splitlines(keepends=True):
+        match = PUBLISH_LINE.search(line)
+        if not line.endswith("\n") or not match:
+            continue
+        direction, client, topic = match.groups()
+        if direction == "Received" and client == agent and topic.startswith(f"{ROOT}/{agent}/seg/"):
+            freeze.received.append(topic)
+        elif direction == "Sending" and client == collector:
+            freeze.sent += 1
+    return freeze
+
+
 def test_slow_collector_behind_an_overflowing_broker_queue(tmp_path: Path) -> None:
     """Acceptance 5: mosquitto keeps at most 10 messages per subscriber; the collector is frozen (SIGSTOP)
-    for seconds at a time, so the broker drops chunks silently. Nothing is lost: the agent's repeated fin
-    learns what is missing and resends it."""
-    broker = Mosquitto(workdir=tmp_path / "mosquitto", max_queued_messages=10)
+    until the broker has certainly dropped chunks meant for it (read from the broker's own log), then thawed.
+    Nothing is lost: the agent's repeated fin learns what is missing and resends it."""
+    broker = Mosquitto(workdir=tmp_path / "mosquitto", max_queued_messages=MAX_QUEUED, extra_config="log_type all")
+    broker_log = broker.workdir / "mosquitto.log"
+    agent_log, collector_log = tmp_path / "agent.log", tmp_path / "collector.log"
+    freezes: list[Freeze] = []
+    pipeline: Pipeline | None = None
+
+    def evidence() -> str:
+        notices = [line for line in broker_log.read_text(errors="replace").splitlines() if "being dropped" in line]
+        return ("\n".join(f"freeze {i + 1}: {f.summary()}; certainly dropped: {f.certainly_dropped}"
+                           for i, f in enumerate(freezes)) + f"\nbroker drop notices: {notices}\n"
+                + (pipeline.logs() if pipeline else ""))
+
     broker.start()
-    pipeline = make_pipeline(tmp_path, broker, [
-        CameraSpec("slow-t601", "T601", "theory", "lavfi:testsrc2=size=640x480:rate=10,noise=alls=40:allf=t")])
-    set_collector_option(pipeline, "collector", "workers = 1\nqueue_size = 10")
-    stop = threading.Event()
-
-    def freeze_now_and_then() -> None:
-        while not stop.wait(4):
-            proc = pipeline.collector_proc
-            if proc is None or proc.poll() is not None:
-                return
-            proc.send_signal(signal.SIGSTOP)
-            stop.wait(3)
-            proc.send_signal(signal.SIGCONT)
-
-    freezer = threading.Thread(target=freeze_now_and_then, daemon=True)
     try:
+        pipeline = make_pipeline(tmp_path, broker, [
+            CameraSpec("slow-t601", "T601", "theory", "lavfi:testsrc2=size=640x480:rate=10,noise=alls=40:allf=t")])
+        set_collector_option(pipeline, "collector", "workers = 1\nqueue_size = 10")
+        collector_id = load_config(pipeline.collector_config).mqtt.client_id
         pipeline.start_collector()
+        wait_until(lambda: "subscribed to" in collector_log.read_text(errors="replace"), 60,
+                   what="the collector's subscription")
         pipeline.start_agent("--drain-seconds", "240")
-        freezer.start()
-        time.sleep(16)
-        stop.set()
-        freezer.join()
-        pipeline.collector_proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: "anchored at" in agent_log.read_text(errors="replace"), 90,
+                   what="the agent's camera to start recording")
+        for _ in range(MAX_FREEZES):
+            offset = broker_log.stat().st_size
+            pipeline.collector_proc.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + FREEZE_LIMIT
+            try:
+                while True:
+                    freeze = read_freeze(broker_log, offset, pipeline.agent, collector_id)
+                    if freeze.dropped_chunks or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.2)
+            finally:
+                pipeline.collector_proc.send_signal(signal.SIGCONT)
+            freezes.append(freeze)
+            if freeze.dropped_chunks:
+                break
+            time.sleep(2)  # let the collector catch up before the next freeze
+        print(f"\nfreeze {len(freezes)}: {freezes[-1].summary()}")  # shown with any failure below
+        # The precondition: the broker really dropped chunks meant for the collector.
+        assert freezes[-1].dropped_chunks, f"no chunk certainly dropped in {len(freezes)} freeze(s) of up to " \
+            f"{FREEZE_LIMIT:.0f} s\n{evidence()}"
         assert pipeline.stop_agent(timeout=300) == 0, pipeline.logs()
     finally:
-        stop.set()
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
         broker.stop(kill=True)
-    log = (broker.workdir / "mosquitto.log").read_text(errors="replace")
-    assert "Outgoing messages are being dropped" in log  # the broker really dropped messages
+    assert DROP_NOTICE.format(collector_id) in broker_log.read_text(errors="replace"), evidence()
     rows = assert_all_stored_once(pipeline)
-    agent_log = (tmp_path / "agent.log").read_text()
-    resent = agent_log.count("collector misses")
-    assert resent > 0
-    print(f"\n{len(rows)} records stored once; {resent} missing-replies answered by resending")
+    resent = agent_log.read_text().count("collector misses")
+    assert resent > 0, evidence()
+    print(f"{len(rows)} records stored once; {resent} missing-replies answered by resending")
 
 
 def test_full_collector_storage_keeps_footage_then_everything_arrives(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, select
 
 from collector.admin import enroll
 from collector.db import make_engine, session_factory, upgrade
+from collector.footage_store import FootageStore
 from collector.ingest import Ingest
 from collector.models import SegmentRecord
 from exam_contract.signing import generate_private_key
@@ -53,6 +54,10 @@ class Env:
     @property
     def sessions(self):  # noqa: ANN201
         return session_factory(self.engine)
+
+    @property
+    def footage_store(self) -> FootageStore:
+        return self.harness.ingest.store
 
     def store(self, camera: str, start: datetime, seconds: float = 2.0, clip: int = 0, room: str = "T101",
               seq: int | None = None) -> SegmentRecord:

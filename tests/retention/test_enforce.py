@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 from collections.abc import Iterable
@@ -10,9 +11,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select, update
 
+from collector.footage_store import FilesystemStore, StoreUsage
 from collector.models import AuditCheckpoint, AuditEntry, ExamBatch, ExamBatchPart, SegmentRecord
-from retention.enforce import CLOCK_TOLERANCE, ClockError, build_plan, check_clock
+from retention.enforce import CLOCK_TOLERANCE, ClockError, build_plan, check_clock, execute
 from retention.policy import RetentionPolicy, add_calendar_years
+from retention.scrub import run_scrub
+from tests.support.faulty_store import FaultyStore
 
 from .conftest import EXAM_COLLECTOR, EXAM_RETENTION, Env
 
@@ -136,14 +140,15 @@ def test_footage_from_a_reset_agent_clock_is_kept_a_year_from_its_arrival(env: E
     row = env.store("t101-front", datetime.now(timezone.utc) - timedelta(days=2 * 366))
     assert row.end_at < add_calendar_years(row.stored_at, -1)
     with env.sessions() as s:
-        plan = build_plan(s, RetentionPolicy(), row.stored_at + timedelta(seconds=1), env.storage, MARGINS, MARGINS)
+        plan = build_plan(s, RetentionPolicy(), row.stored_at + timedelta(seconds=1), env.footage_store, MARGINS,
+                          MARGINS)
         assert plan.deletions == () and plan.candidates == 0
         # Even a year after its end *and* past the first pass's cutoff for it, the arrival decides:
         later = build_plan(s, RetentionPolicy(), add_calendar_years(row.stored_at) + timedelta(days=6),
-                           env.storage, MARGINS, MARGINS)
+                           env.footage_store, MARGINS, MARGINS)
         assert later.deletions == () and later.candidates == 1
         due = build_plan(s, RetentionPolicy(), add_calendar_years(row.stored_at) + timedelta(days=7),
-                         env.storage, MARGINS, MARGINS)
+                         env.footage_store, MARGINS, MARGINS)
     assert [d.segment_id for d in due.deletions] == [row.id]
     assert "kept from its arrival at the collector" in due.deletions[0].reason
     code, out, err = env.run(capsys, "enforce", "--json")
@@ -244,19 +249,82 @@ def test_hold_input_errors_exit_1(env: Env) -> None:
 
 def test_hold_placed_after_planning_still_wins(env: Env) -> None:
     from collector.holds import add_hold
-    from retention.enforce import execute
 
     row = env.store("t101-front", OLD)
     arrived(env, [row])
     policy, pre, post = RetentionPolicy(), timedelta(minutes=15), timedelta(minutes=15)
     now = datetime.now(timezone.utc)
     with env.sessions() as s:
-        plan = build_plan(s, policy, now, env.storage, pre, post)
+        plan = build_plan(s, policy, now, env.footage_store, pre, post)
     assert [d.segment_id for d in plan.deletions] == [row.id]
     add_hold(env.sessions, camera="t101-front", venue="JL2201001-01", from_at=OLD, to_at=OLD + timedelta(hours=1),
              reason="late complaint", case_ref="C-9", actor="test")
-    result = execute(env.sessions, plan, env.storage, policy, "test", pre, post)
+    result = execute(env.sessions, plan, env.footage_store, policy, "test", pre, post)
     assert result.deleted == [] and "no longer due" in result.skipped[0]
     assert (env.storage / row.storage_path).exists()
     with env.sessions() as s:
         assert s.scalars(select(AuditEntry).where(AuditEntry.action == "segment.delete")).first() is None
+
+
+def _tombstones(env: Env) -> list[AuditEntry]:
+    with env.sessions() as s:
+        return list(s.scalars(select(AuditEntry).where(AuditEntry.action == "segment.delete").order_by(AuditEntry.seq)))
+
+
+def test_a_failing_delete_leaves_the_row_live_under_its_tombstone_and_the_next_run_finishes_it(env: Env) -> None:
+    """Step 2 of a deletion (the store unlinks) fails with EIO after step 1 (the tombstone) committed: enforce
+    stops there, the row is not marked deleted and its file is still stored. The next run finishes the deletion
+    under that same tombstone (no second one), and scrub then finds every deleted row with its tombstone."""
+    row = env.store("t101-front", OLD)
+    kept = env.store("t101-back", OLD)
+    arrived(env, [row, kept])
+    store = FaultyStore(FilesystemStore(env.storage))
+    policy = RetentionPolicy()
+    with env.sessions() as s:
+        plan = build_plan(s, policy, datetime.now(timezone.utc), store, MARGINS, MARGINS)
+    assert [d.segment_id for d in plan.deletions] == [row.id, kept.id]
+    store.fail("unlink", errno.EIO, relpath=row.storage_path)
+    with pytest.raises(OSError) as failed:
+        execute(env.sessions, plan, store, policy, "test", MARGINS, MARGINS)
+    assert failed.value.errno == errno.EIO
+    [tombstone] = _tombstones(env)
+    assert tombstone.target == f"JL2201001-01/t101-front/{row.seq}"
+    assert json.loads(tombstone.detail)["record_hash"] == row.record_hash
+    with env.sessions() as s:
+        assert s.get(SegmentRecord, row.id).deleted_at is None and s.get(SegmentRecord, kept.id).deleted_at is None
+    assert store.exists(row.storage_path) and store.exists(kept.storage_path)
+
+    store.heal()
+    with env.sessions() as s:
+        again = build_plan(s, policy, datetime.now(timezone.utc), store, MARGINS, MARGINS)
+    result = execute(env.sessions, again, store, policy, "test", MARGINS, MARGINS)
+    assert [d.segment_id for d in result.deleted] == [row.id, kept.id]
+    first, second = _tombstones(env)
+    assert first.seq == tombstone.seq and second.target == f"JL2201001-01/t101-back/{kept.seq}"
+    with env.sessions() as s:
+        assert s.get(SegmentRecord, row.id).deleted_entry == tombstone.seq
+        assert s.get(SegmentRecord, kept.id).deleted_entry == second.seq
+    assert not store.exists(row.storage_path) and not store.exists(kept.storage_path)
+    assert run_scrub(env.sessions, store, actor="test").problems == []
+
+
+def test_a_nearly_full_store_raises_the_disk_alarm_and_deletes_nothing_extra(env: Env) -> None:
+    """The store-based twin of tests/retention/test_cli.py's tmpfs test: the store reports 3 % free. And a store
+    whose usage cannot be read (EIO) is an alarm too, never a reason to delete."""
+    recent = env.store("t101-front", datetime.now(timezone.utc) - timedelta(days=2))
+    store = FaultyStore(FilesystemStore(env.storage))
+    store.usage_reported = StoreUsage(total=100 * 10**9, free=3 * 10**9)
+    policy, now = RetentionPolicy(), datetime.now(timezone.utc)
+    with env.sessions() as s:
+        plan = build_plan(s, policy, now, store, MARGINS, MARGINS)
+    assert plan.alarms == (f"storage {env.storage} is 97.0% full (3.0 GB free): add storage; retention never "
+                           "deletes footage early to make room",)
+    assert plan.deletions == () and execute(env.sessions, plan, store, policy, "test", MARGINS, MARGINS).deleted == []
+    assert store.exists(recent.storage_path)
+    store.fail("usage", errno.EIO)
+    with env.sessions() as s:
+        failing = build_plan(s, policy, now, store, MARGINS, MARGINS)
+    assert failing.alarms == (f"storage {env.storage} cannot be checked (Input/output error): check the volume",)
+    assert failing.deletions == ()
+    with env.sessions() as s:
+        assert s.get(SegmentRecord, recent.id).deleted_at is None

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import delete
 
 from collector.db import make_engine, session_factory, upgrade
+from collector.footage_store import FilesystemStore
 from collector.models import Agent, ExamBatch, ExamBatchPart, LegalHold, SegmentRecord
 from retention.enforce import CLOCK_TOLERANCE, ClockError, build_plan
 from retention.policy import BatchLink, RetentionPolicy, SegmentFacts
@@ -87,13 +88,13 @@ def test_planned_deletions_respect_floor_and_holds(sessions, tmp_path: Path, seg
             hold_rows.append(row)
     policy = RetentionPolicy(margin_days=margin)
     with sessions() as s:
-        plan = build_plan(s, policy, now, tmp_path, MARGIN, MARGIN)
+        plan = build_plan(s, policy, now, FilesystemStore(tmp_path), MARGIN, MARGIN)
         # The same data with the clock set back a day is refused exactly when something arrived in that day.
         if max(r.stored_at for r in seg_rows) > now - timedelta(days=1) + CLOCK_TOLERANCE:
             with pytest.raises(ClockError):
-                build_plan(s, policy, now - timedelta(days=1), tmp_path, MARGIN, MARGIN)
+                build_plan(s, policy, now - timedelta(days=1), FilesystemStore(tmp_path), MARGIN, MARGIN)
         else:
-            build_plan(s, policy, now - timedelta(days=1), tmp_path, MARGIN, MARGIN)
+            build_plan(s, policy, now - timedelta(days=1), FilesystemStore(tmp_path), MARGIN, MARGIN)
     deleted = {d.segment_id for d in plan.deletions}
     STATS["deleted"] += len(deleted)
     STATS["kept"] += len(seg_rows) - len(deleted)

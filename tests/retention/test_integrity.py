@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -9,8 +10,11 @@ import pytest
 from sqlalchemy import delete, func, select, update
 
 from collector import audit
+from collector.footage_store import FilesystemStore
 from collector.models import AuditCheckpoint, AuditEntry, AuditHead, ScrubRun, SegmentRecord
 from exam_contract.signing import load_private_key
+from retention.scrub import run_scrub
+from tests.support.faulty_store import FaultyStore
 
 from .conftest import Env
 
@@ -58,6 +62,21 @@ def test_deleted_file_is_named(env: Env, capsys) -> None:
     report = json.loads(out)
     assert report["problems"] == [{"kind": "missing_file", "item": f"JL2201001-01/t101-front/3 {rows[2].storage_path}",
                                    "problem": "stored file is missing"}]
+
+
+def test_file_the_store_cannot_read_is_named_and_the_scrub_goes_on(env: Env) -> None:
+    """A read failing with EIO (a failing disk) is a problem of that file; the other files are re-hashed."""
+    rows = three(env)
+    store = FaultyStore(FilesystemStore(env.storage))
+    store.fail("open", errno.EIO, relpath=rows[1].storage_path)
+    result = run_scrub(env.sessions, store, actor="test")
+    assert [(p.kind, p.item, p.what) for p in result.problems] == [
+        ("unreadable_file", f"JL2201001-01/t101-front/2 {rows[1].storage_path}",
+         "stored file cannot be read: Input/output error")]
+    assert result.files_checked == 2 and result.bytes_checked == rows[0].size + rows[2].size
+    with env.sessions() as s:
+        run = s.scalars(select(ScrubRun)).one()
+        assert run.problem_count == 1 and "unreadable_file" in run.problems
 
 
 def test_deleted_segment_row_is_named(env: Env, capsys) -> None:

@@ -1,0 +1,87 @@
+"""A footage store that fails on command, for "disk full" and "disk failing" tests without tmpfs or root.
+
+`FaultyStore` wraps the real `FilesystemStore`: every call goes through to it, except those of an operation told
+to fail, which raise `OSError(errno, ...)` before anything is touched. `open` stands for every read of stored
+bytes (open, read_range, local_path, hash). The one allowed test double of the project's house rules: it wraps
+the real store, and fails exactly as an OSError from the volume would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from collector.footage_store import FilesystemStore, Placed, RelPath, StoreUsage
+
+OPERATIONS = ("place", "open", "unlink", "usage")
+
+
+class FaultyStore:
+    def __init__(self, inner: FilesystemStore) -> None:
+        self.inner = inner
+        self.faults: dict[str, tuple[int, str | None]] = {}   # operation -> (errno, only this relpath or all)
+        self.usage_reported: StoreUsage | None = None   # when set, what `usage` says instead of the volume
+        self.failed: list[tuple[str, str]] = []           # (operation, relpath) of each injected failure
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def fail(self, operation: str, code: int = errno.EIO, relpath: RelPath | None = None) -> None:
+        """Make `operation` raise OSError(code) until `heal`: on every path, or on `relpath` only."""
+        if operation not in OPERATIONS:
+            raise ValueError(f"no operation {operation!r} to fail: choose one of {', '.join(OPERATIONS)}")
+        self.faults[operation] = (code, None if relpath is None else PurePosixPath(relpath).as_posix())
+
+    def heal(self) -> None:
+        self.faults.clear()
+
+    def _check(self, operation: str, relpath: RelPath | None = None) -> None:
+        fault = self.faults.get(operation)
+        if fault is None:
+            return
+        code, only = fault
+        if only is not None and PurePosixPath(str(relpath)).as_posix() != only:
+            return
+        self.failed.append((operation, str(relpath)))
+        raise OSError(code, os.strerror(code), str(relpath))   # as the volume would: errno, strerror, file
+
+    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None) -> Placed:
+        self._check("place", relpath)
+        return self.inner.place(claim, relpath, sha256=sha256, alternate=alternate)
+
+    def open(self, relpath: RelPath) -> BinaryIO:
+        self._check("open", relpath)
+        return self.inner.open(relpath)
+
+    def read_range(self, relpath: RelPath, offset: int, length: int) -> bytes:
+        self._check("open", relpath)
+        return self.inner.read_range(relpath, offset, length)
+
+    def local_path(self, relpath: RelPath) -> AbstractContextManager[Path]:
+        self._check("open", relpath)
+        return self.inner.local_path(relpath)
+
+    def exists(self, relpath: RelPath) -> bool:
+        return self.inner.exists(relpath)
+
+    def size(self, relpath: RelPath) -> int:
+        return self.inner.size(relpath)
+
+    def hash(self, relpath: RelPath) -> tuple[str, int]:
+        self._check("open", relpath)
+        return self.inner.hash(relpath)
+
+    def unlink(self, relpath: RelPath) -> None:
+        self._check("unlink", relpath)
+        self.inner.unlink(relpath)
+
+    def walk(self) -> Iterator[PurePosixPath]:
+        return self.inner.walk()
+
+    def usage(self) -> StoreUsage:
+        self._check("usage")
+        return self.usage_reported or self.inner.usage()
