@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from exam_contract import protocol as P
 from exam_contract.manifest import Manifest
-from exam_contract.protocol import InitMessage
+from exam_contract.protocol import InitMessage, RejectionCode
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -23,7 +23,7 @@ MIB = 1024 * 1024
 class Refusal(Exception):
     """An init the collector will not take; `code` is the rejection code sent to the agent."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: RejectionCode, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail

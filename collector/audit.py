@@ -1,22 +1,5 @@
-"""The tamper-evident audit log (PRODUCT.md, Audit log; Article 29 全程留痕、责任可追溯).
-
-Every entry carries the hash of the previous one:
-
-    entry_hash = sha256(canonical_bytes({"v": 1, "seq", "at", "actor", "action", "target",
-                                         "reason", "detail", "prev"}))
-
-with `at` in the manifest time format and `detail` a JSON object. Appends are serialized by locking
-the single `audit_head` row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite a no-op UPDATE of that
-row takes the database write lock first), so two collectors never give out the same seq or fork the
-chain. An entry is part of its caller's transaction: it commits or rolls back with what it records.
-
-Checkpoints sign (entry count, head hash, time) with the collector's Ed25519 key, so that deleting
-the newest entries (which leaves a valid, shorter chain) is detected too. Version-2 checkpoints also sign
-the SHA-256 of the previous checkpoint's signed bytes and the signing host, so checkpoints form a chain of
-their own: deleting one (say the newest, to rewrite the entries after the one before) breaks that chain
-or leaves the newest remaining checkpoint too old for the entries after it (`verify_log(now=...,
-max_age=...)`). Copies of checkpoints held elsewhere (published on MQTT, cited in evidence packages) are
-compared with the database by `verify_log(copies=...)`.
+"""The tamper-evident audit log (Article 29 全程留痕、责任可追溯): hash-chained entries, signed and chained
+checkpoints, copies held elsewhere. See docs/design/retention.md; the formats are in docs/retention.md.
 
 The code is in three modules, all re-exported here: collector/audit_entries.py appends entries (`record`) and
 names the actions; collector/audit_checkpoints.py signs, publishes and parses checkpoints and rotates the

@@ -1,5 +1,5 @@
 """Appending to the audit log: each entry's payload and hash, the locked head row, `record`, the action names.
-The format of entries and checkpoints is stated once, in collector/audit.py."""
+See docs/design/retention.md; the format of entries and checkpoints is stated once, in docs/retention.md."""
 
 from __future__ import annotations
 

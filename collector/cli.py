@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from exam_contract import exitcodes
 from exam_contract.signing import KeyFileError, generate_private_key
 
 from .config import CollectorConfig, ConfigError, load_config, parse_mqtt_url
@@ -20,8 +21,6 @@ from .config import CollectorConfig, ConfigError, load_config, parse_mqtt_url
 PROG = "exam-collector"
 DEFAULT_CONFIG = Path("/etc/exam-collector/collector.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/exam-collector")
-
-EXIT_OK, EXIT_INPUT, EXIT_UNREACHABLE, EXIT_GAPS, EXIT_INTEGRITY = 0, 1, 2, 3, 4
 
 LABELS = {
     "zh": {"venue": "场所", "camera": "摄像头", "room": "考场", "theory": "理论知识考场",
@@ -37,13 +36,17 @@ LABELS = {
 }
 
 
-class Fail(Exception):
-    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
+class CommandError(Exception):
+    """A command's failure: one line saying what is wrong and how to fix it, and its exit code (exitcodes)."""
+
+    def __init__(self, message: str, code: int = exitcodes.INPUT) -> None:
         super().__init__(message)
         self.code = code
 
 
-class Obj:
+class CliContext:
+    """The click context object: the --config path, and the config loaded from it on first use."""
+
     def __init__(self, config_path: Path | None) -> None:
         self.config_path = config_path
         self._config: CollectorConfig | None = None
@@ -64,7 +67,7 @@ class Obj:
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None) -> None:
     """Central collector: verified MQTT ingest of signed exam footage, storage and inspection."""
-    ctx.obj = Obj(config_path)
+    ctx.obj = CliContext(config_path)
 
 
 # ---------------------------------------------------------------------------- init
@@ -133,19 +136,19 @@ def _toml_str(value: str) -> str:
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
 @click.option("--database-url", default=None, help="Default: SQLite under the data dir.")
 @click.pass_obj
-def init(obj: Obj, data_dir: Path | None, broker: str, database_url: str | None) -> None:
+def init(obj: CliContext, data_dir: Path | None, broker: str, database_url: str | None) -> None:
     """Write a commented config and a new collector Ed25519 key (never overwrites)."""
     data_dir = (data_dir or DEFAULT_DATA_DIR).expanduser().resolve()
     config_path = obj.config_path or DEFAULT_CONFIG
     key_file = data_dir / "collector.key"
     parse_mqtt_url(broker, key="--broker")
     if database_url is not None and not database_url.startswith(("sqlite:", "postgresql")):
-        raise Fail(f"--database-url {database_url!r} is not supported: use sqlite:////path/db or "
-                   "postgresql+psycopg://user@host/db")
+        raise CommandError(f"--database-url {database_url!r} is not supported: use sqlite:////path/db or "
+                           "postgresql+psycopg://user@host/db")
     if config_path.exists():
-        raise Fail(f"config {config_path} already exists: remove it first or pass another --config PATH")
+        raise CommandError(f"config {config_path} already exists: remove it first or pass another --config PATH")
     if key_file.exists():
-        raise Fail(f"key file {key_file} already exists: remove it first or choose another --data-dir")
+        raise CommandError(f"key file {key_file} already exists: remove it first or choose another --data-dir")
     text = CONFIG_TEMPLATE.format(
         data_dir=_toml_str(str(data_dir)),
         database_url=_toml_str(database_url or f"sqlite:///{data_dir / 'collector.db'}"),
@@ -158,9 +161,9 @@ def init(obj: Obj, data_dir: Path | None, broker: str, database_url: str | None)
         with open(config_path, "x", encoding="utf-8") as handle:
             handle.write(text)
     except KeyFileError as exc:
-        raise Fail(f"{exc}; or choose another --data-dir")
+        raise CommandError(f"{exc}; or choose another --data-dir")
     except OSError as exc:
-        raise Fail(f"cannot write {exc.filename}: {exc.strerror}; choose a writable --data-dir/--config")
+        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}; choose a writable --data-dir/--config")
     click.echo(f"wrote {config_path} and key {key_file}; next: {PROG} --config {config_path} db upgrade")
 
 
@@ -172,17 +175,17 @@ def _engine(cfg: CollectorConfig, check_schema: bool = True):  # -> Engine
     try:
         engine = make_engine(cfg.database_url)
     except DatabaseUrlError as exc:
-        raise Fail(f"[collector] database_url: {exc}")
+        raise CommandError(f"[collector] database_url: {exc}")
     check_connection(engine, cfg.database_url)
     if check_schema:
         current, head = current_revision(engine), head_revision()
         if current != head:
-            raise Fail(f"database {describe_url(cfg.database_url)} is at schema revision {current or 'none'}, "
-                       f"not {head}: run `{PROG} db upgrade`")
+            raise CommandError(f"database {describe_url(cfg.database_url)} is at schema revision "
+                               f"{current or 'none'}, not {head}: run `{PROG} db upgrade`")
     return engine
 
 
-def _checkpoint_after(obj: Obj) -> None:
+def _checkpoint_after(obj: CliContext) -> None:
     """Sign an audit checkpoint over what the command just appended (see audit.checkpoint_after_command)."""
     from .audit import checkpoint_after_command
     from .db import session_factory
@@ -198,7 +201,7 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.pass_obj
-def db_upgrade(obj: Obj) -> None:
+def db_upgrade(obj: CliContext) -> None:
     """Create or migrate the schema to the newest revision (SQLite or PostgreSQL)."""
     from .db import current_revision, describe_url, upgrade
 
@@ -219,7 +222,7 @@ def db_upgrade(obj: Obj) -> None:
 @click.option("--replace", is_flag=True, help="Re-enrol an agent with another key or venue (the old key is kept "
               "in the agent's key history and still verifies what it signed).")
 @click.pass_obj
-def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str, replace: bool) -> None:
+def enroll(obj: CliContext, agent: str, venue: str, pubkey: str, institution: str, replace: bool) -> None:
     """Enrol an edge agent's public key for its venue and institution."""
     from .admin import EnrollError, enroll as do_enroll
     from .db import session_factory
@@ -229,12 +232,12 @@ def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str, repl
     try:
         parse_public_key(pubkey)
     except PublicKeyError as exc:
-        raise Fail(f"--pubkey: {exc}; pass the line `exam-edge pubkey` prints")
+        raise CommandError(f"--pubkey: {exc}; pass the line `exam-edge pubkey` prints")
     engine = _engine(obj.config())
     try:
         click.echo(do_enroll(session_factory(engine), agent, venue, pubkey, institution, replace))
     except EnrollError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     _checkpoint_after(obj)
 
 
@@ -242,7 +245,7 @@ def enroll(obj: Obj, agent: str, venue: str, pubkey: str, institution: str, repl
 @click.option("--agent", default=None, help="Only this agent.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def keys_cmd(obj: Obj, agent: str | None, as_json: bool) -> None:
+def keys_cmd(obj: CliContext, agent: str | None, as_json: bool) -> None:
     """Every key each agent was enrolled with, and when it was valid (records name the key that signed them)."""
     from exam_contract.canonical import format_time
 
@@ -252,7 +255,7 @@ def keys_cmd(obj: Obj, agent: str | None, as_json: bool) -> None:
     with session_factory(_engine(obj.config()))() as session:
         views = agent_keys(session, [agent] if agent else None)
     if agent and not views:
-        raise Fail(f"agent {agent} has no enrolled key: enrol it with `{PROG} enroll`")
+        raise CommandError(f"agent {agent} has no enrolled key: enrol it with `{PROG} enroll`")
     if as_json:
         click.echo(json.dumps([{"agent": v.agent, "public_key": v.public_key, "fingerprint": v.fingerprint,
                                 "valid_from": format_time(v.valid_from),
@@ -267,7 +270,7 @@ def keys_cmd(obj: Obj, agent: str | None, as_json: bool) -> None:
 @cli.command("rotate-key")
 @click.option("--reason", required=True, help="Why the key is replaced (audit log), e.g. yearly rotation or suspected leak.")
 @click.pass_obj
-def rotate_key(obj: Obj, reason: str) -> None:
+def rotate_key(obj: CliContext, reason: str) -> None:
     """Replace the collector key (it signs audit checkpoints and evidence packages). Stop every `serve` first.
 
     The old key hands over to the new one in the audit log and the new key vouches for the old, so the whole
@@ -313,7 +316,7 @@ def rotate_key(obj: Obj, reason: str) -> None:
               help="Stop after this many seconds (default: until SIGTERM/SIGINT).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_obj
-def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
+def serve(obj: CliContext, duration: float | None, verbose: bool) -> None:
     """Run MQTT ingest, and the HTTP API and web portal on [http] listen."""
     from datetime import timedelta
 
@@ -346,7 +349,7 @@ def serve(obj: Obj, duration: float | None, verbose: bool) -> None:
     try:
         http = HttpServer(Portal(cfg, ingest.sessions, checkpoints.key, store=ingest.store), cfg.http.listen)
     except ListenError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
 
     def _stop(signum: int, _frame) -> None:  # noqa: ANN001
         log.info("signal %s: stopping", signum)
@@ -410,7 +413,7 @@ def _fmt_row(lang: str, item) -> str:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
 @click.pass_obj
-def summary(obj: Obj, do_verify: bool, as_json: bool, lang: str) -> None:
+def summary(obj: CliContext, do_verify: bool, as_json: bool, lang: str) -> None:
     """Per venue/camera: room, segments, gap records, seconds covered, chain holes."""
     from .admin import summarize, summary_json, verify_all
     from .db import session_factory
@@ -441,14 +444,14 @@ def summary(obj: Obj, do_verify: bool, as_json: bool, lang: str) -> None:
             else:
                 click.echo(L["verified"])
     if problems:
-        raise SystemExit(EXIT_INTEGRITY)
+        raise SystemExit(exitcodes.INTEGRITY)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Newest N events.")
 @click.pass_obj
-def events(obj: Obj, as_json: bool, limit: int) -> None:
+def events(obj: CliContext, as_json: bool, limit: int) -> None:
     """Ingest events: rejections (with reason), chain holes and their closing, enrolments, handler errors."""
     from .admin import list_events
     from .db import session_factory
@@ -480,7 +483,7 @@ def hold() -> None:
 @click.option("--reason", required=True, help="Why the footage must be kept.")
 @click.option("--case", "case_ref", required=True, help="Case reference (complaint, investigation).")
 @click.pass_obj
-def hold_add(obj: Obj, batch_id: str | None, camera: str | None, venue: str | None, from_text: str | None,
+def hold_add(obj: CliContext, batch_id: str | None, camera: str | None, venue: str | None, from_text: str | None,
              to_text: str | None, reason: str, case_ref: str) -> None:
     """Place a hold by batch, or by camera and time range."""
     from .audit import local_actor
@@ -493,7 +496,7 @@ def hold_add(obj: Obj, batch_id: str | None, camera: str | None, venue: str | No
         view = add_hold(session_factory(_engine(obj.config())), batch_id=batch_id, venue=venue, camera=camera,
                         from_at=from_at, to_at=to_at, reason=reason, case_ref=case_ref, actor=local_actor())
     except HoldError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     if camera is not None and venue is None:
         click.echo(f"note: no --venue given, hold {view.id} covers camera {camera} in every venue", err=True)
     if batch_id is not None:
@@ -511,7 +514,7 @@ def hold_add(obj: Obj, batch_id: str | None, camera: str | None, venue: str | No
 @click.argument("hold_id", type=int)
 @click.option("--reason", required=True, help="Why the hold ends (e.g. case closed).")
 @click.pass_obj
-def hold_release(obj: Obj, hold_id: int, reason: str) -> None:
+def hold_release(obj: CliContext, hold_id: int, reason: str) -> None:
     """Release a hold (needs a reason; logged)."""
     from .audit import local_actor
     from .db import session_factory
@@ -520,7 +523,7 @@ def hold_release(obj: Obj, hold_id: int, reason: str) -> None:
     try:
         view = release_hold(session_factory(_engine(obj.config())), hold_id, reason=reason, actor=local_actor())
     except HoldError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     click.echo(f"hold {view.id} on {view.scope()} released")
     _checkpoint_after(obj)
 
@@ -529,7 +532,7 @@ def hold_release(obj: Obj, hold_id: int, reason: str) -> None:
 @click.option("--all", "include_released", is_flag=True, help="Also released holds.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def hold_list(obj: Obj, include_released: bool, as_json: bool) -> None:
+def hold_list(obj: CliContext, include_released: bool, as_json: bool) -> None:
     """Active holds (or all with --all)."""
     from exam_contract.canonical import format_time
     from .db import session_factory
@@ -567,7 +570,7 @@ def batches() -> None:
 @click.option("--allow-room-change", is_flag=True, help="Accept a re-import that moves a part to other rooms.")
 @click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
 @click.pass_obj
-def batches_import(obj: Obj, file: Path, actor: str | None, allow_room_change: bool, lang: str) -> None:
+def batches_import(obj: CliContext, file: Path, actor: str | None, allow_room_change: bool, lang: str) -> None:
     """Import batch parts from CSV or JSON (batch_id,institution,venue,occupation,level,part,room,start,end)."""
     from .audit import local_actor
     from .batch_view import render_import
@@ -575,15 +578,15 @@ def batches_import(obj: Obj, file: Path, actor: str | None, allow_room_change: b
     from .db import session_factory
 
     if not file.is_file():
-        raise Fail(f"batch file {file} does not exist: give the path of the CSV or JSON export")
+        raise CommandError(f"batch file {file} does not exist: give the path of the CSV or JSON export")
     sessions = session_factory(_engine(obj.config()))
     try:
         result = import_file(sessions, file, actor=actor or local_actor(), allow_room_change=allow_room_change)
     except BatchImportError as exc:
         for error in exc.errors:
             click.echo(f"{file}: {error}", err=True)
-        raise Fail(f"{file}: {len(exc.errors)} problem(s), nothing imported; fix the rows listed above and "
-                   "import the file again")
+        raise CommandError(f"{file}: {len(exc.errors)} problem(s), nothing imported; fix the rows listed above "
+                           "and import the file again")
     click.echo(render_import(result, lang))
     _checkpoint_after(obj)
 
@@ -593,7 +596,7 @@ def batches_import(obj: Obj, file: Path, actor: str | None, allow_room_change: b
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (times in UTC and Asia/Shanghai).")
 @click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
 @click.pass_obj
-def batches_show(obj: Obj, batch_id: str, as_json: bool, lang: str) -> None:
+def batches_show(obj: CliContext, batch_id: str, as_json: bool, lang: str) -> None:
     """Coverage of every part and camera of a batch; exit 3 when a finished part has gaps or no footage."""
     from .batch_view import render_report
     from .batches import STATUS_GAPS, STATUS_NO_FOOTAGE, BatchNotFound, batch_report, report_json
@@ -608,17 +611,17 @@ def batches_show(obj: Obj, batch_id: str, as_json: bool, lang: str) -> None:
                                   post_margin_minutes=cfg.coverage.post_margin_minutes,
                                   staging_dir=cfg.staging_dir)
     except BatchNotFound as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     click.echo(json.dumps(report_json(report), ensure_ascii=False, indent=2) if as_json else render_report(report, lang))
     if any(p.status in (STATUS_GAPS, STATUS_NO_FOOTAGE) for p in report.parts):
-        raise SystemExit(EXIT_GAPS)
+        raise SystemExit(exitcodes.GAPS)
 
 
 @batches.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
 @click.pass_obj
-def batches_list(obj: Obj, as_json: bool, lang: str) -> None:
+def batches_list(obj: CliContext, as_json: bool, lang: str) -> None:
     """Imported batches, oldest first."""
     from exam_contract.canonical import format_time
 
@@ -651,7 +654,7 @@ def batches_list(obj: Obj, as_json: bool, lang: str) -> None:
 @click.option("--check-hashes", is_flag=True, help="Re-hash each stored file while copying (slower; reports "
               "damaged storage at once instead of at verification).")
 @click.pass_obj
-def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, actor: str | None,
+def export_cmd(obj: CliContext, batch_id: str, out: Path, make_zip: bool, reason: str, actor: str | None,
                no_viewing: bool, check_hashes: bool) -> None:
     """Write a batch's verifiable evidence package (segments, signed package.json, keys, verify.py)."""
     from exam_contract.signing import load_private_key
@@ -674,7 +677,7 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
                               batch_id=batch_id, out=out, actor=actor or local_actor(), reason=reason,
                               settings=settings, staging_dir=cfg.staging_dir, progress=bar.update)
     except (ExportError, BatchNotFound) as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     finally:
         bar.close()
     for note in result.notes:
@@ -687,10 +690,10 @@ def export_cmd(obj: Obj, batch_id: str, out: Path, make_zip: bool, reason: str, 
     if result.source_problems:
         for problem in result.source_problems:
             click.echo(f"integrity: {problem}", err=True)
-        raise Fail(f"{len(result.source_problems)} integrity problem(s) in the stored footage (listed above: "
-                   "missing or altered files, unreadable paths, keys missing from the key history); the package "
-                   f"records them and will verify NOT_OK: run `{PROG} summary --verify` to see the damage",
-                   EXIT_INTEGRITY)
+        raise CommandError(f"{len(result.source_problems)} integrity problem(s) in the stored footage (listed "
+                           "above: missing or altered files, unreadable paths, keys missing from the key history); "
+                           f"the package records them and will verify NOT_OK: run `{PROG} summary --verify` to see "
+                           "the damage", exitcodes.INTEGRITY)
     click.echo(f"check it with: {PROG} verify-package {result.path}  (or: python3 verify.py in the package)")
 
 
@@ -705,7 +708,7 @@ def verify_package_cmd(package: Path, collector_key: str | None, as_json: bool) 
     try:
         result = verify_package(package, collector_key)
     except PackageUnreadable as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if as_json else result.render())
     if result.exit_code:
         raise SystemExit(result.exit_code)
@@ -723,14 +726,14 @@ def users() -> None:
 @click.option("--role", type=click.Choice(["inspector", "admin"]), required=True)
 @click.option("--institution", "institutions", multiple=True, help="Institution code (机构代码) an inspector sees; repeat.")
 @click.pass_obj
-def users_add(obj: Obj, username: str, role: str, institutions: tuple[str, ...]) -> None:
+def users_add(obj: CliContext, username: str, role: str, institutions: tuple[str, ...]) -> None:
     """Create an account (password hashed with scrypt): prompted for twice, or one line on stdin when piped."""
     from .audit import local_actor
     from .db import session_factory
     from .users import UserError, add_user
 
     if role == "inspector" and not any(c.strip() for c in institutions):
-        raise Fail("an inspector needs at least one --institution CODE (机构代码), e.g. JL2201001")
+        raise CommandError("an inspector needs at least one --institution CODE (机构代码), e.g. JL2201001")
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
@@ -739,7 +742,7 @@ def users_add(obj: Obj, username: str, role: str, institutions: tuple[str, ...])
         user = add_user(session_factory(_engine(obj.config())), username, password, role, institutions,
                         actor=local_actor())
     except UserError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     scope = "all institutions" if user.is_admin else ", ".join(user.institutions)
     click.echo(f"user {user.username} ({user.role}) created; sees {scope}")
     _checkpoint_after(obj)
@@ -747,7 +750,7 @@ def users_add(obj: Obj, username: str, role: str, institutions: tuple[str, ...])
 
 @users.command("list")
 @click.pass_obj
-def users_list(obj: Obj) -> None:
+def users_list(obj: CliContext) -> None:
     """Accounts, their roles and institutions."""
     from .db import session_factory
     from .users import list_users
@@ -762,8 +765,9 @@ def users_list(obj: Obj) -> None:
 def run_main(group: click.Group, prog: str, argv: list[str] | None) -> None:
     """Run a click command group as PRODUCT.md asks of every command: each failure is one line on stderr
     (what is wrong and how to fix it) and its exit code. Shared by exam-collector and exam-retention."""
+    from exam_contract.mqtt import BrokerRefused, BrokerUnreachable
+
     from .db import DatabaseUnavailable
-    from .service import BrokerUnavailable
 
     def error(message: str, code: int) -> None:
         click.echo(f"{prog}: error: {' '.join(str(message).split())}", err=True)
@@ -772,19 +776,19 @@ def run_main(group: click.Group, prog: str, argv: list[str] | None) -> None:
     try:
         group.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
-        error("aborted", EXIT_INPUT)
+        error("aborted", exitcodes.INPUT)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         error(exc.format_message() + (f" (see `{prog} --help`)" if isinstance(exc, click.UsageError) else ""),
-              EXIT_INPUT)
-    except Fail as exc:
+              exitcodes.INPUT)
+    except CommandError as exc:
         error(str(exc), exc.code)
-    except (ConfigError, KeyFileError) as exc:
-        error(str(exc), EXIT_INPUT)
-    except (DatabaseUnavailable, BrokerUnavailable) as exc:
-        error(str(exc), EXIT_UNREACHABLE)
-    sys.exit(EXIT_OK)
+    except (ConfigError, KeyFileError, BrokerRefused) as exc:
+        error(str(exc), exitcodes.INPUT)
+    except (DatabaseUnavailable, BrokerUnreachable) as exc:
+        error(str(exc), exitcodes.UNREACHABLE)
+    sys.exit(exitcodes.OK)
 
 
 def main(argv: list[str] | None = None) -> None:

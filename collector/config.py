@@ -6,33 +6,18 @@ import hashlib
 import hmac
 import secrets
 import socket
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exam_contract import tomlconfig as toml
+from exam_contract.mqtt import MqttSettings, parse_mqtt_table
 from exam_contract.tomlconfig import ConfigError
 
 from .admission import KIB, MIB, IngestLimits
 
 
-@dataclass(frozen=True)
-class MqttConfig:
-    url: str
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password_file: Path | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_id: str = "exam-collector-1"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+MqttConfig = MqttSettings  # the name tests and older code use
 
 
 @dataclass(frozen=True)
@@ -68,7 +53,7 @@ class CollectorConfig:
     database_url: str
     storage_dir: Path
     key_file: Path
-    mqtt: MqttConfig
+    mqtt: MqttSettings
     http: HttpConfig
     coverage: CoverageConfig
     retention: RetentionConfig
@@ -89,17 +74,7 @@ parse_mqtt_url = toml.mqtt_url
 
 def load_config(path: Path | str) -> CollectorConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist: create it with `exam-collector init` "
-                          "or pass --config PATH") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from exc
+    raw = toml.load_file(path, "create it with `exam-collector init` or pass --config PATH")
     return config_from_dict(raw, base=path.parent, source=path)
 
 
@@ -117,22 +92,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
     queue_size = _int(section, "collector", "queue_size", 2000, 10, 1_000_000)
     staging_ttl_hours = _num(section, "collector", "staging_ttl_hours", 48, 1, 24 * 365)
 
-    mqtt_raw = _table(raw, "mqtt", required=True)
-    url = _str(mqtt_raw, "mqtt", "url", required=True)
-    assert url is not None
-    host, port, tls = parse_mqtt_url(url)
-    mqtt = MqttConfig(
-        url=url, host=host, port=port, tls=tls,
-        username=_str(mqtt_raw, "mqtt", "username"),
-        password_file=_path(mqtt_raw, "mqtt", "password_file", base),
-        ca_file=_path(mqtt_raw, "mqtt", "ca_file", base),
-        cert_file=_path(mqtt_raw, "mqtt", "cert_file", base),
-        key_file=_path(mqtt_raw, "mqtt", "key_file", base),
-        client_id=(_str(mqtt_raw, "mqtt", "client_id")
-                   or default_client_id(_str(mqtt_raw, "mqtt", "username"), key_file)),
-    )
-    if (mqtt.cert_file is None) != (mqtt.key_file is None):
-        raise ConfigError("[mqtt] cert_file and key_file go together: set both or neither")
+    mqtt = parse_mqtt_table(_table(raw, "mqtt", required=True), base, files_must_exist=False,
+                            default_client_id=lambda username: default_client_id(username, key_file))
 
     http_raw = _table(raw, "http")
     http = HttpConfig(listen=_str(http_raw, "http", "listen") or "127.0.0.1:8080",

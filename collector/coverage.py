@@ -1,17 +1,5 @@
-"""Coverage arithmetic for one batch part: pure, no I/O, no database.
-
-Inputs are what the database knows about each camera of the part's room (stored segments, stated gap
-records, holes in the seq numbers, rejected uploads); the output is, per camera, the covered share of the
-exam window and every uncovered stretch of at least `gap_tolerance` with the causes that explain it.
-
-All intervals are half-open `[start, end)` in UTC. A segment covers its interval unless its health flags
-make it useless as evidence (black, frozen, obstructed video); such a stretch is then a gap whose cause is
-the flag. A segment recorded while the agent's clock was not synced still covers, but any gap touching it
-(within `tolerance`) names `clock_unsynced` as a cause, because the gap may only be a misplacement. The
-same holds for a segment the collector flagged `clock_suspect` (its own times were far from its arrival,
-so the agent's clock is not to be believed): it is kept and covers the interval it claims, and any gap
-touching it names `clock_suspect`.
-"""
+"""Coverage arithmetic for one batch part: pure, no I/O, no database; intervals are half-open `[start, end)` in UTC.
+See docs/design/states.md (part statuses and gap causes, `clock_unsynced` and `clock_suspect` included)."""
 
 from __future__ import annotations
 

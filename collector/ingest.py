@@ -22,7 +22,8 @@ from exam_contract.chain import LinkVerdict
 from exam_contract.files import hash_file
 from exam_contract.identifiers import is_file_id, is_identifier
 from exam_contract.manifest import Manifest
-from exam_contract.protocol import InitMessage, ProtocolError, Reply, decode_fin
+from exam_contract.protocol import (REASON_INIT_MISSING, InitMessage, ProtocolError, RejectionCode, Reply, ReplyState,
+                                    decode_fin)
 
 from .admission import IngestLimits, NoteThrottle, Refusal, check_agent_load, clock_suspicion
 from .db import session_factory
@@ -41,7 +42,6 @@ __all__ = ["DEFAULT_STAGING_TTL", "EVENT_STAGING_EXPIRED", "REASON_INIT_MISSING"
 
 log = logging.getLogger(__name__)
 
-REASON_INIT_MISSING = "init_missing"
 EVENT_STAGING_EXPIRED = "staging_expired"
 
 
@@ -163,7 +163,7 @@ class Ingest:
             self._remove_staging(agent, file_id)
             # a rejection about another record than the one asked about is no answer about this one
             if rejection is not None and (asked is None or rejection.record is None or rejection.record == asked):
-                return self._reply(file_id, "rejected", reason=rejection.reason, record=rejection.record)
+                return self._reply(file_id, ReplyState.REJECTED, reason=rejection.reason, record=rejection.record)
         init_payload = self.staging.init_payload(agent, file_id)
         if init_payload is None:
             return self._status_without_staging(agent, file_id, asked)
@@ -177,7 +177,7 @@ class Ingest:
             # ask for the init of the record the agent is finishing now; that init replaces the staged one.
             log.info("agent %s file %s: fin names record %s but staging holds %s; asking for its init", agent,
                      file_id, asked[:12], staged.record_hash[:12])
-            return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: staging holds another record's "
+            return self._reply(file_id, ReplyState.MISSING, reason=f"{REASON_INIT_MISSING}: staging holds another record's "
                                                           "init; send this record's init and all chunks",
                                record=asked)
         manifest = staged.manifest
@@ -221,12 +221,12 @@ class Ingest:
             if gaps:
                 log.info("agent %s file %s: chunks missing in %s range(s) of %s chunks", agent, file_id,
                          len(gaps), message.chunks)
-                return self._reply(file_id, "missing", missing=gaps, record=staged.record_hash)
+                return self._reply(file_id, ReplyState.MISSING, missing=gaps, record=staged.record_hash)
             claim = self.staging.claim(agent, file_id, self.instance_id)
             if claim is None:
                 log.warning("agent %s file %s: receipts without data, asking for every chunk", agent, file_id)
                 session.execute(delete_receipts(agent, file_id))
-                return self._reply(file_id, "missing", missing=[[0, message.chunks - 1]], record=staged.record_hash)
+                return self._reply(file_id, ReplyState.MISSING, missing=[[0, message.chunks - 1]], record=staged.record_hash)
         try:
             return self._finish(agent, file_id, staged, claim)
         except Refusal as rej:
@@ -306,7 +306,7 @@ class Ingest:
                  row.chain_status)
         if suspicion is not None:
             log.warning("camera %s seq %s: clock suspect: %s", manifest.camera, manifest.seq, suspicion)
-        return self._reply(file_id, "stored", record=staged.record_hash)
+        return self._reply(file_id, ReplyState.STORED, record=staged.record_hash)
 
     def _place(self, claim: Path, staged: Staged) -> tuple[PurePosixPath, bool]:
         """Place the verified claim in the store (never overwriting); (relpath, created). The claim stays in
@@ -327,7 +327,7 @@ class Ingest:
             log.info("camera %s seq %s: duplicate of the stored record, nothing stored", existing.camera,
                      existing.seq)
             self._remove_staging(agent, file_id)
-            return self._reply(file_id, "stored", record=staged.record_hash)
+            return self._reply(file_id, ReplyState.STORED, record=staged.record_hash)
         return self._reject(agent, file_id, staged.manifest, P.REJECT_SEQ_REPLAYED,
                             f"seq {existing.seq} of camera {existing.camera} is already stored with "
                             f"a different manifest (record hash {existing.record_hash})", marker=marker,
@@ -339,19 +339,19 @@ class Ingest:
         about this one: the agent is asked for its init instead, and never told `stored` for bytes it did not
         send."""
         if asked is None:
-            return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: this fin names no record; "
+            return self._reply(file_id, ReplyState.MISSING, reason=f"{REASON_INIT_MISSING}: this fin names no record; "
                                                           "send init and all chunks again")
         row = stored_record_of_file(self.sessions, agent, file_id)
         if row is not None and row.record_hash == asked:
-            return self._reply(file_id, "stored", record=asked)
+            return self._reply(file_id, ReplyState.STORED, record=asked)
         with self.sessions() as session:
             last = session.scalars(select(IngestEvent).where(
                 IngestEvent.agent_id == agent, IngestEvent.file_id == file_id, IngestEvent.record_hash == asked,
                 IngestEvent.event == EVENT_REJECTED).order_by(IngestEvent.id.desc()).limit(1)).first()
         if last is not None:
             reason = f"{last.reason}: {last.detail}" if last.detail else last.reason
-            return self._reply(file_id, "rejected", reason=reason, record=asked)
-        return self._reply(file_id, "missing", reason=f"{REASON_INIT_MISSING}: no init received for this "
+            return self._reply(file_id, ReplyState.REJECTED, reason=reason, record=asked)
+        return self._reply(file_id, ReplyState.MISSING, reason=f"{REASON_INIT_MISSING}: no init received for this "
                                                       "record; send init and all chunks again", record=asked)
 
     # ------------------------------------------------------------------ staging
@@ -406,9 +406,9 @@ class Ingest:
 
     # ------------------------------------------------------------------ events and replies
 
-    def _reply(self, file_id: str, state: str, missing: list[list[int]] | None = None,
+    def _reply(self, file_id: str, state: ReplyState, missing: list[list[int]] | None = None,
                reason: str | None = None, record: str | None = None) -> Reply:
-        return Reply(file_id=file_id, state=state, collector_time=utcnow(),  # type: ignore[arg-type]
+        return Reply(file_id=file_id, state=state, collector_time=utcnow(),
                      missing=missing or [], reason=reason, record=record)
 
     def _event(self, agent: str | None, manifest: Manifest | None, file_id: str | None, event: str,
@@ -442,7 +442,7 @@ class Ingest:
     def record_handler_error(self, agent: str | None, file_id: str | None, detail: str) -> None:
         self.record_event(agent, file_id, EVENT_HANDLER_ERROR, None, detail[:4000])
 
-    def _reject(self, agent: str, file_id: str, manifest: Manifest | None, code: str, detail: str,
+    def _reject(self, agent: str, file_id: str, manifest: Manifest | None, code: RejectionCode, detail: str,
                 stage: bool = True, marker: bool = False, record: str | None = None) -> Reply:
         """Refuse a record: reply `rejected` naming the code, and record an event and an audit entry. A flood
         from one agent is recorded at most 60 times a minute; the count held back goes into the next one."""
@@ -457,7 +457,7 @@ class Ingest:
             self._remove_staging(agent, file_id)
             if marker:
                 self.staging.mark_rejected(agent, file_id, reason, record)
-        return self._reply(file_id, "rejected", reason=reason, record=record)
+        return self._reply(file_id, ReplyState.REJECTED, reason=reason, record=record)
 
     def _note_drop(self, agent: str, file_id: str, code: str, detail: str) -> None:
         """A chunk dropped before it could belong to a file: logged, and recorded (throttled) as an event. The

@@ -1,10 +1,5 @@
-"""Alarms of the ingest path (issue 3): storage full, storage failing, database unreachable.
-
-While one is active the collector sends no `stored` reply for the files it concerns (the failing step raises
-before the reply), the agents keep their footage and repeat `fin` with backoff, and the alarm clears itself
-on the next success. Raising and clearing are logged once per change (ERROR / WARNING, prefix `ALARM`) and
-recorded as `alarm` / `alarm_cleared` ingest events when the database can take them.
-"""
+"""Alarms of the ingest path: storage full, storage failing, database unreachable; no `stored` reply while one
+is active. See docs/design/states.md (alarm codes) and docs/operations.md (what to do)."""
 
 from __future__ import annotations
 
@@ -17,19 +12,22 @@ from datetime import datetime, timezone
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from exam_contract.alarms import AlarmCode
+
 from .db import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
-STORAGE_FULL = "storage_full"
-STORAGE_ERROR = "storage_error"
-DATABASE_UNREACHABLE = "database_unreachable"
+# The names tests and older code use.
+STORAGE_FULL = AlarmCode.STORAGE_FULL
+STORAGE_ERROR = AlarmCode.STORAGE_ERROR
+DATABASE_UNREACHABLE = AlarmCode.DATABASE_UNREACHABLE
 
 ADVICE = {
-    STORAGE_FULL: "free space on [collector] storage_dir (or grow the volume); agents keep their footage and "
+    AlarmCode.STORAGE_FULL: "free space on [collector] storage_dir (or grow the volume); agents keep their footage and "
                   "resend it by themselves once space is back",
-    STORAGE_ERROR: "check the storage volume (mount, permissions, disk errors) in the collector log",
-    DATABASE_UNREACHABLE: "start the database or fix [collector] database_url; agents keep their footage and "
+    AlarmCode.STORAGE_ERROR: "check the storage volume (mount, permissions, disk errors) in the collector log",
+    AlarmCode.DATABASE_UNREACHABLE: "start the database or fix [collector] database_url; agents keep their footage and "
                           "resend it by themselves once the database answers",
 }
 
@@ -39,21 +37,21 @@ EVENT_ALARM_CLEARED = "alarm_cleared"
 
 @dataclass(frozen=True)
 class ActiveAlarm:
-    code: str
+    code: AlarmCode
     detail: str
     since: datetime
 
 
-def classify(exc: BaseException) -> str | None:
+def classify(exc: BaseException) -> AlarmCode | None:
     """The alarm an ingest failure stands for, or None for a plain bug."""
     if isinstance(exc, DatabaseUnavailable):
-        return DATABASE_UNREACHABLE
+        return AlarmCode.DATABASE_UNREACHABLE
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        return DATABASE_UNREACHABLE
+        return AlarmCode.DATABASE_UNREACHABLE
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return STORAGE_FULL
-        return STORAGE_ERROR
+            return AlarmCode.STORAGE_FULL
+        return AlarmCode.STORAGE_ERROR
     return None
 
 
@@ -61,11 +59,11 @@ class IngestAlarms:
     """Active alarms of one collector instance; thread-safe."""
 
     def __init__(self, record: Callable[[str, str, str], None] | None = None) -> None:
-        self._active: dict[str, ActiveAlarm] = {}
+        self._active: dict[AlarmCode, ActiveAlarm] = {}
         self._lock = threading.Lock()
         self._record = record  # (event, code, detail): best effort, must not raise
 
-    def raise_alarm(self, code: str, detail: str) -> bool:
+    def raise_alarm(self, code: AlarmCode, detail: str) -> bool:
         """Returns True when the alarm was not active before."""
         with self._lock:
             if code in self._active:
@@ -76,7 +74,7 @@ class IngestAlarms:
             self._record(EVENT_ALARM, code, detail)
         return True
 
-    def clear(self, *codes: str) -> None:
+    def clear(self, *codes: AlarmCode) -> None:
         for code in codes:
             with self._lock:
                 alarm = self._active.pop(code, None)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from exam_contract import protocol as P
 from exam_contract.canonical import sha256_hex
 from exam_contract.chunks import ranges_from_sorted
-from exam_contract.protocol import InitMessage, Reply
+from exam_contract.protocol import InitMessage, Reply, ReplyState
 
 from .admission import AgentLoad
 from .models import ChunkReceipt, ChunkTransfer
@@ -183,7 +183,7 @@ class Receipts:
                         reply = locked(lock_session)
                     finally:
                         self._held.key = None
-                    if reply.state == "missing":
+                    if reply.state == ReplyState.MISSING:
                         transfer.updated_at = utcnow()
                     else:
                         lock_session.execute(delete_receipts(agent, file_id))

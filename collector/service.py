@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 import traceback
@@ -20,20 +19,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from exam_contract.alarms import AlarmCode
 from exam_contract.identifiers import is_identifier
-from exam_contract.protocol import ChainRequest, ProtocolError, Reply
+from exam_contract.mqtt import BrokerUnreachable, MqttSettings, connect, make_client
+from exam_contract.protocol import ChainRequest, ProtocolError, Reply, ReplyState
 from exam_contract.topics import (COLLECTOR_CHAIN_SUBSCRIPTION, COLLECTOR_SUBSCRIPTION, ROOT, SegmentTopic, TopicError,
                                   chain_topic, parse_chain_request_topic, parse_segment_topic, reply_topic)
 
 from .chains import ChainResponder
-from .config import MqttConfig
 from .ingest import DEFAULT_STAGING_TTL, Ingest
-from .ingest_alarms import DATABASE_UNREACHABLE, STORAGE_ERROR, STORAGE_FULL, IngestAlarms, classify
+from .ingest_alarms import IngestAlarms, classify
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ log = logging.getLogger(__name__)
 # chunk until its session expires; a restart within this time still gets what was queued for it.
 SESSION_EXPIRY_SECONDS = 60
 SWEEP_INTERVAL_SECONDS = 600.0
+MAX_INFLIGHT_MESSAGES = 100
+DEFAULT_CLIENT_ID = "exam-collector-1"  # settings made in code without one; a loaded config always has one
 
 # Mosquitto 2.0 cannot refuse retain per topic, so the collector deletes (an empty retained publish) what
 # an agent leaves retained under seg/: live messages as they arrive on the shared subscription, whose
@@ -55,8 +56,7 @@ SEGMENT_TOPICS = f"{ROOT}/+/seg/#"
 RETAINED_SWEEP_ID = 1
 
 
-class BrokerUnavailable(Exception):
-    """The MQTT broker cannot be reached; the message names host:port."""
+BrokerUnavailable = BrokerUnreachable  # the name tests and older code use
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class StagingSweeper:
 class CollectorService:
     """Runs MQTT ingest until `stop()` (or the duration given to `run`)."""
 
-    def __init__(self, mqtt_config: MqttConfig, ingest: Ingest, workers: int = 2, queue_size: int = 2000,
+    def __init__(self, mqtt_config: MqttSettings, ingest: Ingest, workers: int = 2, queue_size: int = 2000,
                  staging_ttl: timedelta = DEFAULT_STAGING_TTL,
                  sweep_interval: float = SWEEP_INTERVAL_SECONDS) -> None:
         self.config = mqtt_config
@@ -152,20 +152,9 @@ class CollectorService:
     # ------------------------------------------------------------------ paho
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
-                             protocol=mqtt.MQTTv5)
-        if self.config.username:
-            password = None
-            if self.config.password_file is not None:
-                password = self.config.password_file.read_text(encoding="utf-8").strip()
-            client.username_pw_set(self.config.username, password)
-        if self.config.tls:
-            client.tls_set(ca_certs=str(self.config.ca_file) if self.config.ca_file else None,
-                           certfile=str(self.config.cert_file) if self.config.cert_file else None,
-                           keyfile=str(self.config.key_file) if self.config.key_file else None,
-                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.reconnect_delay_set(min_delay=1, max_delay=5)
-        client.max_inflight_messages_set(100)
+        """Raises PasswordFileError (a ConfigError) when [mqtt] password_file cannot be read."""
+        client = make_client(self.config, self.config.client_id or DEFAULT_CLIENT_ID,
+                             max_inflight=MAX_INFLIGHT_MESSAGES)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -271,9 +260,9 @@ class CollectorService:
                 self.publish_reply(topic.agent, reply)
             self.handled += 1
             if self.ingest.database_ok_at >= began:
-                self.alarms.clear(DATABASE_UNREACHABLE)
-            if topic.part == "chunk" or (reply is not None and reply.state == "stored"):
-                self.alarms.clear(STORAGE_FULL, STORAGE_ERROR)
+                self.alarms.clear(AlarmCode.DATABASE_UNREACHABLE)
+            if topic.part == "chunk" or (reply is not None and reply.state == ReplyState.STORED):
+                self.alarms.clear(AlarmCode.STORAGE_FULL, AlarmCode.STORAGE_ERROR)
         except Exception as exc:  # noqa: BLE001 - a bad message must never stop the service
             self.errors += 1
             code = classify(exc)
@@ -330,16 +319,8 @@ class CollectorService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Connect (raises BrokerUnavailable naming host:port) and start the network loop and workers."""
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-        try:
-            self.client.connect(self.config.host, self.config.port, keepalive=30, clean_start=False,
-                                properties=properties)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerUnavailable(f"MQTT broker {self.config.address} is unreachable "
-                                    f"({exc.strerror or exc if isinstance(exc, OSError) else exc}): start it "
-                                    "or fix [mqtt] url") from exc
+        """Connect (raises BrokerUnreachable naming host:port) and start the network loop and workers."""
+        connect(self.client, self.config, SESSION_EXPIRY_SECONDS)
         for worker in self._workers:
             worker.start()
         self.sweeper.thread.start()

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from exam_contract.alarms import AlarmCode
+from exam_contract.manifest import GapCause
+
 from .config import EdgeConfig
 from .diskkeeper import DiskKeeper
 from .journal import Journal
@@ -55,7 +58,7 @@ class Agent:
             directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = lock_data_dir(config.agent.data_dir)
         self.journal = Journal(config.agent.journal_path)
-        self.alarms: dict[str, str] = {}
+        self.alarms: dict[AlarmCode, str] = {}
         self._state_lock = threading.Lock()
         self._adopted: dict[str, int] = {}   # camera -> the collector's seq this journal continues from
         resigned = self.journal.resign(key)
@@ -83,7 +86,7 @@ class Agent:
                                      health=(lambda: dict(health.last_flags)) if health else dict)
         self._started = False
 
-    def _alarm(self, code: str, detail: str | None) -> None:
+    def _alarm(self, code: AlarmCode, detail: str | None) -> None:
         """Raised (detail) or cleared (None); the retained status topic carries the active ones."""
         with self._state_lock:
             if detail is None:
@@ -150,13 +153,13 @@ class Agent:
         for camera, seq in self._adopted.items():
             # The first cause of an outage names it: the gap from the collector's last record to this
             # journal's first one is a machine replaced or a journal lost, not a plain stop.
-            self.sealer.note_outage(camera, "agent_stopped", f"journal started anew (venue machine replaced or its "
-                                                             f"journal lost): chain continued after the collector's "
-                                                             f"seq {seq}")
+            self.sealer.note_outage(camera, GapCause.AGENT_STOPPED,
+                                    f"journal started anew (venue machine replaced or its journal lost): chain "
+                                    f"continued after the collector's seq {seq}")
         self.sealer.recover()
         for cam in self.config.cameras:
             if self.journal.camera_state(cam.id).last_end is not None:
-                self.sealer.note_outage(cam.id, "agent_stopped", "the edge agent was not recording")
+                self.sealer.note_outage(cam.id, GapCause.AGENT_STOPPED, "the edge agent was not recording")
         self.sealer.start()
         self.watcher.start()
         self.disk.check()  # a full disk holds the cameras before their first ffmpeg

@@ -13,15 +13,14 @@ from typing import NoReturn
 
 import click
 
+from exam_contract import exitcodes
 from exam_contract.redact import install_log_redaction
 from exam_contract.signing import KeyFileError, generate_private_key, load_private_key, public_key_b64
 
 from .config import ConfigError, EdgeConfig, load_config, parse_config
 
-EXIT_OK, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2
 
-
-def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+def fail(message: str, code: int = exitcodes.INPUT) -> NoReturn:
     click.echo(f"exam-edge: error: {message}", err=True)
     sys.exit(code)
 
@@ -198,9 +197,10 @@ def rotate_key(ctx: click.Context) -> None:
 def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_timeout: float,
         new_chains: bool) -> None:
     """Record every camera, seal and upload segments until SIGTERM/SIGINT (or --duration)."""
+    from exam_contract.mqtt import BrokerRefused, BrokerUnreachable
+
     from .agent import Agent, AlreadyRunning, ChainUnknown
     from .journal import JournalError
-    from .uploader import BrokerRefused, BrokerUnreachable
 
     config = _load(ctx)
     if not config.cameras:
@@ -225,7 +225,7 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_
         connected = True
     except BrokerUnreachable as exc:
         if first_start:  # a first start: most likely a wrong [mqtt] url, say so now
-            fail(str(exc), EXIT_UNREACHABLE)
+            fail(str(exc), exitcodes.UNREACHABLE)
         # A restart during a network outage: recording never waits for the network (store-and-forward).
         logging.getLogger(__name__).warning("%s; recording anyway, the spool is uploaded once the broker "
                                             "answers", exc)
@@ -236,7 +236,7 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_
         agent.adopt_chain_heads(chain_timeout if connected else 0.001, new_chains=new_chains)
     except ChainUnknown as exc:
         if first_start:  # a new journal: the collector may hold these cameras' chains (a replaced machine)
-            fail(str(exc), EXIT_UNREACHABLE)
+            fail(str(exc), exitcodes.UNREACHABLE)
         # A camera added to a running venue while the collector is away: record it rather than wait.
         logging.getLogger(__name__).warning("%s; starting them at seq 1", exc)
         agent.adopt_chain_heads(0, new_chains=True)
@@ -251,7 +251,7 @@ def run(ctx: click.Context, duration: float | None, drain_seconds: float, chain_
     agent.start()
     stop.wait(duration)
     agent.stop()
-    sys.exit(EXIT_OK)
+    sys.exit(exitcodes.OK)
 
 
 @cli.command()
@@ -378,4 +378,4 @@ def main(argv: list[str] | None = None) -> NoReturn:
         fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(EXIT_OK)
+    sys.exit(exitcodes.OK)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exam_contract import tomlconfig as toml
 from exam_contract.manifest import ROOM_KINDS
+from exam_contract.mqtt import MqttSettings, parse_mqtt_table
 from exam_contract.redact import redact_source
 from exam_contract.tomlconfig import ConfigError
 
@@ -64,32 +64,6 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class MqttConfig:
-    url: str
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    ca_file: Path | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"[mqtt] password_file = {str(self.password_file)!r} cannot be read "
-                              f"({exc.strerror or exc}): create it or fix the path") from exc
-
-
-@dataclass(frozen=True)
 class HealthConfig:
     """[health]: keyframe analysis of each finished segment (flags in the manifest's `health`)."""
 
@@ -117,7 +91,7 @@ class CameraConfig:
 class EdgeConfig:
     path: Path
     agent: AgentConfig
-    mqtt: MqttConfig
+    mqtt: MqttSettings
     recording: RecordingConfig
     cameras: tuple[CameraConfig, ...]
     health: HealthConfig = HealthConfig()
@@ -144,17 +118,8 @@ def source_kind(source: str) -> str:
 
 def load_config(path: Path | str) -> EdgeConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist: create it with `exam-edge --config {path} init ...` "
-                          "or pass --config / EXAM_EDGE_CONFIG") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read ({exc}): fix its permissions or encoding") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from exc
+    raw = toml.load_file(path, f"create it with `exam-edge --config {path} init ...` or pass --config / "
+                               "EXAM_EDGE_CONFIG")
     return parse_config(raw, base_dir=path.resolve().parent, path=path)
 
 
@@ -164,7 +129,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
         if key not in known:
             raise ConfigError(f"[{key}] is not a known section: remove it (known: agent, mqtt, recording, camera, health)")
     agent = _agent(_table(raw, "agent"), base_dir)
-    mqtt = _mqtt(_table(raw, "mqtt"), base_dir)
+    mqtt = parse_mqtt_table(_table(raw, "mqtt"), base_dir, files_must_exist=True)
     recording = _recording(_table(raw, "recording", required=False))
     cams_raw = raw.get("camera", [])
     if not isinstance(cams_raw, list):
@@ -221,25 +186,6 @@ def _agent(table: dict[str, Any], base_dir: Path) -> AgentConfig:
     return AgentConfig(id=_ident(table, "agent", "id"), institution=_ident(table, "agent", "institution"),
                        venue=_ident(table, "agent", "venue"), data_dir=data_dir, key_file=key_file,
                        local_keep_days=keep, min_free_mb=min_free)
-
-
-def _mqtt(table: dict[str, Any], base_dir: Path) -> MqttConfig:
-    _unknown_keys(table, "mqtt", {"url", "username", "password_file", "cert_file", "key_file", "ca_file"})
-    url = _str(table, "mqtt", "url")
-    assert url is not None
-    host, port, tls = toml.mqtt_url(url)
-    files = {}
-    for key in ("password_file", "cert_file", "key_file", "ca_file"):
-        files[key] = _path(table, "mqtt", key, base_dir, required=False)
-        if files[key] is not None and not files[key].is_file():
-            raise ConfigError(f"[mqtt] {key} = {str(files[key])!r} does not exist: create it or fix the path")
-    if (files["cert_file"] is None) != (files["key_file"] is None):
-        raise ConfigError("[mqtt] cert_file and key_file must be set together: add the missing one")
-    if not tls and any(files[k] for k in ("cert_file", "key_file", "ca_file")):
-        raise ConfigError(f"[mqtt] url = {url!r} is plain mqtt:// but TLS files are set: use mqtts:// "
-                          "or remove cert_file/key_file/ca_file")
-    return MqttConfig(url=url, host=host, port=port, tls=tls,
-                      username=_str(table, "mqtt", "username", required=False), **files)
 
 
 def _recording(table: dict[str, Any]) -> RecordingConfig:

@@ -1,14 +1,6 @@
-"""The edge disk budget (issue 3): one loop that keeps data_dir's filesystem from filling up.
-
-Every `interval` seconds:
-1. acknowledged segments older than `[agent] local_keep_days` are deleted (their journal rows stay, marked
-   `pruned`);
-2. while free space is below `[agent] min_free_mb`, more acknowledged segments go, oldest first;
-3. unacknowledged footage (pending or rejected) is never deleted. If free space is still below half of
-   `min_free_mb`, every camera stops with a `disk_full` outage (a gap record follows) and the `disk_full`
-   alarm is raised (log and the agent's status topic); the cameras resume on their own once free space is
-   back above `min_free_mb`.
-"""
+"""The edge disk budget: one loop that deletes acknowledged footage and holds the cameras (`disk_full`) when
+unacknowledged footage alone fills the disk. See docs/design/durability.md (what may be pruned) and
+docs/design/states.md (the hold)."""
 
 from __future__ import annotations
 
@@ -20,12 +12,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol
 
+from exam_contract.alarms import AlarmCode
+from exam_contract.manifest import GapCause
+
 from .config import EdgeConfig
 from .journal import Journal
 
 log = logging.getLogger(__name__)
 
-DISK_FULL = "disk_full"
 CHECK_INTERVAL = 2.0
 PRUNE_BATCH = 50
 
@@ -38,14 +32,14 @@ def free_bytes(path: Path) -> int:
 class CameraHold(Protocol):
     """What the disk keeper needs from the recorders (implemented by recorder.Recorders)."""
 
-    def hold_all(self, cause: str, detail: str) -> None: ...
+    def hold_all(self, cause: GapCause, detail: str) -> None: ...
 
     def release_all(self) -> None: ...
 
 
 class DiskKeeper:
     def __init__(self, config: EdgeConfig, journal: Journal, cameras: CameraHold,
-                 on_alarm: Callable[[str, str | None], None] | None = None, interval: float = CHECK_INTERVAL,
+                 on_alarm: Callable[[AlarmCode, str | None], None] | None = None, interval: float = CHECK_INTERVAL,
                  free: Callable[[], int] | None = None) -> None:
         self.config = config
         self.journal = journal
@@ -97,16 +91,16 @@ class DiskKeeper:
             detail = (f"only {free // 2**20} MiB free on {self.config.agent.data_dir} and every local segment "
                       "is still unacknowledged")
             log.error("ALARM %s: %s; cameras stopped until space returns (check the uplink to the collector, "
-                      "or free space on the disk)", DISK_FULL, detail)
-            self.cameras.hold_all(DISK_FULL, detail)
+                      "or free space on the disk)", AlarmCode.DISK_FULL, detail)
+            self.cameras.hold_all(GapCause.DISK_FULL, detail)
             if self.on_alarm:
-                self.on_alarm(DISK_FULL, detail)
+                self.on_alarm(AlarmCode.DISK_FULL, detail)
         elif self.full and free >= self.min_free:
             self.full = False
-            log.warning("ALARM %s cleared: %s MiB free; cameras resume", DISK_FULL, free // 2**20)
+            log.warning("ALARM %s cleared: %s MiB free; cameras resume", AlarmCode.DISK_FULL, free // 2**20)
             self.cameras.release_all()
             if self.on_alarm:
-                self.on_alarm(DISK_FULL, None)
+                self.on_alarm(AlarmCode.DISK_FULL, None)
 
     def _prune(self, records: list, reason: str) -> bool:
         for record in records:

@@ -1,11 +1,5 @@
 """One ffmpeg run of a camera: its command line, and what it reports (progress, stream, messages, exit cause).
-
-Segment times. Each ffmpeg run gets a run id (its UTC launch time). ffmpeg reports its progress
-(`-progress pipe:1`): `out_time_us`, the position on the run's output timeline. The run's *anchor* is the
-wall-clock time of that timeline's zero, estimated as min(wall time at report - out_time) over the first
-reports, then frozen and journaled. A segment's start/end are anchor + its start/end on the timeline
-from ffmpeg's CSV segment list, so consecutive segments of one run are contiguous and do not drift.
-"""
+See docs/design/time.md (the run anchor and segment times)."""
 
 from __future__ import annotations
 
@@ -22,7 +16,7 @@ from pathlib import Path
 
 import ffmpeg
 
-from exam_contract.manifest import VideoInfo
+from exam_contract.manifest import GapCause, VideoInfo
 from exam_contract.redact import redact_credentials
 
 from .config import CameraConfig, source_kind
@@ -41,19 +35,19 @@ _SOURCE_LOST = ("connection reset", "connection refused", "connection timed out"
                 "input/output error", "no such device")
 
 
-def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> str:
+def run_end_cause(camera: CameraConfig, run: "FfmpegRun") -> GapCause:
     """Why a run ended by itself: `disk_full` when ffmpeg could not write (ENOSPC, before the disk keeper's
     next check holds the camera); `camera_unreachable` when the camera never delivered, or when a live
     camera stopped delivering (the stream ended or the network failed); otherwise `recorder_crashed`."""
     said = " ".join(run.stderr_tail).lower()
     if "no space left on device" in said:
-        return "disk_full"
+        return GapCause.DISK_FULL
     if not run.produced:
-        return "camera_unreachable"
+        return GapCause.CAMERA_UNREACHABLE
     if source_kind(camera.source) in ("rtsp", "v4l2"):
         if run.proc.returncode == 0 or any(words in said for words in _SOURCE_LOST):
-            return "camera_unreachable"
-    return "recorder_crashed"
+            return GapCause.CAMERA_UNREACHABLE
+    return GapCause.RECORDER_CRASHED
 
 
 QUIET_LEVELS = frozenset({"info", "verbose", "debug", "trace"})

@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from exam_contract.manifest import VideoInfo
+from exam_contract.manifest import GapCause, VideoInfo
 from exam_contract.redact import redact_source
 
 from .config import CameraConfig
@@ -72,7 +72,7 @@ class CameraRecorder:
         self.restarts = 0
         self._hold: tuple[RecorderState, str] | None = None  # (cause, detail) while the camera must not record
 
-    def hold(self, cause: str, detail: str) -> None:
+    def hold(self, cause: GapCause, detail: str) -> None:
         """Stop recording (gracefully) and stay stopped until `release()`; the sealer states the outage. The
         camera's state meanwhile is `cause` (a RecorderState: ValueError for another)."""
         self._hold = (RecorderState(cause), detail)
@@ -140,7 +140,7 @@ class CameraRecorder:
         while not self._stop.is_set():
             held = self._hold
             if held is not None:
-                self.sealer.submit_outage(self.camera.id, held[0].value, held[1])
+                self.sealer.submit_outage(self.camera.id, GapCause(held[0]), held[1])
                 log.warning("camera %s: not recording (%s): %s", self.camera.id, held[0], held[1])
                 self._set_state(held[0])
                 while self._hold is not None and not self._stop.wait(0.5):
@@ -153,7 +153,7 @@ class CameraRecorder:
             self._set_state(RecorderState.STARTING)
             run = self._launch()
             if run is None:
-                self.sealer.submit_outage(self.camera.id, "camera_unreachable", f"cannot start {self.binary}")
+                self.sealer.submit_outage(self.camera.id, GapCause.CAMERA_UNREACHABLE, f"cannot start {self.binary}")
             else:
                 # Sleeps until ffmpeg's first output or exit, a hold or a stop wakes it (poll_interval is
                 # only a safety net): eight cameras polling five times a second cost more CPU than hashing.
@@ -178,7 +178,7 @@ class CameraRecorder:
                 code = run.proc.returncode
                 detail = run.last_error or (f"ffmpeg killed by signal {signal.Signals(-code).name}" if code < 0
                                             else f"ffmpeg exited with code {code}")
-                if cause == "camera_unreachable" and code == 0:
+                if cause == GapCause.CAMERA_UNREACHABLE and code == 0:
                     detail = f"the camera ended the stream (ffmpeg's last message: {detail})"
                 log.error("camera %s: ffmpeg run %s exited with code %s (%s): %s", self.camera.id, run.run_id,
                           run.proc.returncode, cause, detail)
@@ -246,7 +246,7 @@ class Recorders:
         for recorder in self.by_camera.values():
             recorder.stop()
 
-    def hold_all(self, cause: str, detail: str) -> None:
+    def hold_all(self, cause: GapCause, detail: str) -> None:
         for recorder in self.by_camera.values():
             recorder.hold(cause, detail)
 

@@ -1,5 +1,5 @@
 """The sealer: turns finished recording files and stated outages into signed, chained journal records, one at a
-time, in the order the recorders and the watcher report them (see edge_agent.spool for the sealing order)."""
+time, in the order the recorders and the watcher report them. See docs/design/durability.md (sealing order)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from exam_contract.canonical import format_time, truncate_to_millis
 from exam_contract.files import fsync_dir, hash_file
-from exam_contract.manifest import ClockInfo, Manifest, VideoInfo
+from exam_contract.manifest import ClockInfo, GapCause, Manifest, VideoInfo
 from exam_contract.signing import sign
 
 from .config import CameraConfig, EdgeConfig
@@ -80,10 +80,10 @@ class SealRun:
 
 @dataclass(frozen=True)
 class NoteOutage:
-    """The camera stopped recording, for `cause` (a manifest gap cause)."""
+    """The camera stopped recording, for `cause`."""
 
     camera: str
-    cause: str
+    cause: GapCause
     detail: str | None
 
 
@@ -133,7 +133,7 @@ class Sealer:
         """ffmpeg of this run has exited: seal whatever of it is left (its partial last segment)."""
         self._queue.put(SealRun(camera, run_id))
 
-    def submit_outage(self, camera: str, cause: str, detail: str | None) -> None:
+    def submit_outage(self, camera: str, cause: GapCause, detail: str | None) -> None:
         """The camera stopped recording; a gap record up to its next segment's start follows."""
         self._queue.put(NoteOutage(camera, cause, detail))
 
@@ -164,13 +164,13 @@ class Sealer:
                 log.error("sealer: unknown command %r (a bug)", command)
 
     # --- synchronous work (sealer thread, or startup before the thread runs) ---
-    def note_outage(self, camera: str, cause: str, detail: str | None) -> None:
+    def note_outage(self, camera: str, cause: GapCause, detail: str | None) -> None:
         with self._lock:
             if camera not in self._outages:  # the first cause of an outage names it
                 self._outages[camera] = NoteOutage(camera, cause, detail)
                 log.warning("camera %s: recording interrupted (%s): %s", camera, cause, detail or "")
 
-    def pending_outage(self, camera: str) -> str | None:
+    def pending_outage(self, camera: str) -> GapCause | None:
         with self._lock:
             outage = self._outages.get(camera)
         return outage.cause if outage else None
@@ -192,7 +192,7 @@ class Sealer:
         is preceded by the agent_stopped gap the dead process never got to write."""
         for cam in self.config.cameras:
             if self.journal.camera_state(cam.id).last_end is not None:
-                self.note_outage(cam.id, "agent_stopped", "the edge agent was not recording")
+                self.note_outage(cam.id, GapCause.AGENT_STOPPED, "the edge agent was not recording")
         for rowid, src, dst in self.journal.unmoved():
             if dst.exists():
                 self.journal.set_moved(rowid)
@@ -328,7 +328,7 @@ class Sealer:
         return {"agent": agent.id, "institution": agent.institution, "venue": agent.venue, "room": cam.room,
                 "room_kind": cam.room_kind, "camera": cam.id}
 
-    def _append_gap(self, cam: CameraConfig, start: datetime, end: datetime, cause: str,
+    def _append_gap(self, cam: CameraConfig, start: datetime, end: datetime, cause: GapCause,
                     detail: str | None) -> Record:
         state = self.journal.camera_state(cam.id)
         manifest = Manifest(kind="gap", **self._base(cam), seq=state.last_seq + 1, start=start, end=end,
@@ -348,7 +348,7 @@ class Sealer:
         target = keep_dir / path.name
         record = None
         if end > start:
-            record = self._append_gap(cam, start, end, "corrupt_segment", f"{path.name}: {problem}")
+            record = self._append_gap(cam, start, end, GapCause.CORRUPT_SEGMENT, f"{path.name}: {problem}")
         os.replace(path, target)
         fsync_dir(keep_dir)
         log.error("camera %s: unreadable segment %s kept in %s (%s)", cam.id, path.name, keep_dir, problem)

@@ -1,13 +1,5 @@
 """The spool: finished segments sealed into signed, hash-chained records in a durable journal.
-
-Sealing order (edge_agent.sealer), safe across SIGKILL at any point:
-1. probe and hash the file where ffmpeg left it (recording/),
-2. build and sign the manifest (seq = last + 1, prev = last record hash),
-3. one transaction (synchronous=FULL): insert the record with its source and final paths, bump the camera,
-4. rename the file into spool/{camera}/ under its final name, fsync the directory, mark it moved.
-A crash after 3 leaves a journaled record whose file is still in recording/: `Sealer.recover()` finishes the move.
-A crash before 3 leaves an unjournaled file in recording/: it is sealed again at restart (same seq).
-The design and its reasons: docs/design/durability.md.
+See docs/design/durability.md (sealing order, crash recovery, the journal's invariants).
 
 The code lives in edge_agent.journal, edge_agent.segment_files, edge_agent.probe and edge_agent.sealer; this
 module names it for importers of edge_agent.spool.

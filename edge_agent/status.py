@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from exam_contract.alarms import AlarmCode
 from exam_contract.canonical import format_time, parse_time
 from exam_contract.redact import redact_values
 
@@ -80,7 +81,7 @@ def read_local_status(config: EdgeConfig) -> LocalStatus | None:
 
 class StatusReporter:
     def __init__(self, config: EdgeConfig, journal: Journal, camera_states: Callable[[], Mapping[str, str]],
-                 publish: Callable[..., None], alarms: Callable[[], dict[str, str]] = dict,
+                 publish: Callable[..., None], alarms: Callable[[], dict[AlarmCode, str]] = dict,
                  health: Callable[[], dict[str, tuple[str, ...]]] = dict, interval: float = STATUS_INTERVAL):
         self.config = config
         self.journal = journal

@@ -1,9 +1,6 @@
-"""Uploads journaled records to the collector over MQTT (protocol v1) and journals the collector's replies.
+"""Uploads journaled records to the collector over MQTT (protocol v1) and journals the collector's replies: a
+record is `stored` only on a `stored` reply naming its hash. See docs/design/states.md (record, transfer, reply).
 
-A PUBACK only means the broker took a message; a record is `stored` only on the collector's `stored` reply,
-and only when that reply names this record's hash (`Reply.record`): an answer about other bytes under the
-same file id (a lost journal's record, another agent's) never acknowledges ours. Rejections for reasons an
-operator can cure are retried with backoff and raise the `records_rejected` alarm meanwhile.
 Bytes published but not yet PUBACKed are bounded (paho keeps queued payloads in memory).
 The module stays over 400 lines because the send loop, the reply handling and the PUBACK accounting share the
 active transfers and one lock; the per-record state is edge_agent.transfer.
@@ -23,17 +20,19 @@ from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from exam_contract.alarms import AlarmCode
 from exam_contract.canonical import format_time
 from exam_contract.chunks import chunk_span, expand_ranges
-from exam_contract.protocol import RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, ProtocolError, Reply, encode_fin
+from exam_contract.mqtt import (BrokerRefused, BrokerUnreachable, MqttSettings, connect, connect_in_background,
+                                make_client)
+from exam_contract.protocol import (REASON_INIT_MISSING, RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, ProtocolError,
+                                    Reply, ReplyState, encode_fin)
 from exam_contract.redact import redact_values
 from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
                                   init_topic, reply_topic, status_topic)
 
-from .config import EdgeConfig, MqttConfig
+from .config import EdgeConfig
 from .journal import Journal
 from .transfer import ClockEstimator, Transfer
 
@@ -45,27 +44,18 @@ MAX_ACTIVE_FILES = 4
 REPLY_TIMEOUT = 10.0
 REPLY_TIMEOUT_CAP = 60.0
 SESSION_EXPIRY = 7 * 24 * 3600
-INIT_MISSING = "init_missing"
 REQUEUE_INTERVAL = 5.0          # how often due retries of rejected records are looked for
-ALARM_RECORDS_REJECTED = "records_rejected"
-
-
-class BrokerUnreachable(Exception):
-    """The MQTT broker cannot be reached; the message names host:port."""
-
-
-class BrokerRefused(Exception):
-    """The broker refused the connection (credentials, client id); the message names host:port."""
+MAX_INFLIGHT_MESSAGES = 64
 
 
 class Uploader:
     def __init__(self, config: EdgeConfig, journal: Journal, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_inflight_bytes: int = MAX_INFLIGHT_BYTES, max_active: int = MAX_ACTIVE_FILES,
                  reply_timeout: float = REPLY_TIMEOUT,
-                 on_alarm: Callable[[str, str | None], None] | None = None):
+                 on_alarm: Callable[[AlarmCode, str | None], None] | None = None):
         self.config = config
         self.agent = config.agent.id
-        self.mqtt: MqttConfig = config.mqtt
+        self.mqtt: MqttSettings = config.mqtt
         self.journal = journal
         self.chunk_size = chunk_size
         self.max_inflight_bytes = max_inflight_bytes
@@ -108,19 +98,10 @@ class Uploader:
 
     # --- paho client ---
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.agent, protocol=mqtt.MQTTv5)
-        password = self.mqtt.password()
-        username = self.mqtt.username or (self.agent if password is not None else None)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if self.mqtt.tls:
-            client.tls_set(ca_certs=str(self.mqtt.ca_file) if self.mqtt.ca_file else None,
-                           certfile=str(self.mqtt.cert_file) if self.mqtt.cert_file else None,
-                           keyfile=str(self.mqtt.key_file) if self.mqtt.key_file else None)
+        """Raises PasswordFileError (a ConfigError) when [mqtt] password_file cannot be read."""
+        client = make_client(self.mqtt, self.agent, max_inflight=MAX_INFLIGHT_MESSAGES, default_username=self.agent)
         client.will_set(status_topic(self.agent), json.dumps({"agent": self.agent, "state": "offline"}),
                         qos=1, retain=True)
-        client.max_inflight_messages_set(64)
-        client.reconnect_delay_set(1, 5)  # a venue uplink back after an outage is used within 5 s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -129,34 +110,22 @@ class Uploader:
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect once (before cameras start); raises BrokerUnreachable or BrokerRefused naming host:port."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY
         self.client.connect_timeout = min(timeout, 5.0)
-        try:
-            self.client.connect(self.mqtt.host, self.mqtt.port, keepalive=30, clean_start=False, properties=props)
-        except (OSError, ValueError) as exc:
-            raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.mqtt.address} ({exc}): check "
-                                    "[mqtt] url and that the broker is running") from exc
+        connect(self.client, self.mqtt, SESSION_EXPIRY)
         self.client.loop_start()
         if not self._connect_done.wait(timeout):
             self.client.loop_stop()
-            raise BrokerUnreachable(f"the MQTT broker at {self.mqtt.address} did not answer in {timeout:.0f} s: "
-                                    "check [mqtt] url and the broker")
+            raise BrokerUnreachable.no_answer(self.mqtt.address, timeout)
         code = self._connect_result
         if code is not None and getattr(code, "is_failure", False):
             self.client.disconnect()
             self.client.loop_stop()
-            raise BrokerRefused(f"the MQTT broker at {self.mqtt.address} refused the connection ({code}): check "
-                                "[mqtt] username and password_file (or cert_file/key_file)")
+            raise BrokerRefused(self.mqtt.address, code)
 
     def connect_later(self) -> None:
-        """Record now, upload later: paho keeps trying to reach the broker in the background (1 to 30 s
+        """Record now, upload later: paho keeps trying to reach the broker in the background (1 to 5 s
         apart) and the uploader starts sending once it is connected."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY
-        self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=30, clean_start=False,
-                                  properties=props)
-        self.client.loop_start()
+        connect_in_background(self.client, self.mqtt, SESSION_EXPIRY)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connect_result = reason_code
@@ -358,7 +327,7 @@ class Uploader:
             log.warning("reply for unknown file %s ignored", reply.file_id)
             return
         seq = int(seq_text)
-        if reply.state == "stored":
+        if reply.state == ReplyState.STORED:
             if reply.record is None:
                 log.warning("camera %s seq %s: `stored` reply names no record; not taken as an acknowledgement",
                             camera, seq)
@@ -371,7 +340,7 @@ class Uploader:
             self._finish(reply.file_id)
             if self._rejected_alarm:
                 self._update_rejected_alarm()
-        elif reply.state == "rejected":
+        elif reply.state == ReplyState.REJECTED:
             code = reply.reason_code or ""
             marked, retry_at = self.journal.mark_rejected(camera, seq, reply.reason, reply.record,
                                                          retryable=code in RETRYABLE_REJECTIONS)
@@ -383,7 +352,7 @@ class Uploader:
                 self._update_rejected_alarm()
             self._finish(reply.file_id)
         elif transfer is not None:  # missing
-            if not reply.missing or (reply.reason or "").startswith(INIT_MISSING):
+            if not reply.missing or (reply.reason or "").startswith(REASON_INIT_MISSING):
                 transfer.init_needed = True
                 transfer.queue_all()
             else:
@@ -416,9 +385,9 @@ class Uploader:
         if self._on_alarm is None:
             return
         if oldest is None:
-            self._on_alarm(ALARM_RECORDS_REJECTED, None)
+            self._on_alarm(AlarmCode.RECORDS_REJECTED, None)
             return
-        self._on_alarm(ALARM_RECORDS_REJECTED,
+        self._on_alarm(AlarmCode.RECORDS_REJECTED,
                        f"{count} record(s) rejected by the collector, the oldest camera {oldest.camera} seq "
                        f"{oldest.seq}: {oldest.reason}; enrolment and quota rejections are retried with backoff, "
                        "the others after `exam-edge retry`; the files are kept")

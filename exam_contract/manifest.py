@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from .canonical import canonical_bytes, format_time, parse_time, sha256_hex
@@ -14,13 +15,19 @@ MANIFEST_VERSION = 1
 RoomKind = Literal["theory", "practical"]
 RecordKind = Literal["segment", "gap"]
 ROOM_KINDS: tuple[str, ...] = ("theory", "practical")
-GAP_CAUSES: tuple[str, ...] = (
-    "camera_unreachable",
-    "recorder_crashed",
-    "corrupt_segment",
-    "disk_full",
-    "agent_stopped",
-)
+
+
+class GapCause(StrEnum):
+    """Why a camera did not record, as a gap record states it (`cause`)."""
+
+    CAMERA_UNREACHABLE = "camera_unreachable"  # the camera never delivered, or stopped delivering
+    RECORDER_CRASHED = "recorder_crashed"      # ffmpeg ended for another reason
+    CORRUPT_SEGMENT = "corrupt_segment"        # a finished segment could not be read; set aside, not uploaded
+    DISK_FULL = "disk_full"                    # the agent held its cameras (or ffmpeg could not write)
+    AGENT_STOPPED = "agent_stopped"            # the edge agent was not running (or its journal started anew)
+
+
+GAP_CAUSES: tuple[str, ...] = tuple(cause.value for cause in GapCause)
 
 
 # Bounds on what a signed manifest may carry: a signature proves who sent a field, not that it is sane.
@@ -82,7 +89,7 @@ class Manifest:
     video: VideoInfo | None = None
     clock: ClockInfo = field(default_factory=ClockInfo)
     health: tuple[str, ...] = ()
-    cause: str | None = None  # gap records only: one of GAP_CAUSES
+    cause: str | None = None  # gap records only: a GapCause
     detail: str | None = None  # free text for a gap (e.g. ffmpeg's last error line)
     v: int = MANIFEST_VERSION
 
@@ -161,8 +168,10 @@ class Manifest:
         if seq > 1 and prev is None:
             raise ManifestError("manifest.prev: null but seq > 1")
         cause = raw.get("cause")
-        if kind == "gap" and cause not in GAP_CAUSES:
-            raise ManifestError(f"manifest.cause: {cause!r} is not one of {', '.join(GAP_CAUSES)}")
+        if kind == "gap":
+            if cause not in GAP_CAUSES:
+                raise ManifestError(f"manifest.cause: {cause!r} is not one of {', '.join(GAP_CAUSES)}")
+            cause = GapCause(cause)
         detail = raw.get("detail")
         if detail is not None and (not isinstance(detail, str) or len(detail) > MAX_DETAIL_CHARS):
             raise ManifestError(f"manifest.detail: must be null or text of at most {MAX_DETAIL_CHARS} characters")

@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from .canonical import format_time, parse_time
 from .chunks import chunk_count
 from .identifiers import is_file_id, is_identifier
 from .manifest import Manifest, ManifestError, is_hex64
 
-ReplyState = Literal["stored", "missing", "rejected"]
-REPLY_STATES: tuple[str, ...] = ("stored", "missing", "rejected")
+
+class ReplyState(StrEnum):
+    """What the collector says about one record (`reply.state`)."""
+
+    STORED = "stored"        # the record is stored: the agent's acknowledgement
+    MISSING = "missing"      # chunks (or the init) are missing: the agent sends them again
+    REJECTED = "rejected"    # refused; `reason` starts with a RejectionCode
+
+
+REPLY_STATES: tuple[str, ...] = tuple(state.value for state in ReplyState)
+
+# The reason of a `missing` reply (before ": detail") when the collector holds no init for the record: the
+# agent sends the init and every chunk again.
+REASON_INIT_MISSING = "init_missing"
 
 
 class ProtocolError(ValueError):
@@ -106,6 +119,7 @@ class Reply:
             state = raw["state"]
             if state not in REPLY_STATES:
                 raise ProtocolError(f"reply.state: {state!r} unknown")
+            state = ReplyState(state)
             record = raw.get("record")
             if record is not None and not is_hex64(record):
                 raise ProtocolError("reply.record: not 64 lowercase hex characters")
@@ -218,36 +232,56 @@ class ChainHeads:
             raise ProtocolError(f"chain heads: malformed ({exc})") from exc
 
 
-__all__ = ["InitMessage", "Reply", "ProtocolError", "ManifestError", "REPLY_STATES", "encode_fin", "decode_fin",
-           "ChainRequest", "ChainHeads", "ChainHead", "is_file_id"]
+__all__ = ["InitMessage", "Reply", "ReplyState", "RejectionCode", "ProtocolError", "ManifestError", "REPLY_STATES",
+           "REASON_INIT_MISSING", "encode_fin", "decode_fin", "ChainRequest", "ChainHeads", "ChainHead", "is_file_id"]
 
-# Rejection reasons the collector puts in `reply.reason` (prefix before ": detail").
-REJECT_MALFORMED = "malformed"
-REJECT_UNKNOWN_AGENT = "unknown_agent"
-REJECT_VENUE_MISMATCH = "venue_mismatch"
-REJECT_AGENT_MISMATCH = "agent_mismatch"
-REJECT_BAD_SIGNATURE = "bad_signature"
-REJECT_WRONG_CHUNK_COUNT = "wrong_chunk_count"
-REJECT_HASH_MISMATCH = "hash_mismatch"
-REJECT_SIZE_MISMATCH = "size_mismatch"
-REJECT_SEQ_REPLAYED = "seq_replayed"
-REJECT_CHAIN_BROKEN = "chain_broken"
-REJECT_INSTITUTION_MISMATCH = "institution_mismatch"
-REJECT_TOO_LARGE = "too_large"                  # size above the collector's [ingest] max_segment_mb
-REJECT_BAD_CHUNK_SIZE = "bad_chunk_size"        # chunk_size outside the collector's allowed range
-REJECT_EMPTY_SEGMENT = "empty_segment"          # a segment of 0 bytes covers nothing
-REJECT_IMPLAUSIBLE = "implausible_record"       # times, duration or size that cannot describe real footage
-REJECT_TOO_MANY_TRANSFERS = "too_many_transfers"  # the agent has too many unfinished uploads open
-REJECT_STAGING_FULL = "staging_full"            # the agent's unfinished uploads would exceed its staging quota
-REJECT_UNSAFE_PATH = "unsafe_path"              # the storage path would leave storage_dir
 
-REJECTION_CODES: tuple[str, ...] = (
-    REJECT_MALFORMED, REJECT_UNKNOWN_AGENT, REJECT_VENUE_MISMATCH, REJECT_AGENT_MISMATCH, REJECT_BAD_SIGNATURE,
-    REJECT_WRONG_CHUNK_COUNT, REJECT_HASH_MISMATCH, REJECT_SIZE_MISMATCH, REJECT_SEQ_REPLAYED, REJECT_CHAIN_BROKEN,
-    REJECT_INSTITUTION_MISMATCH, REJECT_TOO_LARGE, REJECT_BAD_CHUNK_SIZE, REJECT_EMPTY_SEGMENT, REJECT_IMPLAUSIBLE,
-    REJECT_TOO_MANY_TRANSFERS, REJECT_STAGING_FULL, REJECT_UNSAFE_PATH)
+class RejectionCode(StrEnum):
+    """Why the collector rejected a record: the prefix of `reply.reason` before ": detail"."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_AGENT = "unknown_agent"
+    VENUE_MISMATCH = "venue_mismatch"
+    AGENT_MISMATCH = "agent_mismatch"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_CHUNK_COUNT = "wrong_chunk_count"
+    HASH_MISMATCH = "hash_mismatch"
+    SIZE_MISMATCH = "size_mismatch"
+    SEQ_REPLAYED = "seq_replayed"
+    CHAIN_BROKEN = "chain_broken"
+    INSTITUTION_MISMATCH = "institution_mismatch"
+    TOO_LARGE = "too_large"                    # size above the collector's [ingest] max_segment_mb
+    BAD_CHUNK_SIZE = "bad_chunk_size"          # chunk_size outside the collector's allowed range
+    EMPTY_SEGMENT = "empty_segment"            # a segment of 0 bytes covers nothing
+    IMPLAUSIBLE = "implausible_record"         # times, duration or size that cannot describe real footage
+    TOO_MANY_TRANSFERS = "too_many_transfers"  # the agent has too many unfinished uploads open
+    STAGING_FULL = "staging_full"              # the agent's unfinished uploads would exceed its staging quota
+    UNSAFE_PATH = "unsafe_path"                # the storage path would leave storage_dir
+
+
+# The names the code used before RejectionCode.
+REJECT_MALFORMED = RejectionCode.MALFORMED
+REJECT_UNKNOWN_AGENT = RejectionCode.UNKNOWN_AGENT
+REJECT_VENUE_MISMATCH = RejectionCode.VENUE_MISMATCH
+REJECT_AGENT_MISMATCH = RejectionCode.AGENT_MISMATCH
+REJECT_BAD_SIGNATURE = RejectionCode.BAD_SIGNATURE
+REJECT_WRONG_CHUNK_COUNT = RejectionCode.WRONG_CHUNK_COUNT
+REJECT_HASH_MISMATCH = RejectionCode.HASH_MISMATCH
+REJECT_SIZE_MISMATCH = RejectionCode.SIZE_MISMATCH
+REJECT_SEQ_REPLAYED = RejectionCode.SEQ_REPLAYED
+REJECT_CHAIN_BROKEN = RejectionCode.CHAIN_BROKEN
+REJECT_INSTITUTION_MISMATCH = RejectionCode.INSTITUTION_MISMATCH
+REJECT_TOO_LARGE = RejectionCode.TOO_LARGE
+REJECT_BAD_CHUNK_SIZE = RejectionCode.BAD_CHUNK_SIZE
+REJECT_EMPTY_SEGMENT = RejectionCode.EMPTY_SEGMENT
+REJECT_IMPLAUSIBLE = RejectionCode.IMPLAUSIBLE
+REJECT_TOO_MANY_TRANSFERS = RejectionCode.TOO_MANY_TRANSFERS
+REJECT_STAGING_FULL = RejectionCode.STAGING_FULL
+REJECT_UNSAFE_PATH = RejectionCode.UNSAFE_PATH
+
+REJECTION_CODES: tuple[RejectionCode, ...] = tuple(RejectionCode)
 # Rejections an operator or time can cure (an enrolment to fix, a quota that frees up): the agent keeps the
 # record and retries it with backoff, raising an alarm meanwhile. The others need `exam-edge retry`.
-RETRYABLE_REJECTIONS: frozenset[str] = frozenset({
-    REJECT_UNKNOWN_AGENT, REJECT_BAD_SIGNATURE, REJECT_VENUE_MISMATCH, REJECT_INSTITUTION_MISMATCH,
-    REJECT_TOO_MANY_TRANSFERS, REJECT_STAGING_FULL})
+RETRYABLE_REJECTIONS: frozenset[RejectionCode] = frozenset({
+    RejectionCode.UNKNOWN_AGENT, RejectionCode.BAD_SIGNATURE, RejectionCode.VENUE_MISMATCH,
+    RejectionCode.INSTITUTION_MISMATCH, RejectionCode.TOO_MANY_TRANSFERS, RejectionCode.STAGING_FULL})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,6 +12,23 @@ MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 class ConfigError(Exception):
     """The config is unusable; the message names the TOML key and the fix."""
+
+
+def load_file(path: Path, missing_fix: str) -> dict[str, Any]:
+    """The TOML document in `path`; `missing_fix` tells how to create the file when it does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist: {missing_fix}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}): fix the path or its "
+                          "permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc}): save it as UTF-8") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from exc
 
 
 def table(raw: dict[str, Any], name: str, *, required: bool, init_command: str) -> dict[str, Any]:

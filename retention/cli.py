@@ -13,22 +13,14 @@ from pathlib import Path
 
 import click
 
-from collector.cli import EXIT_GAPS, EXIT_INTEGRITY, Fail, run_main
-from collector.config import CollectorConfig, load_config
+from collector.cli import DEFAULT_CONFIG, CliContext, CommandError, run_main
+from exam_contract import exitcodes
 
 PROG = "exam-retention"
-DEFAULT_CONFIG = Path("/etc/exam-collector/collector.toml")
 
 
-class Obj:
-    def __init__(self, config_path: Path | None) -> None:
-        self.config_path = config_path
-        self._config: CollectorConfig | None = None
-
-    def config(self) -> CollectorConfig:
-        if self._config is None:
-            self._config = load_config(self.config_path or DEFAULT_CONFIG)
-        return self._config
+class RetentionContext(CliContext):
+    """The collector's CLI context, with the database sessions and the collector key the commands need."""
 
     def sessions(self):  # -> sessionmaker[Session]
         from collector.db import (DatabaseUrlError, check_connection, current_revision, describe_url,
@@ -38,12 +30,12 @@ class Obj:
         try:
             engine = make_engine(cfg.database_url)
         except DatabaseUrlError as exc:
-            raise Fail(f"[collector] database_url: {exc}")
+            raise CommandError(f"[collector] database_url: {exc}")
         check_connection(engine, cfg.database_url)
         current, head = current_revision(engine), head_revision()
         if current != head:
-            raise Fail(f"database {describe_url(cfg.database_url)} is at schema revision {current or 'none'}, "
-                       f"not {head}: run `exam-collector --config {self.config_path or DEFAULT_CONFIG} db upgrade`")
+            raise CommandError(f"database {describe_url(cfg.database_url)} is at schema revision "
+                               f"{current or 'none'}, not {head}: run `exam-collector --config {self.path} db upgrade`")
         return session_factory(engine)
 
     def signing_key(self):  # -> Ed25519PrivateKey
@@ -63,7 +55,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    ctx.obj = Obj(config_path)
+    ctx.obj = RetentionContext(config_path)
 
 
 # ---------------------------------------------------------------------------- verify-log
@@ -80,7 +72,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
                                    "the database; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Path, ...], as_json: bool) -> None:
+def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_files: tuple[Path, ...], as_json: bool) -> None:
     """Prove the audit log's hash chain and every signed checkpoint (exit 4 names the first bad entry)."""
     from collector.audit import CheckpointCopyError, check_copy_signature, load_checkpoint_copy
     from collector.audit import verify_log as verify
@@ -90,7 +82,7 @@ def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Pat
         try:
             public = parse_public_key(pubkey)
         except PublicKeyError as exc:
-            raise Fail(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes")
+            raise CommandError(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes")
     else:
         public = obj.signing_key().public_key()
     copies = []
@@ -101,7 +93,7 @@ def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Pat
                 check_copy_signature(copy, public)
             # a copy signed before a key rotation is checked against the key the rotations vouch for
         except CheckpointCopyError as exc:
-            raise Fail(f"--checkpoint {exc}")
+            raise CommandError(f"--checkpoint {exc}")
         copies.append(copy)
     with obj.sessions()() as session:
         report = verify(session, public, max_age=timedelta(minutes=max_age), copies=copies)
@@ -122,7 +114,7 @@ def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Pat
         for p in report.problems:
             click.echo(f"  entry {p.seq if p.seq is not None else '-'}: {p.what}")
     if not report.ok:
-        raise SystemExit(EXIT_INTEGRITY)
+        raise SystemExit(exitcodes.INTEGRITY)
 
 
 # ---------------------------------------------------------------------------- enforce
@@ -131,7 +123,7 @@ def verify_log(obj: Obj, pubkey: str | None, max_age: int, copy_files: tuple[Pat
 @click.option("--dry-run", is_flag=True, help="Print the plan and totals; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_obj
-def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
+def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
     """Delete footage past its retention floor and not under hold (tombstone first, rows kept)."""
     from collector import audit
     from collector.footage_store import store_for
@@ -143,7 +135,7 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
     try:
         policy.check()
     except PolicyError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     pre = timedelta(minutes=cfg.coverage.pre_margin_minutes)
     post = timedelta(minutes=cfg.coverage.post_margin_minutes)
     key = None if dry_run else obj.signing_key()  # a real run must be able to sign its checkpoint
@@ -154,7 +146,7 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
         with sessions() as session:
             plan = build_plan(session, policy, now, store, pre, post)
     except ClockError as exc:
-        raise Fail(str(exc))
+        raise CommandError(str(exc))
     if as_json:
         click.echo(json.dumps(plan.as_json(), ensure_ascii=False, indent=2))
     else:
@@ -191,7 +183,7 @@ def enforce(obj: Obj, dry_run: bool, as_json: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a tty).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None:
+def scrub(obj: RetentionContext, sample: float, progress: bool | None, as_json: bool) -> None:
     """Re-hash stored files; find missing, orphan and altered files and chain breaks (exit 4 on any)."""
     from collector.audit import checkpoint_after_command
     from collector.footage_store import store_for
@@ -212,7 +204,7 @@ def scrub(obj: Obj, sample: float, progress: bool | None, as_json: bool) -> None
             click.echo(f"  {p.kind}: {p.item}: {p.what}")
     checkpoint_after_command(sessions, cfg.key_file)
     if result.problems:
-        raise SystemExit(EXIT_INTEGRITY)
+        raise SystemExit(exitcodes.INTEGRITY)
 
 
 def _actor() -> str:
@@ -227,7 +219,7 @@ def _day(text: str, option: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise Fail(f"{option} {text!r} is not a date: write YYYY-MM-DD (a day in Asia/Shanghai)")
+        raise CommandError(f"{option} {text!r} is not a date: write YYYY-MM-DD (a day in Asia/Shanghai)")
 
 
 @cli.command("audit")
@@ -236,14 +228,14 @@ def _day(text: str, option: str) -> date:
 @click.option("--format", "fmt", type=click.Choice(["json", "csv", "html"]), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Report file.")
 @click.pass_obj
-def audit_cmd(obj: Obj, from_text: str, to_text: str, fmt: str, out: Path) -> None:
+def audit_cmd(obj: RetentionContext, from_text: str, to_text: str, fmt: str, out: Path) -> None:
     """Coverage-gap report for the period across institutions, venues and batches (exit 3 on any gap)."""
     from collector.audit import checkpoint_after_command
     from .report import build_report, write_report
 
     first, last = _day(from_text, "--from"), _day(to_text, "--to")
     if last < first:
-        raise Fail(f"--to {last} is before --from {first}: swap them")
+        raise CommandError(f"--to {last} is before --from {first}: swap them")
     cfg = obj.config()
     sessions = obj.sessions()
     report = build_report(sessions, cfg, first, last, now=datetime.now(timezone.utc),
@@ -252,12 +244,12 @@ def audit_cmd(obj: Obj, from_text: str, to_text: str, fmt: str, out: Path) -> No
     try:
         write_report(report, fmt, out)
     except OSError as exc:
-        raise Fail(f"cannot write --out {out}: {exc.strerror}; choose a writable path")
+        raise CommandError(f"cannot write --out {out}: {exc.strerror}; choose a writable path")
     click.echo(f"audit {first}..{last}: {report.totals.parts} batch parts ({report.totals.parts_with_gaps} with gaps), "
                f"{report.totals.cameras} cameras, {report.totals.gaps} gaps totalling "
                f"{report.totals.gap_seconds:.0f} s; wrote {out}")
     if report.totals.gaps:
-        raise SystemExit(EXIT_GAPS)
+        raise SystemExit(exitcodes.GAPS)
 
 
 # ---------------------------------------------------------------------------- entry point

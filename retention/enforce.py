@@ -1,10 +1,5 @@
-"""`exam-retention enforce`: gather facts from the database, ask the pure policy, delete what it allows.
-
-For each deletion, in this order (a crash between steps leaves a state the next run finishes):
-1. the tombstone (segment, hashes, path, reason) is committed to the audit log;
-2. the file is deleted from the footage store (`FootageStore.unlink`, durable when it returns);
-3. the row is marked deleted (`deleted_at`, `deleted_entry`), never erased.
-"""
+"""`exam-retention enforce`: gather facts from the database, ask the pure policy, delete what it allows, each
+deletion tombstone first. See docs/design/retention.md (the procedure and its failure cases)."""
 
 from __future__ import annotations
 

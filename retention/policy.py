@@ -1,20 +1,5 @@
-"""The retention decision: pure, no I/O, no clock, no database. `exam-retention enforce` feeds it facts.
-
-Rule (docs/retention.md states it for operators):
-- Calendar years are counted on the Asia/Shanghai wall clock: the same month, day and time one year
-  later; 29 February plus one year is 1 March.
-- Every stored segment is kept at least one calendar year plus `margin_days` after the later of its own
-  end and its arrival at the collector (`stored_at`, written by the collector's clock). The end comes from
-  the agent's clock; an agent with a clock set back (or reset) must never shorten a keep, so the floor
-  never counts from a moment before the footage reached the collector (Article 11: 保留一年以上).
-- A segment linked to batch parts is kept at least until the latest part's end plus one calendar year
-  plus `margin_days` (and never less than the floor above).
-- An unlinked segment is kept one calendar year plus `margin_days`, or `unlinked_retention_days` after
-  that same later moment when that is longer; a setting below 365 days is refused (see
-  `RetentionPolicy.check`).
-- A segment under an active hold is never deleted. A batch hold whose batch cannot be resolved to its
-  windows holds everything, because what it protects is unknown.
-"""
+"""The retention decision: pure, no I/O, no clock, no database; `exam-retention enforce` feeds it facts.
+See docs/design/retention.md (the keep rule); for operators: docs/retention.md."""
 
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def test_bad_file_lists_rows_then_one_error_line_exit_1(config: Path, tmp_path: 
     lines = err.strip().splitlines()
     assert lines[0].endswith("row 2, end: 2026-11-26 09:00 is not after start 2026-11-26 11:00")
     assert "row 3, part: 'oral' is not theory" in lines[1]
-    assert lines[-1].startswith("exam-collector: error:") and "nothing imported" in lines[-1]
+    assert lines[-1] == (f"exam-collector: error: {bad}: 2 problem(s), nothing imported; fix the rows listed above "
+                         "and import the file again")
     code, out, err = run(capsys, "--config", str(config), "batches", "list")
     assert code == 0 and "尚未导入批次" in out
     code, out, err = run(capsys, "--config", str(config), "batches", "show", "B8")

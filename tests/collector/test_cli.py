@@ -53,7 +53,8 @@ def test_enroll_bad_key_is_one_line_exit_1(configured: Path, capsys) -> None:
     code, out, err = run(capsys, "--config", str(configured), "enroll", "--agent", AGENT, "--venue", VENUE,
                          "--institution", INSTITUTION, "--pubkey", "not-a-key!!")
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith("exam-collector: error: --pubkey") and "Traceback" not in err
+    assert err == ("exam-collector: error: --pubkey: public key is not valid base64; pass the line `exam-edge pubkey` "
+                   "prints\n")
 
 
 def test_re_enrol_with_another_key_needs_replace(configured: Path, capsys) -> None:
@@ -110,14 +111,49 @@ def test_unreachable_database_exit_2_names_it(tmp_path: Path, capsys) -> None:
     run(capsys, "--config", str(config), "init", "--data-dir", str(tmp_path / "d"),
         "--database-url", f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
     code, out, err = run(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 2 and f"127.0.0.1:{port}" in err and err.count("\n") == 1
+    assert code == 2
+    assert err == (f"exam-collector: error: database PostgreSQL 127.0.0.1:{port}/test is unreachable "
+                   "(OperationalError): start it or fix [collector] database_url\n")
 
 
 def test_bad_config_names_the_key(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[collector]\ndata_dir = "/tmp/x"\n[mqtt]\nurl = "http://nope"\n')
     code, out, err = run(capsys, "--config", str(config), "summary")
-    assert code == 1 and "[mqtt] url" in err and err.count("\n") == 1
+    assert code == 1
+    assert err == ("exam-collector: error: [mqtt] url = 'http://nope' is not an MQTT URL: use mqtt://host:1883 or "
+                   "mqtts://host:8883\n")
+
+
+def test_config_that_is_not_utf8_is_one_line_exit_1(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff[collector]\n")
+    code, out, err = run(capsys, "--config", str(config), "summary")
+    assert code == 1
+    assert err == (f"exam-collector: error: config file {config} is not UTF-8 text ('utf-8' codec can't decode byte "
+                   "0xff in position 0: invalid start byte): save it as UTF-8\n")
+
+
+@pytest.mark.parametrize("make, reason, fix", [
+    (lambda path: None, "No such file or directory", "create it or fix the path"),
+    (lambda path: path.mkdir(), "Is a directory", "create it or fix the path"),
+    (lambda path: path.write_bytes(b"\xff\xfe\n"), "not UTF-8 text", "save the password in it as UTF-8 text"),
+])
+def test_unreadable_mqtt_password_file_is_one_line_exit_1(tmp_path: Path, capsys, make, reason: str,
+                                                          fix: str) -> None:
+    """The collector reads [mqtt] password_file when `serve` builds its MQTT client: a file it cannot read is
+    a config error (exit 1, one line), not a traceback."""
+    config = tmp_path / "c.toml"
+    assert run(capsys, "--config", str(config), "init", "--data-dir", str(tmp_path / "d"))[0] == 0
+    assert run(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    config.write_text(config.read_text().replace('# username = "collector-1"',
+                                                 'username = "collector-1"\npassword_file = "mqtt.pass"'))
+    make(tmp_path / "mqtt.pass")
+    code, out, err = run(capsys, "--config", str(config), "serve", "--duration", "1")
+    assert code == 1
+    password_file = (tmp_path / "mqtt.pass").resolve()
+    assert err == (f"exam-collector: error: [mqtt] password_file = '{password_file}' cannot be read ({reason}): "
+                   f"{fix}\n")
 
 
 @pytest.mark.mosquitto
@@ -132,5 +168,15 @@ def test_serve_subprocess(tmp_path: Path, capsys, mosquitto) -> None:
     mosquitto.stop()
     done = subprocess.run([str(BIN), "--config", str(config), "serve", "--duration", "1"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and f"127.0.0.1:{mosquitto.port}" in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("exam-collector: error: MQTT broker")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (f"exam-collector: error: MQTT broker 127.0.0.1:{mosquitto.port} is "
+                                            "unreachable (Connection refused): start it or fix [mqtt] url")
+
+
+def test_verify_py_verdicts_use_the_shared_exit_codes() -> None:
+    """The package's verify.py cannot import exam_contract: its own numbers must stay the shared ones."""
+    from collector import evidence_verify as V
+    from exam_contract import exitcodes
+
+    assert V.EXIT_CODES == {V.OK: exitcodes.OK, V.OK_WITH_GAPS: exitcodes.GAPS, V.NOT_OK: exitcodes.INTEGRITY}
+    assert V.EXIT_INPUT == exitcodes.INPUT

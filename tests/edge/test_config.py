@@ -32,6 +32,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
         assert needle in lines[0]
 
 
+def assert_error_line(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    """stderr is exactly `exam-edge: error: MESSAGE` and nothing else."""
+    assert result.returncode == code, result.stderr
+    assert result.stderr == f"exam-edge: error: {message}\n"
+
+
 def test_valid_config_loads(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, cameras=(Cam(), Cam(id="t101-back"))))
     assert config.agent.id == "jl2201001-01-a"
@@ -93,9 +99,12 @@ def test_existing_file_source_is_accepted(tmp_path: Path) -> None:
 def test_cli_bad_config_one_line_exit_1(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace("segment_seconds = 10", "segment_seconds = 5"))
-    assert_one_line_error(edge("--config", str(path), "run"), 1, "[recording] segment_seconds = 5",
-                          "between 10 and 300")
-    assert_one_line_error(edge("--config", str(tmp_path / "missing.toml"), "pubkey"), 1, "missing.toml")
+    assert_error_line(edge("--config", str(path), "run"), 1,
+                      "[recording] segment_seconds = 5 is out of range 10..300: set a value between 10 and 300")
+    missing = tmp_path / "missing.toml"
+    assert_error_line(edge("--config", str(missing), "pubkey"), 1,
+                      f"config file {missing} does not exist: create it with `exam-edge --config {missing} init ...` "
+                      "or pass --config / EXAM_EDGE_CONFIG")
     (tmp_path / "broken.toml").write_text("[agent\n")
     assert_one_line_error(edge("--config", str(tmp_path / "broken.toml"), "run"), 1, "not valid TOML")
 
@@ -116,8 +125,22 @@ def test_cli_unreachable_broker_exit_2(tmp_path: Path) -> None:
     port = free_port()
     path = write_config(tmp_path, broker_url=f"mqtt://127.0.0.1:{port}")
     result = edge("run", "--duration", "5", env={"EXAM_EDGE_CONFIG": str(path)})
-    assert_one_line_error(result, 2, f"127.0.0.1:{port}")
+    assert_error_line(result, 2, f"MQTT broker 127.0.0.1:{port} is unreachable (Connection refused): start it or "
+                                 "fix [mqtt] url")
     assert not any((tmp_path / "data" / "recording").glob("*/*.ts"))  # no camera was started
+
+
+def test_cli_unreadable_mqtt_password_file_exit_1(tmp_path: Path) -> None:
+    """A password_file that exists (checked at load) but cannot be read as text: one line, no traceback, no
+    camera started."""
+    path = write_config(tmp_path)
+    secret = tmp_path / "mqtt.pass"
+    secret.write_bytes(b"\xff\xfesecret\n")
+    path.write_text(path.read_text().replace("[mqtt]\n", f'[mqtt]\npassword_file = "{secret}"\n', 1))
+    assert_error_line(edge("--config", str(path), "run", "--duration", "5"), 1,
+                      f"[mqtt] password_file = '{secret.resolve()}' cannot be read (not UTF-8 text): save the "
+                      "password in it as UTF-8 text")
+    assert not any((tmp_path / "data" / "recording").glob("*/*.ts"))
 
 
 def test_cli_usage_error_is_exit_1(tmp_path: Path) -> None:
