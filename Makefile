@@ -1,6 +1,7 @@
 # exam-footage: developer entry points (GNU make).
 #   make demo    record 60 s from two synthetic cameras, upload, verify (installs what is missing)
-#   make test    the whole test suite against real mosquitto, ffmpeg, SQLite and PostgreSQL
+#   make test    lint, then the whole test suite against real mosquitto, ffmpeg, SQLite and PostgreSQL
+#   make lint    ruff and mypy (settings in pyproject.toml; tests, bench and demo: ruff only, looser rules)
 #   make bench   throughput benchmarks (see docs/benchmarks.md)
 #   make clean   remove demo-data/ (nothing else)
 
@@ -8,6 +9,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV := .venv
+PACKAGES := exam_contract edge_agent collector retention
 STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
 # pytest-xdist workers: the long tests mostly wait on real-time video, so 4 fit on 2 cores (TEST_WORKERS=0: serial;
@@ -24,11 +26,12 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	&& { command -v $$p; break; }; done)
 
-.PHONY: help venv deps test demo bench bench-long clean
+.PHONY: help venv deps lint test demo bench bench-long clean
 
 help:
 	@echo "make demo   - record $(DEMO_SECONDS) s from two synthetic cameras, upload, verify (DEMO_SECONDS=N)"
-	@echo "make test   - run the test suite (PYTEST_ARGS='...' to pass options)"
+	@echo "make test   - make lint, then run the test suite (PYTEST_ARGS='...' to pass options)"
+	@echo "make lint   - ruff check and mypy"
 	@echo "make bench  - MQTT baseline, ingest, scrub and export benchmarks, see docs/benchmarks.md"
 	@echo "make bench-long - also coverage at a year's scale, backlog drain, agent CPU (an hour or more)"
 	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
@@ -65,7 +68,12 @@ deps:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
-test: deps venv
+lint: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ruff check $(PACKAGES) tests bench demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mypy $(PACKAGES)
+
+# lint first: a lint or type error fails the tests
+test: deps venv lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxschedchunk 2 $(PYTEST_ARGS)
 
 demo: deps venv

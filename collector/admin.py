@@ -63,7 +63,8 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
             if institution is None:
                 raise EnrollError(f"--institution is required to enrol agent {agent}: give its institution code "
                                   "(机构代码), e.g. JL2201001")
-            session.add(Agent(id=agent, venue=venue, institution=institution, public_key=key, enrolled_at=now))
+            row = Agent(id=agent, venue=venue, institution=institution, public_key=key, enrolled_at=now)
+            session.add(row)
             session.flush()
             what = f"enrolled agent {agent} for venue {venue} of institution {institution}"
         else:
@@ -93,7 +94,7 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
                 if institution is not None:
                     row.institution = institution
                 what = f"re-enrolled agent {agent} for venue {venue} (replaced)"
-        _ensure_current_key(session, session.get(Agent, agent), now)
+        _ensure_current_key(session, row, now)
         session.add(IngestEvent(at=now, agent_id=agent, venue=venue, event=EVENT_ENROLLED, reason=None,
                                 detail=f"{what}; key {key} (SHA-256 {fingerprint})"))
         from . import audit
@@ -253,7 +254,8 @@ def verify_all(sessions: sessionmaker[Session], store: FootageStore) -> list[Pro
         same_camera = previous is not None and (previous.venue, previous.camera) == (rec.venue, rec.camera)
         if rec.seq == 1 and rec.prev_hash is not None:
             bad("seq 1 has a prev hash")
-        if same_camera and previous is not None and previous.seq == rec.seq - 1 and rec.prev_hash != previous.record_hash:
+        if (same_camera and previous is not None and previous.seq == rec.seq - 1
+                and rec.prev_hash != previous.record_hash):
             bad(f"chain broken: prev is not the hash of seq {previous.seq}")
         previous = rec
     return problems

@@ -160,7 +160,7 @@ class AlertLoop:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - a failed check (database away) must not end the loop
+            except Exception:  # a failed check (database away) must not end the loop
                 log.exception("alert check failed; retrying in %.0f s", self.interval)
 
     def check(self) -> list[CameraAlert]:
@@ -197,7 +197,7 @@ class AlertLoop:
             else:
                 self.publish(topic, payload, False)
                 self.publish(topic, b"", True)  # removes the retained alert
-        except Exception:  # noqa: BLE001 - the webhook and the log still get it
+        except Exception:  # the webhook and the log still get it
             log.exception("camera %s/%s: could not publish %s to %s", alert.venue, alert.camera, state, topic)
         if self.webhook_url:
             request = urllib.request.Request(self.webhook_url, data=payload, method="POST",

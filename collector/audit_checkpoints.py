@@ -140,7 +140,7 @@ class CheckpointLoop:
 
     def __init__(self, sessions: sessionmaker[Session], key: Ed25519PrivateKey,
                  interval: float = CHECKPOINT_INTERVAL_SECONDS,
-                 publish: Callable[[bytes], None] | None = None) -> None:
+                 publish: Callable[[bytes], object] | None = None) -> None:
         self.sessions = sessions
         self.key = key
         self.interval = interval
@@ -161,7 +161,7 @@ class CheckpointLoop:
         try:
             made = checkpoint_if_changed(self.sessions, self.key, occasion,
                                          max_age=timedelta(seconds=self.interval / 2))
-        except Exception:  # noqa: BLE001 - a failed checkpoint must not stop ingest; the next tick retries
+        except Exception:  # a failed checkpoint must not stop ingest; the next tick retries
             log.exception("audit checkpoint failed")
         if made is not None or occasion == "startup":
             self._publish(made)
@@ -175,7 +175,7 @@ class CheckpointLoop:
                     row = newest_checkpoint(session)
             if row is not None:
                 self.publish(checkpoint_payload(row))
-        except Exception:  # noqa: BLE001 - publishing is a copy; the checkpoint itself is stored
+        except Exception:  # publishing is a copy; the checkpoint itself is stored
             log.exception("publishing the audit checkpoint failed")
 
     def _run(self) -> None:
@@ -234,20 +234,21 @@ def checkpoint_copy_from(data: Any, source: str) -> CheckpointCopy:
     count = data.get("entry_count")
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise bad("entry_count is not a count")
-    texts = {}
+    texts: dict[str, str] = {}   # an optional one that is null stays out
     for name, optional in (("head_hash", True), ("occasion", False), ("public_key", False), ("signature", False),
                            ("prev_hash", True), ("host", True), ("at", False)):
         value = data.get(name)
-        if not (isinstance(value, str) or (optional and value is None)):
+        if isinstance(value, str):
+            texts[name] = value
+        elif not (optional and value is None):
             raise bad(f"{name} is {'missing' if value is None else 'not text'}")
-        texts[name] = value
     try:
         at = parse_time(texts["at"])
     except ValueError as exc:
         raise bad(f"at: {exc}") from None
-    return CheckpointCopy(source=source, version=version, entry_count=count, head_hash=texts["head_hash"], at=at,
-                          occasion=texts["occasion"], public_key=texts["public_key"], prev_hash=texts["prev_hash"],
-                          host=texts["host"], signature=texts["signature"])
+    return CheckpointCopy(source=source, version=version, entry_count=count, head_hash=texts.get("head_hash"), at=at,
+                          occasion=texts["occasion"], public_key=texts["public_key"], prev_hash=texts.get("prev_hash"),
+                          host=texts.get("host"), signature=texts["signature"])
 
 
 def load_checkpoint_copy(path: Path) -> CheckpointCopy:

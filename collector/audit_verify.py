@@ -283,7 +283,8 @@ def _entries(session: Session, chunk: int) -> Iterable[AuditEntry]:
     while True:
         query = select(AuditEntry).order_by(AuditEntry.seq, AuditEntry.id).limit(chunk)
         if after is not None:
-            query = query.where((AuditEntry.seq > after[0]) | ((AuditEntry.seq == after[0]) & (AuditEntry.id > after[1])))
+            query = query.where((AuditEntry.seq > after[0])
+                                | ((AuditEntry.seq == after[0]) & (AuditEntry.id > after[1])))
         rows = list(session.scalars(query))
         if not rows:
             return

@@ -160,7 +160,8 @@ def camera_input(session: Session, venue: str, room: str | None, camera: str, wi
     segments: list[SegmentSpan] = []
     gaps: list[GapRecord] = []
     chain: list[tuple[int, datetime, datetime]] = []   # (seq, start, end) of every record, for the seq holes
-    run_start = run_end = None
+    run_start: datetime | None = None
+    run_end: datetime | None = None
     for records in (((before,) if before is not None else ()), rows, ((after,) if after is not None else ())):
         for seq, kind, r_room, start, end, manifest, suspect in records:
             chain.append((seq, start, end))
@@ -175,27 +176,28 @@ def camera_input(session: Session, venue: str, room: str | None, camera: str, wi
                 if end > run_end:
                     run_end = end
             else:
-                if run_end is not None:
+                if run_start is not None and run_end is not None:
                     segments.append(SegmentSpan(utc(run_start), utc(run_end)))
                 run_start, run_end = start, end
-    if run_end is not None:
+    if run_start is not None and run_end is not None:
         segments.append(SegmentSpan(utc(run_start), utc(run_end)))
-    if any(a[0] >= b[0] for a, b in zip(chain, chain[1:])):
+    if any(a[0] >= b[0] for a, b in zip(chain, chain[1:], strict=False)):
         chain.sort(key=lambda c: c[0])
     holes: list[SeqHole] = []
-    for (seq_a, _, end_a), (seq_b, start_b, _) in zip(chain, chain[1:]):
+    for (seq_a, _, end_a), (seq_b, start_b, _) in zip(chain, chain[1:], strict=False):
         if seq_b > seq_a + 1:
             holes.append(SeqHole(seq_a + 1, seq_b - 1, utc(end_a), utc(start_b)))
     if chain and chain[0][0] > 1 and before is None:
         holes.append(SeqHole(1, chain[0][0] - 1, None, utc(chain[0][1])))
     if holes:
         low, high = min(h.first_seq for h in holes), max(h.last_seq for h in holes)
-        rejected = set(session.scalars(select(IngestEvent.seq).where(
+        rejected = {s for s in session.scalars(select(IngestEvent.seq).where(
             IngestEvent.venue == venue, IngestEvent.camera == camera, IngestEvent.event == EVENT_REJECTED,
-            IngestEvent.seq >= low, IngestEvent.seq <= high)))
+            IngestEvent.seq >= low, IngestEvent.seq <= high)) if s is not None}   # (the bounds exclude null)
         if rejected:
             holes = [SeqHole(h.first_seq, h.last_seq, h.after, h.before,
-                             (CAUSE_MISSING_SEQ, CAUSE_REJECTED) if any(h.first_seq <= s <= h.last_seq for s in rejected)
+                             (CAUSE_MISSING_SEQ, CAUSE_REJECTED)
+                             if any(h.first_seq <= s <= h.last_seq for s in rejected)
                              else (CAUSE_MISSING_SEQ,)) for h in holes]
     last_end = utc(max(c[2] for c in chain)) if chain else None
     return CameraInput(venue, camera, tuple(segments), tuple(gaps), tuple(holes),

@@ -157,7 +157,8 @@ def _rooms_text(rooms: set[tuple[str, str]]) -> str:
     return ", ".join(f"room {room} of {venue}" for venue, room in sorted(rooms))
 
 
-def import_file(sessions: sessionmaker[Session], path: Path, *, actor: str, allow_room_change: bool = False) -> ImportResult:
+def import_file(sessions: sessionmaker[Session], path: Path, *, actor: str,
+                allow_room_change: bool = False) -> ImportResult:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:

@@ -135,11 +135,11 @@ def parse_rows(data: bytes, fmt: str | None = None) -> tuple[list[tuple[int, dic
         if missing:
             raise BatchImportError([RowError(1, c, f"missing column (the header must name {','.join(COLUMNS)})")
                                     for c in missing])
-        for line, values in rows:
-            if len(values) != len(header):
-                errors.append(RowError(line, "row", f"has {len(values)} fields, the header has {len(header)}"))
+        for line, fields in rows:
+            if len(fields) != len(header):
+                errors.append(RowError(line, "row", f"has {len(fields)} fields, the header has {len(header)}"))
                 continue
-            out.append((line, dict(zip(header, values))))
+            out.append((line, dict(zip(header, fields, strict=True))))
     if errors:
         raise BatchImportError(errors)
     if not out:

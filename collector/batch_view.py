@@ -16,7 +16,8 @@ TEXT = {
         "no_camera": "该考场没有已知的摄像头", "unsynced": "时钟未同步的片段", "suspect": "时钟可疑片段",
         "parts": "考场数",
         "tz": "北京时间", "tolerance": "缺口容差", "none": "尚未导入批次",
-        "imported": "已导入 {rows} 行（编码 {encoding}）：新建 {created} 个批次，更新 {updated} 个，未变 {unchanged} 个",
+        "imported": "已导入 {rows} 行（编码 {encoding}）：新建 {created} 个批次，"
+                    "更新 {updated} 个，未变 {unchanged} 个",
         "warning": "注意",
         "complete": "完整", "gaps_status": "有缺口", "no_footage": "无录像", "pending": "进行中/待上传",
         "recorder_crashed": "录像进程崩溃", "camera_unreachable": "摄像头不可达", "corrupt_segment": "片段损坏",
@@ -62,7 +63,8 @@ def render_report(report: BatchReport, lang: str = "zh") -> str:
              f"{L['status']} {_status(lang, report.status)}  ({L['tz']}, {L['tolerance']} "
              f"{report.tolerance_seconds:g} {L['seconds']})"]
     for part in report.parts:
-        span = f"{_t(part.start, '%Y-%m-%d %H:%M')}–{_t(part.end, '%H:%M' if part.start.date() == part.end.date() else '%Y-%m-%d %H:%M')}"
+        end_format = '%H:%M' if part.start.date() == part.end.date() else '%Y-%m-%d %H:%M'
+        span = f"{_t(part.start, '%Y-%m-%d %H:%M')}–{_t(part.end, end_format)}"
         lines.append(f"  {L[part.part]} {part.room}  {L['venue']} {part.venue}  {span}  "
                      f"{L['status']} {_status(lang, part.status)}")
         if not part.coverage.cameras:

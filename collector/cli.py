@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from exam_contract import exitcodes
 from exam_contract.signing import KeyFileError, generate_private_key
 
 from .config import CollectorConfig, ConfigError, load_config, parse_mqtt_url
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 PROG = "exam-collector"
 DEFAULT_CONFIG = Path("/etc/exam-collector/collector.toml")
@@ -161,21 +165,22 @@ def init(obj: CliContext, data_dir: Path | None, broker: str, database_url: str 
         with open(config_path, "x", encoding="utf-8") as handle:
             handle.write(text)
     except KeyFileError as exc:
-        raise CommandError(f"{exc}; or choose another --data-dir")
+        raise CommandError(f"{exc}; or choose another --data-dir") from exc
     except OSError as exc:
-        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}; choose a writable --data-dir/--config")
+        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}; "
+                           "choose a writable --data-dir/--config") from exc
     click.echo(f"wrote {config_path} and key {key_file}; next: {PROG} --config {config_path} db upgrade")
 
 
 # ---------------------------------------------------------------------------- db
 
-def _engine(cfg: CollectorConfig, check_schema: bool = True):  # -> Engine
+def _engine(cfg: CollectorConfig, check_schema: bool = True) -> Engine:
     from .db import DatabaseUrlError, check_connection, current_revision, describe_url, head_revision, make_engine
 
     try:
         engine = make_engine(cfg.database_url)
     except DatabaseUrlError as exc:
-        raise CommandError(f"[collector] database_url: {exc}")
+        raise CommandError(f"[collector] database_url: {exc}") from exc
     check_connection(engine, cfg.database_url)
     if check_schema:
         current, head = current_revision(engine), head_revision()
@@ -232,12 +237,12 @@ def enroll(obj: CliContext, agent: str, venue: str, pubkey: str, institution: st
     try:
         parse_public_key(pubkey)
     except PublicKeyError as exc:
-        raise CommandError(f"--pubkey: {exc}; pass the line `exam-edge pubkey` prints")
+        raise CommandError(f"--pubkey: {exc}; pass the line `exam-edge pubkey` prints") from exc
     engine = _engine(obj.config())
     try:
         click.echo(do_enroll(session_factory(engine), agent, venue, pubkey, institution, replace))
     except EnrollError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     _checkpoint_after(obj)
 
 
@@ -268,7 +273,8 @@ def keys_cmd(obj: CliContext, agent: str | None, as_json: bool) -> None:
 
 
 @cli.command("rotate-key")
-@click.option("--reason", required=True, help="Why the key is replaced (audit log), e.g. yearly rotation or suspected leak.")
+@click.option("--reason", required=True,
+              help="Why the key is replaced (audit log), e.g. yearly rotation or suspected leak.")
 @click.pass_obj
 def rotate_key(obj: CliContext, reason: str) -> None:
     """Replace the collector key (it signs audit checkpoints and evidence packages). Stop every `serve` first.
@@ -349,7 +355,7 @@ def serve(obj: CliContext, duration: float | None, verbose: bool) -> None:
     try:
         http = HttpServer(Portal(cfg, ingest.sessions, checkpoints.key, store=ingest.store), cfg.http.listen)
     except ListenError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
 
     def _stop(signum: int, _frame) -> None:  # noqa: ANN001
         log.info("signal %s: stopping", signum)
@@ -409,7 +415,8 @@ def _fmt_row(lang: str, item) -> str:  # noqa: ANN001
 
 
 @cli.command()
-@click.option("--verify", "do_verify", is_flag=True, help="Re-hash files, re-check signatures and chains (exit 4 on any failure).")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Re-hash files, re-check signatures and chains (exit 4 on any failure).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
 @click.pass_obj
@@ -496,7 +503,7 @@ def hold_add(obj: CliContext, batch_id: str | None, camera: str | None, venue: s
         view = add_hold(session_factory(_engine(obj.config())), batch_id=batch_id, venue=venue, camera=camera,
                         from_at=from_at, to_at=to_at, reason=reason, case_ref=case_ref, actor=local_actor())
     except HoldError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     if camera is not None and venue is None:
         click.echo(f"note: no --venue given, hold {view.id} covers camera {camera} in every venue", err=True)
     if batch_id is not None:
@@ -523,7 +530,7 @@ def hold_release(obj: CliContext, hold_id: int, reason: str) -> None:
     try:
         view = release_hold(session_factory(_engine(obj.config())), hold_id, reason=reason, actor=local_actor())
     except HoldError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     click.echo(f"hold {view.id} on {view.scope()} released")
     _checkpoint_after(obj)
 
@@ -552,7 +559,8 @@ def hold_list(obj: CliContext, include_released: bool, as_json: bool) -> None:
     if not views:
         click.echo("no holds" if include_released else "no active holds")
     for v in views:
-        state = "active" if v.active else f"released {format_time(v.released_at)} by {v.released_by}: {v.release_reason}"
+        state = ("active" if v.released_at is None
+                 else f"released {format_time(v.released_at)} by {v.released_by}: {v.release_reason}")
         click.echo(f"{v.id}  {v.scope()}  case {v.case_ref}  by {v.created_by} {format_time(v.created_at)}  "
                    f"[{state}]  {v.reason}")
 
@@ -586,7 +594,7 @@ def batches_import(obj: CliContext, file: Path, actor: str | None, allow_room_ch
         for error in exc.errors:
             click.echo(f"{file}: {error}", err=True)
         raise CommandError(f"{file}: {len(exc.errors)} problem(s), nothing imported; fix the rows listed above "
-                           "and import the file again")
+                           "and import the file again") from exc
     click.echo(render_import(result, lang))
     _checkpoint_after(obj)
 
@@ -611,8 +619,9 @@ def batches_show(obj: CliContext, batch_id: str, as_json: bool, lang: str) -> No
                                   post_margin_minutes=cfg.coverage.post_margin_minutes,
                                   staging_dir=cfg.staging_dir)
     except BatchNotFound as exc:
-        raise CommandError(str(exc))
-    click.echo(json.dumps(report_json(report), ensure_ascii=False, indent=2) if as_json else render_report(report, lang))
+        raise CommandError(str(exc)) from exc
+    click.echo(json.dumps(report_json(report), ensure_ascii=False, indent=2) if as_json
+               else render_report(report, lang))
     if any(p.status in (STATUS_GAPS, STATUS_NO_FOOTAGE) for p in report.parts):
         raise SystemExit(exitcodes.GAPS)
 
@@ -677,7 +686,7 @@ def export_cmd(obj: CliContext, batch_id: str, out: Path, make_zip: bool, reason
                               batch_id=batch_id, out=out, actor=actor or local_actor(), reason=reason,
                               settings=settings, staging_dir=cfg.staging_dir, progress=bar.update)
     except (ExportError, BatchNotFound) as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     finally:
         bar.close()
     for note in result.notes:
@@ -708,7 +717,7 @@ def verify_package_cmd(package: Path, collector_key: str | None, as_json: bool) 
     try:
         result = verify_package(package, collector_key)
     except PackageUnreadable as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if as_json else result.render())
     if result.exit_code:
         raise SystemExit(result.exit_code)
@@ -724,7 +733,8 @@ def users() -> None:
 @users.command("add")
 @click.argument("username")
 @click.option("--role", type=click.Choice(["inspector", "admin"]), required=True)
-@click.option("--institution", "institutions", multiple=True, help="Institution code (机构代码) an inspector sees; repeat.")
+@click.option("--institution", "institutions", multiple=True,
+              help="Institution code (机构代码) an inspector sees; repeat.")
 @click.pass_obj
 def users_add(obj: CliContext, username: str, role: str, institutions: tuple[str, ...]) -> None:
     """Create an account (password hashed with scrypt): prompted for twice, or one line on stdin when piped."""
@@ -742,7 +752,7 @@ def users_add(obj: CliContext, username: str, role: str, institutions: tuple[str
         user = add_user(session_factory(_engine(obj.config())), username, password, role, institutions,
                         actor=local_actor())
     except UserError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     scope = "all institutions" if user.is_admin else ", ".join(user.institutions)
     click.echo(f"user {user.username} ({user.role}) created; sees {scope}")
     _checkpoint_after(obj)

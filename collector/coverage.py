@@ -192,7 +192,8 @@ def camera_coverage(window: Window, camera: CameraInput, tolerance: timedelta, n
         status = STATUS_GAPS
     else:
         status = STATUS_COMPLETE
-    unsynced = sum(1 for s in camera.segments if not s.clock_synced and _overlaps(s.start, s.end, window.start, window.end))
+    unsynced = sum(1 for s in camera.segments
+                   if not s.clock_synced and _overlaps(s.start, s.end, window.start, window.end))
     suspect = sum(1 for s in camera.segments if s.clock_suspect and _overlaps(s.start, s.end, window.start, window.end))
     return CameraCoverage(camera.venue, camera.camera, covered_seconds, window.seconds, gaps, status, unsynced,
                           suspect)

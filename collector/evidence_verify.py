@@ -5,7 +5,8 @@
 
 Verdicts: OK (exit 0), OK_WITH_GAPS (exit 3: footage intact, the coverage gaps listed were stated),
 NOT_OK (exit 4: each problem listed). This one file is both the `verify.py` shipped inside every package
-and what `exam-collector verify-package` runs, so the two verdicts cannot differ.
+and what `exam-collector verify-package` runs, so the two verdicts cannot differ; that is why it is one
+self-contained file of about 550 lines (it may import nothing from the project).
 
 What is checked:
   1. package.json is signed (package.sig) by the collector key in keys/collector.pub (compare its
@@ -398,7 +399,7 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
                     (start, end, str(manifest.get("room")), tuple(manifest.get("health") or ())))
             parsed.append((seq, manifest, raw))
         parsed.sort(key=lambda item: item[0])
-        for (seq_a, _m_a, raw_a), (seq_b, m_b, _raw_b) in zip(parsed, parsed[1:]):
+        for (seq_a, _m_a, raw_a), (seq_b, m_b, _raw_b) in zip(parsed, parsed[1:], strict=False):
             if seq_b == seq_a:
                 problems.append(f"{label} seq {seq_b}: listed twice")
             elif seq_b == seq_a + 1:

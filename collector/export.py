@@ -29,8 +29,9 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from io import RawIOBase
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
@@ -160,10 +161,11 @@ def _package_keys(session: Session, agent_ids: list[str]) -> PackageKeys:
 
 def _holes(records: list[SegmentRecord]) -> list[dict[str, Any]]:
     return [{"first_seq": a.seq + 1, "last_seq": b.seq - 1, "after": format_time(a.end_at),
-             "before": format_time(b.start_at)} for a, b in zip(records, records[1:]) if b.seq > a.seq + 1]
+             "before": format_time(b.start_at)}
+            for a, b in zip(records, records[1:], strict=False) if b.seq > a.seq + 1]
 
 
-def copy_and_hash(fin: BinaryIO, dst: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+def copy_and_hash(fin: RawIOBase, dst: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Copy the open `fin` to `dst` in one pass, hashing the bytes on the way (sha256 hex, size)."""
     digest = hashlib.sha256()
     size = 0
@@ -231,6 +233,7 @@ def _copy_segments(cameras: list[CameraRecords], folder: Path, store: FootageSto
                                     f"{r.storage_path or '-'} is missing (deleted {r.deleted_at or 'no'})")
                     advance(r.size)
                 else:
+                    sha: str | None
                     if check_hashes:
                         with store.open(r.storage_path) as source:
                             sha, size = copy_and_hash(source, dst, advance)

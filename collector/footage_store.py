@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from exam_contract.files import fsync_dir
 
@@ -78,7 +78,7 @@ class FootageStore(Protocol):
         makes it try `alternate` the same way, then `PathOccupied`. Durable when it returns."""
         ...
 
-    def open(self, relpath: RelPath) -> BinaryIO:
+    def open(self, relpath: RelPath) -> io.RawIOBase:
         """The stored bytes for reading (a context manager); `StoredFileMissing` when absent."""
         ...
 
@@ -161,7 +161,7 @@ class FilesystemStore:
             return Placed(candidate, created=True)
         raise PathOccupied(tried, self)
 
-    def open(self, relpath: RelPath) -> BinaryIO:
+    def open(self, relpath: RelPath) -> io.RawIOBase:
         path = self._path(relpath)
         try:
             return io.open(path, "rb", buffering=0)   # unbuffered: readers read large blocks with readinto

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 
 from exam_contract.identifiers import check_identifier
 from exam_contract.manifest import Manifest, segment_file_name
@@ -34,7 +34,7 @@ def alternate_relpath(relpath: PurePosixPath, seq: int) -> PurePosixPath:
     return relpath.with_name(f"{relpath.stem}~seq{seq}{relpath.suffix}")
 
 
-def check_relpath(relpath: PurePosixPath | str) -> PurePosixPath:
+def check_relpath(relpath: PurePath | str) -> PurePosixPath:
     """`relpath` as a PurePosixPath, after checking it is relative and each component a plain name; the check
     any store makes, whatever it keeps footage in."""
     relpath = PurePosixPath(relpath)

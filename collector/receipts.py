@@ -36,10 +36,11 @@ def utcnow() -> datetime:
 def insert_ignore(session: Session, model: type, rows: list[dict]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on PostgreSQL and SQLite."""
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects import postgresql
+        session.execute(postgresql.insert(model).values(rows).on_conflict_do_nothing())
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    session.execute(insert(model).values(rows).on_conflict_do_nothing())
+        from sqlalchemy.dialects import sqlite
+        session.execute(sqlite.insert(model).values(rows).on_conflict_do_nothing())
 
 
 def delete_receipts(agent: str, file_id: str) -> Delete:

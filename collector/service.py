@@ -116,7 +116,7 @@ class StagingSweeper:
         while not self.stop.wait(self.interval):
             try:
                 removed = self.ingest.sweep_staging(self.ttl)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive a database outage
+            except Exception as exc:  # the loop must survive a database outage
                 code = classify(exc)
                 if code is None:
                     log.exception("staging sweep failed")
@@ -263,7 +263,7 @@ class CollectorService:
                 self.alarms.clear(AlarmCode.DATABASE_UNREACHABLE)
             if topic.part == "chunk" or (reply is not None and reply.state == ReplyState.STORED):
                 self.alarms.clear(AlarmCode.STORAGE_FULL, AlarmCode.STORAGE_ERROR)
-        except Exception as exc:  # noqa: BLE001 - a bad message must never stop the service
+        except Exception as exc:  # a bad message must never stop the service
             self.errors += 1
             code = classify(exc)
             if code is not None:
@@ -354,7 +354,7 @@ class CollectorService:
         try:
             if before_disconnect is not None:
                 before_disconnect()
-        except Exception:  # noqa: BLE001 - the disconnect below must still happen
+        except Exception:  # the disconnect below must still happen
             log.exception("shutdown step failed")
         try:
             self.client.disconnect()

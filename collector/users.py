@@ -136,7 +136,8 @@ def authenticate(sessions: sessionmaker[Session], token: str | None) -> User:
     if not token:
         raise AuthError("not logged in")
     with sessions() as session:
-        found = session.execute(select(PortalSession, PortalUser).join(PortalUser, PortalUser.id == PortalSession.user_id)
+        found = session.execute(select(PortalSession, PortalUser)
+                                .join(PortalUser, PortalUser.id == PortalSession.user_id)
                                 .where(PortalSession.token_hash == _token_hash(token))).first()
     if found is None:
         raise AuthError("not logged in")

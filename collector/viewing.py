@@ -110,7 +110,7 @@ def plan_clips(cameras: list[CameraRecords], tolerance: timedelta, store: Footag
     gaps_between: list[tuple[str, datetime, datetime]] = []
     for cam in cameras:
         runs = gapless_runs(cam.records, tolerance)
-        for a, b in zip(runs, runs[1:]):
+        for a, b in zip(runs, runs[1:], strict=False):
             gaps_between.append((f"{cam.venue}/{cam.camera}", a[-1].end_at, b[0].start_at))
         for run in runs:
             stored = [r.storage_path for r in run if r.storage_path and r.deleted_at is None]

@@ -276,7 +276,7 @@ def create_app(portal: Portal) -> FastAPI:
             visible_batch(session, user, batch_id)
             report = report_of(session, batch_id)
             out = report_json(report)
-            for part_json, part in zip(out["parts"], report.parts):
+            for part_json, part in zip(out["parts"], report.parts, strict=True):
                 records = linked_records(session, part.venue, part.room, part.start, part.end)
                 for cam in part_json["cameras"]:
                     cam["segments"] = [

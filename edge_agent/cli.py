@@ -100,7 +100,8 @@ def _toml_str(value: str) -> str:
 @click.option("--institution", required=True, help="Institution code, e.g. JL2201001.")
 @click.option("--venue", required=True, help="Venue code, e.g. JL2201001-01.")
 @click.option("--broker", required=True, help="Broker URL, e.g. mqtts://collector.example.cn:8883.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory [default: data/ next to the config].")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Data directory [default: data/ next to the config].")
 @click.option("--key-file", type=click.Path(dir_okay=False), help="Key file [default: agent.key next to the config].")
 @click.pass_context
 def init(ctx: click.Context, agent: str, institution: str, venue: str, broker: str, data_dir: str | None,
@@ -283,7 +284,8 @@ def probe(ctx: click.Context, set_reference: bool, camera_ids: tuple[str, ...], 
             click.echo(f"snapshot {probe_result.camera}: {probe_result.snapshot}")
         if set_reference and image is not None:
             try:
-                click.echo(f"reference view {probe_result.camera}: {save_reference(config, probe_result.camera, image)}")
+                saved = save_reference(config, probe_result.camera, image)
+                click.echo(f"reference view {probe_result.camera}: {saved}")
             except ReferenceViewError as exc:
                 fail(str(exc))
     failed = [probe_result.camera for probe_result, _ in results if not probe_result.ok]
@@ -343,7 +345,8 @@ def status(ctx: click.Context) -> None:
     if local is None:
         click.echo("agent: no status reported yet (camera states unknown)")
     else:
-        click.echo(f"agent: {'running' if local.running else 'NOT RUNNING'}, last report {local.time:%Y-%m-%d %H:%M:%S} UTC")
+        click.echo(f"agent: {'running' if local.running else 'NOT RUNNING'}, "
+                   f"last report {local.time:%Y-%m-%d %H:%M:%S} UTC")
         for code, detail in sorted(local.alarms.items()):
             click.echo(f"ALARM {code}: {detail}")
     states = local.cameras if local and local.running else {}

@@ -127,7 +127,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
     known = {"agent", "mqtt", "recording", "camera", "health"}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"[{key}] is not a known section: remove it (known: agent, mqtt, recording, camera, health)")
+            raise ConfigError(f"[{key}] is not a known section: "
+                              "remove it (known: agent, mqtt, recording, camera, health)")
     agent = _agent(_table(raw, "agent"), base_dir)
     mqtt = parse_mqtt_table(_table(raw, "mqtt"), base_dir, files_must_exist=True)
     recording = _recording(_table(raw, "recording", required=False))

@@ -67,7 +67,7 @@ class DiskKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - the keeper must outlive one bad check
+            except Exception:  # the keeper must outlive one bad check
                 log.exception("disk keeper check failed")
 
     def check(self) -> None:

@@ -94,7 +94,7 @@ class ReferenceView:
 
 
 def _orb() -> cv2.ORB:
-    return cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
+    return cv2.ORB.create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
 
 
 def _similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,8 +115,8 @@ def _alignment(reference: ReferenceView, gray: np.ndarray, min_inliers: int) -> 
     matches = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True).match(reference.descriptors, descriptors)
     if len(matches) < min_inliers:
         return None
-    src = np.float32([reference.keypoints[m.queryIdx].pt for m in matches])
-    dst = np.float32([keypoints[m.trainIdx].pt for m in matches])
+    src = np.array([reference.keypoints[m.queryIdx].pt for m in matches], dtype=np.float32)
+    dst = np.array([keypoints[m.trainIdx].pt for m in matches], dtype=np.float32)
     matrix, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=3.0)
     if matrix is None or inliers is None or int(inliers.sum()) < min_inliers:
         return None
@@ -164,10 +164,10 @@ def judge(frames: Sequence[FrameStats], thresholds: HealthThresholds = HealthThr
 
     black = [f.mean < t.black_mean and f.std < t.black_std for f in frames]
     # A lens covered by a hand or paper: an almost uniform picture that is not dark.
-    obstructed = [not b and f.std < t.obstructed_std for f, b in zip(frames, black)]
+    obstructed = [not b and f.std < t.obstructed_std for f, b in zip(frames, black, strict=True)]
     # Out of focus or smeared: contrast is there, edges are not.
     defocused = [not b and not o and f.sharpness < t.defocused_sharpness
-                 for f, b, o in zip(frames, black, obstructed)]
+                 for f, b, o in zip(frames, black, obstructed, strict=True)]
     flags = []
     if most(black):
         flags.append(BLACK)
@@ -176,7 +176,7 @@ def judge(frames: Sequence[FrameStats], thresholds: HealthThresholds = HealthThr
     elif most(defocused):
         flags.append(DEFOCUSED)
     # A uniform picture never changes; only a picture with content can be "frozen".
-    seen = [(f, b or o) for f, b, o in zip(frames, black, obstructed)]
+    seen = [(f, b or o) for f, b, o in zip(frames, black, obstructed, strict=True)]
     if most([f.change < t.frozen_change for f, blank in seen if f.change is not None and not blank]):
         flags.append(FROZEN)
     if most([_moved(f, t) for f, blank in seen if f.similarity is not None and not blank]):

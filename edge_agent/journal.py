@@ -197,6 +197,7 @@ class Journal:
                 self._db.execute("rollback")
                 raise
             rowid = cur.lastrowid
+        assert rowid is not None   # set by the INSERT above
         return self.record(rowid)
 
     def record(self, rowid: int) -> Record:

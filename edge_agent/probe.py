@@ -254,7 +254,8 @@ def format_table(probes: list[CameraProbe]) -> str:
                      f"{p.fps:g}" if p.fps else "-", format_bitrate(p.bitrate),
                      "OK" if p.ok else f"FAIL {p.reason}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+                      for r in rows)
     return redact_credentials(table)
 
 

@@ -149,7 +149,7 @@ class Sealer:
         while (command := self._queue.get()) is not None:
             try:
                 self._do(command)
-            except Exception:  # noqa: BLE001 - the sealer thread must survive one bad file
+            except Exception:  # the sealer thread must survive one bad file
                 log.exception("sealer: %r failed", command)
 
     def _do(self, command: SealerCommand) -> None:
@@ -387,7 +387,7 @@ class Sealer:
         if self._on_sealed is not None:
             try:
                 self._on_sealed(record)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_sealed callback failed")
 
     def _drop_finished_list(self, camera: str, run_id: str) -> None:

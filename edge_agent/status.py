@@ -123,7 +123,7 @@ class StatusReporter:
         while True:
             try:
                 self.report()
-            except Exception:  # noqa: BLE001 - status must never take the agent down
+            except Exception:  # status must never take the agent down
                 log.exception("status report failed")
             if self._stop.wait(self.interval):
                 return
@@ -135,5 +135,5 @@ class StatusReporter:
             self._thread = None
         try:
             self.report()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("final status report failed")

@@ -127,7 +127,7 @@ class Uploader:
         apart) and the uploader starts sending once it is connected."""
         connect_in_background(self.client, self.mqtt, SESSION_EXPIRY)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connect_result = reason_code
         self._connect_done.set()
         if reason_code.is_failure:
@@ -140,13 +140,13 @@ class Uploader:
         self._publish_status()
         self._wake.set()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stop.is_set():
             log.warning("lost connection to MQTT broker %s (%s); reconnecting", self.mqtt.address, reason_code)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             log.error("broker %s refused a publish (%s): check the broker ACL for agent %s",
                       self.mqtt.address, reason_code, self.agent)
@@ -161,7 +161,7 @@ class Uploader:
                 self._inflight_bytes -= size
         self._wake.set()
 
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         received = datetime.now(UTC)
         if message.topic == chain_topic(self.agent):
             self._on_chain_heads(message.payload)
@@ -225,7 +225,7 @@ class Uploader:
             self._wake.clear()
             try:
                 self._step()
-            except Exception:  # noqa: BLE001 - keep uploading whatever happens to one file
+            except Exception:  # keep uploading whatever happens to one file
                 log.exception("uploader step failed")
 
     def _step(self) -> None:

@@ -8,6 +8,7 @@ using one in a path, a topic or a query.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 IDENTIFIER_MAX = 64
 # Letters, digits, '.', '_' and '-', starting with a letter or digit: never '/', '..', a wildcard, a space
@@ -23,7 +24,7 @@ class IdentifierError(ValueError):
     """An id is not usable as a topic level or path component; the message names it and the rule."""
 
 
-def is_identifier(value: object) -> bool:
+def is_identifier(value: object) -> TypeGuard[str]:
     return (isinstance(value, str) and len(value) <= IDENTIFIER_MAX and value.isascii()
             and _IDENTIFIER_RE.fullmatch(value) is not None)
 
@@ -32,7 +33,7 @@ def check_identifier(value: object, what: str) -> str:
     """`value` if it is a valid identifier, else IdentifierError naming `what`."""
     if not is_identifier(value):
         raise IdentifierError(f"{what} {value!r} is not a valid id: use {IDENTIFIER_RULE}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def is_file_id(value: object) -> bool:

@@ -95,7 +95,8 @@ def mqtt_url(url: str, key: str = "[mqtt] url") -> tuple[str, int, bool]:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"{key} = {url!r} is not a valid URL ({exc}): use mqtt://host:1883 or mqtts://host:8883") from exc
+        raise ConfigError(f"{key} = {url!r} is not a valid URL ({exc}): "
+                          "use mqtt://host:1883 or mqtts://host:8883") from exc
     if parts.scheme not in MQTT_DEFAULT_PORTS or not parts.hostname:
         raise ConfigError(f"{key} = {url!r} is not an MQTT URL: use mqtt://host:1883 or mqtts://host:8883")
     return parts.hostname, port or MQTT_DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts"

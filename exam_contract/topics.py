@@ -72,7 +72,7 @@ def parse_segment_topic(topic: str) -> SegmentTopic:
     if not agent or not file_id:
         raise TopicError(f"empty agent or file id in {topic!r}")
     if part in ("init", "fin") and len(parts) == 6:
-        return SegmentTopic(agent, file_id, part)  # type: ignore[arg-type]
+        return SegmentTopic(agent, file_id, part)  # type: ignore[arg-type]  # `in` does not narrow str to the Literal
     if part == "chunk" and len(parts) == 7 and parts[6].isascii() and parts[6].isdigit():
         return SegmentTopic(agent, file_id, "chunk", int(parts[6]))
     raise TopicError(f"unknown segment topic part in {topic!r}")

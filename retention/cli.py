@@ -30,7 +30,7 @@ class RetentionContext(CliContext):
         try:
             engine = make_engine(cfg.database_url)
         except DatabaseUrlError as exc:
-            raise CommandError(f"[collector] database_url: {exc}")
+            raise CommandError(f"[collector] database_url: {exc}") from exc
         check_connection(engine, cfg.database_url)
         current, head = current_revision(engine), head_revision()
         if current != head:
@@ -72,7 +72,8 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
                                    "the database; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_files: tuple[Path, ...], as_json: bool) -> None:
+def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_files: tuple[Path, ...],
+               as_json: bool) -> None:
     """Prove the audit log's hash chain and every signed checkpoint (exit 4 names the first bad entry)."""
     from collector.audit import CheckpointCopyError, check_copy_signature, load_checkpoint_copy
     from collector.audit import verify_log as verify
@@ -82,7 +83,7 @@ def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_fil
         try:
             public = parse_public_key(pubkey)
         except PublicKeyError as exc:
-            raise CommandError(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes")
+            raise CommandError(f"--pubkey: {exc}; pass the collector's public key as base64 of 32 bytes") from exc
     else:
         public = obj.signing_key().public_key()
     copies = []
@@ -93,7 +94,7 @@ def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_fil
                 check_copy_signature(copy, public)
             # a copy signed before a key rotation is checked against the key the rotations vouch for
         except CheckpointCopyError as exc:
-            raise CommandError(f"--checkpoint {exc}")
+            raise CommandError(f"--checkpoint {exc}") from exc
         copies.append(copy)
     with obj.sessions()() as session:
         report = verify(session, public, max_age=timedelta(minutes=max_age), copies=copies)
@@ -135,7 +136,7 @@ def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
     try:
         policy.check()
     except PolicyError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     pre = timedelta(minutes=cfg.coverage.pre_margin_minutes)
     post = timedelta(minutes=cfg.coverage.post_margin_minutes)
     key = None if dry_run else obj.signing_key()  # a real run must be able to sign its checkpoint
@@ -146,7 +147,7 @@ def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
         with sessions() as session:
             plan = build_plan(session, policy, now, store, pre, post)
     except ClockError as exc:
-        raise CommandError(str(exc))
+        raise CommandError(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(plan.as_json(), ensure_ascii=False, indent=2))
     else:
@@ -218,8 +219,8 @@ def _actor() -> str:
 def _day(text: str, option: str) -> date:
     try:
         return date.fromisoformat(text)
-    except ValueError:
-        raise CommandError(f"{option} {text!r} is not a date: write YYYY-MM-DD (a day in Asia/Shanghai)")
+    except ValueError as exc:
+        raise CommandError(f"{option} {text!r} is not a date: write YYYY-MM-DD (a day in Asia/Shanghai)") from exc
 
 
 @cli.command("audit")
@@ -244,7 +245,7 @@ def audit_cmd(obj: RetentionContext, from_text: str, to_text: str, fmt: str, out
     try:
         write_report(report, fmt, out)
     except OSError as exc:
-        raise CommandError(f"cannot write --out {out}: {exc.strerror}; choose a writable path")
+        raise CommandError(f"cannot write --out {out}: {exc.strerror}; choose a writable path") from exc
     click.echo(f"audit {first}..{last}: {report.totals.parts} batch parts ({report.totals.parts_with_gaps} with gaps), "
                f"{report.totals.cameras} cameras, {report.totals.gaps} gaps totalling "
                f"{report.totals.gap_seconds:.0f} s; wrote {out}")

@@ -166,7 +166,7 @@ def _continuity(session: Session, lo: datetime, hi: datetime) -> tuple[list[Came
     for (venue, camera), recs in by_camera.items():
         institution = recs[0].institution
         seqs = [r.seq for r in recs]
-        missing = [s for a, b in zip(seqs, seqs[1:]) for s in range(a + 1, b)]
+        missing = [s for a, b in zip(seqs, seqs[1:], strict=False) for s in range(a + 1, b)]
         # Records just before the period close holes at its start: look one record back.
         first = session.scalar(select(SegmentRecord.seq).where(
             SegmentRecord.venue == venue, SegmentRecord.camera == camera, SegmentRecord.seq < seqs[0])
@@ -244,8 +244,8 @@ def build_report(sessions: sessionmaker[Session], cfg: CollectorConfig, first: d
         suspects = _clock_suspect(session, lo, hi)
     gaps.extend(seq_gaps)
     statuses: dict[str, int] = defaultdict(int)
-    for p in parts:
-        statuses[p.status] += 1
+    for row in parts:
+        statuses[row.status] += 1
     totals = Totals(
         institutions=len({p.institution for p in parts} | {c.institution for c in cameras}),
         venues=len({p.venue for p in parts} | {c.venue for c in cameras}),

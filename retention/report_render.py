@@ -16,13 +16,13 @@ from exam_contract.canonical import format_time
 from .policy import SHANGHAI
 
 if TYPE_CHECKING:
-    from .report import AuditReport
+    from .report import AuditReport, Outage
 
 CAUSES_ZH = {
     "camera_unreachable": "摄像头无法连接", "recorder_crashed": "录像进程崩溃", "corrupt_segment": "片段损坏",
     "disk_full": "磁盘已满", "agent_stopped": "采集端已停止", "missing_seq": "片段序号缺失",
-    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "clock_suspect": "时钟可疑", "health_black": "黑屏",
-    "health_frozen": "画面冻结", "health_obstructed": "画面遮挡", "unknown": "原因不明",
+    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "clock_suspect": "时钟可疑",
+    "health_black": "黑屏", "health_frozen": "画面冻结", "health_obstructed": "画面遮挡", "unknown": "原因不明",
 }
 STATUS_ZH = {"complete": "完整", "gaps": "有缺口", "no_footage": "无录像", "pending": "待定（未结束或上传中）"}
 PART_ZH = {"theory": "理论知识考场", "practical": "操作技能考场"}
@@ -93,6 +93,10 @@ def _causes_zh(causes: tuple[str, ...]) -> str:
     return "、".join(CAUSES_ZH.get(c, c) for c in causes)
 
 
+def _outages_zh(outages: tuple[Outage, ...]) -> str:
+    return "、".join(f"{local(o.start)}–{local(o.end)} {CAUSES_ZH.get(o.cause, o.cause)}" for o in outages)
+
+
 def report_html(r: AuditReport) -> str:
     e = html.escape
     t = r.totals
@@ -103,14 +107,15 @@ def report_html(r: AuditReport) -> str:
         f"<td>{e(STATUS_ZH.get(p.status, p.status))}</td><td>{p.gaps}</td></tr>" for p in r.parts) \
         or "<tr><td colspan=\"12\">本期间无考试批次</td></tr>"
     rows_gaps = "".join(
-        f"<tr><td>{'批次缺口' if g.source == 'batch' else '序号缺失'}</td><td>{e(g.institution)}</td><td>{e(g.venue)}</td>"
+        f"<tr><td>{'批次缺口' if g.source == 'batch' else '序号缺失'}</td><td>{e(g.institution)}</td>"
+        f"<td>{e(g.venue)}</td>"
         f"<td>{e(g.batch_id or '—')}</td><td>{e(g.room)}</td><td>{e(g.camera)}</td><td>{e(local(g.start))}</td>"
         f"<td>{e(local(g.end))}</td><td>{g.seconds:.0f}</td><td>{e(_causes_zh(g.causes))}</td>"
         f"<td>{e(g.seqs or '')}</td></tr>" for g in r.gaps) or "<tr><td colspan=\"11\">未发现缺口</td></tr>"
     rows_cams = "".join(
         f"<tr><td>{e(c.institution)}</td><td>{e(c.venue)}</td><td>{e(c.camera)}</td><td>{e('、'.join(c.rooms))}</td>"
         f"<td>{c.segments}</td><td>{c.seconds_recorded:.0f}</td><td>{c.gap_records}</td>"
-        f"<td>{e('、'.join(f'{local(o.start)}–{local(o.end)} {CAUSES_ZH.get(o.cause, o.cause)}' for o in c.outages) or '—')}</td>"
+        f"<td>{e(_outages_zh(c.outages) or '—')}</td>"
         f"<td>{e(','.join(str(s) for s in c.missing_seqs) or '—')}</td></tr>" for c in r.cameras) \
         or "<tr><td colspan=\"9\">本期间无录像记录</td></tr>"
     rows_suspect = "".join(

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import IO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -131,15 +132,16 @@ def _item(rec: SegmentRecord) -> str:
 def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, list[FileToHash], set[str], set[str]]:
     """Signatures (each with the key that verified it at ingest, from the agent's key history), manifests and
     chains of every record; returns (records, live files, live paths, deleted paths)."""
-    def parsed(text: str) -> object:
+    def parsed(text: str) -> Ed25519PublicKey | None:
         try:
             return parse_public_key(text)
         except PublicKeyError:
             return None
 
-    current: dict[str, object] = {agent.id: parsed(agent.public_key) for agent in session.scalars(select(Agent))}
-    history: dict[tuple[str, str], object] = {(k.agent_id, k.fingerprint): parsed(k.public_key)
-                                              for k in session.scalars(select(AgentKey))}
+    current: dict[str, Ed25519PublicKey | None] = {agent.id: parsed(agent.public_key)
+                                                   for agent in session.scalars(select(Agent))}
+    history: dict[tuple[str, str], Ed25519PublicKey | None] = {(k.agent_id, k.fingerprint): parsed(k.public_key)
+                                                               for k in session.scalars(select(AgentKey))}
     # Rows marked deleted must each have their tombstone: otherwise marking a row deleted would hide a
     # removed file from this scrub.
     tombstones: dict[int, tuple[str, str | None]] = {}
@@ -155,7 +157,7 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
         item = _item(rec)
 
         def bad(kind: str, what: str) -> None:
-            problems.append(ScrubProblem(kind, item, what))
+            problems.append(ScrubProblem(kind, item, what))  # noqa: B023 - called only within this iteration
 
         canonical = rec.manifest.encode("utf-8")
         if sha256_hex(canonical) != rec.record_hash:
@@ -175,10 +177,11 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
             key = history.get((rec.agent_id, rec.key_fingerprint))
             which = f"key {rec.key_fingerprint[:16]}… of {rec.agent_id}"
         else:  # stored before key history: its agent's current key
-            known, key, which = rec.agent_id in current, current.get(rec.agent_id), f"the key enrolled for {rec.agent_id}"
+            known, key = rec.agent_id in current, current.get(rec.agent_id)
+            which = f"the key enrolled for {rec.agent_id}"
         if not known:
             bad("unknown_agent", f"{which} is not in the key history: the signature cannot be checked")
-        elif key is None or not verify(key, canonical, rec.signature):  # type: ignore[arg-type]
+        elif key is None or not verify(key, canonical, rec.signature):
             bad("signature", f"the signature does not verify with {which}")
         same = previous is not None and (previous.venue, previous.camera) == (rec.venue, rec.camera)
         if rec.seq == 1 and rec.prev_hash is not None:
@@ -266,7 +269,8 @@ def run_scrub(sessions: sessionmaker[Session], store: FootageStore, sample: floa
             if size != f.size:
                 problems.append(ScrubProblem("size_mismatch", f.item, f"file has {size} bytes, manifest says {f.size}"))
             elif digest != f.sha256:
-                problems.append(ScrubProblem("hash_mismatch", f.item, f"file hashes to {digest}, manifest says {f.sha256}"))
+                problems.append(ScrubProblem("hash_mismatch", f.item,
+                                             f"file hashes to {digest}, manifest says {f.sha256}"))
     result.seconds = time.perf_counter() - t0
     bar.close()
     finished_at = datetime.now(timezone.utc)

@@ -12,8 +12,8 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from io import RawIOBase
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 from collector.footage_store import FilesystemStore, Placed, RelPath, StoreUsage
 
@@ -53,7 +53,7 @@ class FaultyStore:
         self._check("place", relpath)
         return self.inner.place(claim, relpath, sha256=sha256, alternate=alternate)
 
-    def open(self, relpath: RelPath) -> BinaryIO:
+    def open(self, relpath: RelPath) -> RawIOBase:
         self._check("open", relpath)
         return self.inner.open(relpath)
 
