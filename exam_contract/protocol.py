@@ -33,6 +33,17 @@ class ProtocolError(ValueError):
     """A payload does not follow protocol v1; the message says what is wrong."""
 
 
+def _json_object(payload: bytes, what: str) -> dict[str, Any]:
+    """A payload that must be one JSON object; ProtocolError naming `what` otherwise."""
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what}: malformed JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{what}: expected a JSON object")
+    return raw
+
+
 @dataclass(frozen=True)
 class InitMessage:
     manifest_raw: dict[str, Any]   # exactly as received: the signature covers canonical_bytes(manifest_raw)
@@ -52,12 +63,7 @@ class InitMessage:
 
     @classmethod
     def decode(cls, payload: bytes) -> "InitMessage":
-        try:
-            raw = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"init: malformed JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ProtocolError("init: expected a JSON object")
+        raw = _json_object(payload, "init")
         manifest = raw.get("manifest")
         signature = raw.get("signature")
         chunk_size = raw.get("chunk_size")
@@ -184,12 +190,7 @@ class ChainRequest:
 
     @classmethod
     def decode(cls, payload: bytes) -> "ChainRequest":
-        try:
-            raw = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"chain request: malformed JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ProtocolError("chain request: expected a JSON object")
+        raw = _json_object(payload, "chain request")
         nonce, cameras = raw.get("nonce"), raw.get("cameras")
         if not is_identifier(nonce):
             raise ProtocolError("chain request.nonce: not an id")
