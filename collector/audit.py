@@ -16,8 +16,9 @@ from .audit_checkpoints import (CHECKPOINT_INTERVAL_SECONDS, CHECKPOINT_KIND, CH
                                 newest_checkpoint, retired_by_rotation, rotate_collector_key, signed_bytes_of)
 from .audit_entries import (ACTION_AUDIT_REPORT, ACTION_BATCH_IMPORT, ACTION_CHAIN_HEADS, ACTION_ENFORCE_RUN,
                             ACTION_ENROLL, ACTION_FOOTAGE_EXPORT, ACTION_FOOTAGE_VIEW, ACTION_HOLD_ADD,
-                            ACTION_HOLD_RELEASE, ACTION_INGEST_REJECT, ACTION_KEY_ROTATE, ACTION_SCRUB_RUN,
-                            ACTION_SEGMENT_DELETE, ENTRY_VERSION, AuditError, entries_for, entry_hash_of,
+                            ACTION_HOLD_RELEASE, ACTION_INGEST_REJECT, ACTION_KEY_ROTATE, ACTION_LEGAL_HOLD,
+                            ACTION_LOCK_EXTEND, ACTION_SCRUB_RUN, ACTION_SEGMENT_ADOPT, ACTION_SEGMENT_DELETE,
+                            ENTRY_VERSION, AuditError, entries_for, entry_hash_of,
                             entry_payload, local_actor, parse_detail, record)
 from .audit_verify import DEFAULT_MAX_AGE, LogProblem, LogReport, trusted_collector_keys, verify_log
 from .models import AuditCheckpoint, AuditEntry, AuditHead
@@ -29,7 +30,8 @@ __all__ = ["record", "checkpoint", "checkpoint_for_export", "checkpoint_if_chang
            # also re-exported from the modules above, for the call sites that name them through this one
            "ACTION_AUDIT_REPORT", "ACTION_BATCH_IMPORT", "ACTION_CHAIN_HEADS", "ACTION_ENFORCE_RUN", "ACTION_ENROLL",
            "ACTION_FOOTAGE_EXPORT", "ACTION_FOOTAGE_VIEW", "ACTION_HOLD_ADD", "ACTION_HOLD_RELEASE",
-           "ACTION_INGEST_REJECT", "ACTION_KEY_ROTATE", "ACTION_SCRUB_RUN", "ACTION_SEGMENT_DELETE", "ENTRY_VERSION",
+           "ACTION_INGEST_REJECT", "ACTION_KEY_ROTATE", "ACTION_LEGAL_HOLD", "ACTION_LOCK_EXTEND", "ACTION_SCRUB_RUN",
+           "ACTION_SEGMENT_ADOPT", "ACTION_SEGMENT_DELETE", "ENTRY_VERSION",
            "entries_for", "entry_hash_of", "entry_payload", "parse_detail",
            "CHECKPOINT_INTERVAL_SECONDS", "CHECKPOINT_KIND", "CHECKPOINT_TOPIC", "CHECKPOINT_VERSION",
            "OCCASION_KEY_HANDOVER", "OCCASION_KEY_ROTATION", "checkpoint_bytes", "checkpoint_copy_from",

@@ -24,6 +24,7 @@ ENTRY_VERSION = 1
 
 # Actions. Targets name what was acted on: an agent id, `venue/camera/seq`, a batch id, `hold:ID`.
 ACTION_ENROLL = "agent.enroll"
+ACTION_REVOKE = "agent.revoke"                 # `enroll --revoke`: the agent's uploads are refused (footage kept)
 ACTION_INGEST_REJECT = "ingest.reject"
 ACTION_BATCH_IMPORT = "batch.import"
 ACTION_HOLD_ADD = "hold.add"
@@ -36,6 +37,9 @@ ACTION_SCRUB_RUN = "retention.scrub"
 ACTION_AUDIT_REPORT = "retention.audit"
 ACTION_CHAIN_HEADS = "agent.chain_heads"       # an agent with a new journal was told where its chains end
 ACTION_KEY_ROTATE = "collector.key_rotate"     # the collector key was replaced; detail names the old and new key
+ACTION_LEGAL_HOLD = "storage.legal_hold"       # a hold's objects put under (or released from) the storage's legal hold
+ACTION_LOCK_EXTEND = "storage.lock_extend"     # storage retention locks lengthened for batch links
+ACTION_SEGMENT_ADOPT = "segment.adopt"         # scrub pointed a row at a stored version holding its exact bytes
 
 
 class AuditError(Exception):

@@ -152,7 +152,7 @@ _HAS_CLOCK = re.compile(r"\d[T ]\d{1,2}:\d{2}")
 
 
 def parse_exam_time(value: str) -> datetime:
-    """ISO 8601 with a time of day, to UTC; a naive time is Asia/Shanghai (PRODUCT.md). Also the
+    """ISO 8601 with a time of day, to UTC; a naive time is Asia/Shanghai (docs/design/time.md). Also the
     `2026/11/26 9:00` form Excel writes when a CSV of ISO times is opened and saved again."""
     text = value.strip()
     slash = _SLASH_TIME.match(text)

@@ -50,7 +50,7 @@ class SegmentSpan(NamedTuple):
 
 @dataclass(frozen=True)
 class GapRecord:
-    """An interval the agent stated it could not record, and why (PRODUCT.md gap causes)."""
+    """An interval the agent stated it could not record, and why (gap causes: docs/design/states.md)."""
 
     start: datetime
     end: datetime

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Verify an exam-footage evidence package offline: needs only Python 3.8+ and `cryptography`.
 
-    python verify.py PACKAGE_DIR_OR_ZIP [--collector-key BASE64] [--json]
+    python verify.py PACKAGE_DIR_OR_ZIP [--expect-key FINGERPRINT] [--json]
 
 Verdicts: OK (exit 0), OK_WITH_GAPS (exit 3: footage intact, the coverage gaps listed were stated),
 NOT_OK (exit 4: each problem listed). This one file is both the `verify.py` shipped inside every package
@@ -9,8 +9,12 @@ and what `exam-collector verify-package` runs, so the two verdicts cannot differ
 self-contained file of about 550 lines (it may import nothing from the project).
 
 What is checked:
-  1. package.json is signed (package.sig) by the collector key in keys/collector.pub (compare its
-     fingerprint with the one the collector operator publishes, or pin it with --collector-key);
+  0. the files present are exactly the files the package lists: an extra file anywhere (hidden ones too),
+     a folder that holds no listed file, anything beside the package in a zip, and any symbolic link are
+     NOT_OK, each named;
+  1. package.json is signed (package.sig) by the collector key in keys/collector.pub. The verdict says
+     whether that key was pinned (--expect-key, the key's full SHA-256 fingerprint, which the collector
+     operator publishes) or only taken from the package, and prints the full fingerprint;
   2. every segment and gap record: its manifest is signed by the agent key the record names (`key`, the
      SHA-256 fingerprint of the raw key), read from keys/agents/{agent}/{fingerprint}.pub; each key file
      must hash to its fingerprint and be the key package.json lists for that agent. The validity listed
@@ -77,7 +81,8 @@ class Verification:
     segments: int = 0
     bytes: int = 0
     collector_key: str = ""
-    collector_fingerprint: str = ""
+    collector_fingerprint: str = ""   # SHA-256 (hex) of the raw 32 key bytes, as `exam-collector keys` prints
+    key_pinned: bool = False          # the fingerprint was given (--expect-key) and matched
 
     @property
     def exit_code(self) -> int:
@@ -86,12 +91,16 @@ class Verification:
     def to_dict(self) -> Dict[str, Any]:
         return {"verdict": self.verdict, "problems": self.problems, "gaps": self.gaps, "batch": self.batch,
                 "segments": self.segments, "bytes": self.bytes, "collector_key": self.collector_key,
-                "collector_fingerprint": self.collector_fingerprint}
+                "collector_fingerprint": self.collector_fingerprint, "collector_key_pinned": self.key_pinned}
 
     def render(self) -> str:
         lines = [self.verdict]
-        lines.append(f"batch {self.batch}: {self.segments} segment files, {self.bytes} bytes; collector key "
-                     f"{self.collector_key} (SHA-256 fingerprint {self.collector_fingerprint})")
+        trust = ("pinned with --expect-key" if self.key_pinned else
+                 "taken from the package, NOT pinned: compare the fingerprint with the one the collector operator "
+                 "publishes, or give it with --expect-key")
+        lines.append(f"batch {self.batch}: {self.segments} segment files, {self.bytes} bytes")
+        lines.append(f"collector key {self.collector_key}, SHA-256 fingerprint {self.collector_fingerprint} "
+                     f"({trust})")
         for problem in self.problems:
             lines.append(f"PROBLEM: {problem}")
         for gap in self.gaps:
@@ -161,6 +170,8 @@ def _check_file(root: Path, relative: Any, size: Any, sha256: Any, what: str, pr
     if path is None:
         problems.append(f"{what}: path {relative!r} is not a relative path inside the package")
         return 0
+    if path.is_symlink():
+        return 0   # reported once by the inventory: a package holds no links
     if not path.is_file():
         problems.append(f"{relative}: missing ({what})")
         return 0
@@ -289,24 +300,33 @@ def _load(root: Path) -> Tuple[bytes, Dict[str, Any]]:
     return data, package
 
 
-def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
+def verify_dir(root: Path, expect_key: Optional[str] = None, outside: Optional[List[str]] = None) -> Verification:
+    """Verify an unpacked package. `expect_key`: the collector key's SHA-256 fingerprint (or the key itself, base64)
+    that the package must be signed with; `outside`: what a zip held beside the package folder."""
     data, package = _load(root)
     problems: List[str] = []
     result = Verification(verdict=NOT_OK, problems=problems, batch=str((package.get("batch") or {}).get("id", "")))
+    problems.extend(f"{name}: in the zip beside the package folder, which holds nothing else"
+                    for name in outside or [])
 
     # 1. the collector's signature over the exact bytes of package.json
     key_text = ""
+    collector_key: Optional[Ed25519PublicKey] = None
     try:
         key_text = (root / "keys" / "collector.pub").read_text(encoding="ascii").strip()
-        collector_key = _public_key(key_text)
+        raw_collector = _raw_key(key_text)
+        collector_key = Ed25519PublicKey.from_public_bytes(raw_collector)
+        result.collector_fingerprint = hashlib.sha256(raw_collector).hexdigest()
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         problems.append(f"keys/collector.pub: missing or not a base64 Ed25519 public key ({exc})")
-        collector_key = None
     result.collector_key = key_text
-    result.collector_fingerprint = hashlib.sha256(key_text.encode("ascii", "replace")).hexdigest()[:16]
-    if pinned_key is not None and pinned_key.strip() != key_text:
-        problems.append("keys/collector.pub is not the collector key given with --collector-key: "
-                        "this package was not signed by that collector")
+    if expect_key is not None:
+        wanted = expect_key.strip()
+        if wanted in (result.collector_fingerprint, key_text) and result.collector_fingerprint:
+            result.key_pinned = True
+        else:
+            problems.append(f"keys/collector.pub (SHA-256 {result.collector_fingerprint or '-'}) is not the collector "
+                            f"key given with --expect-key ({wanted}): this package was not signed by that collector")
     try:
         signature = (root / "package.sig").read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
@@ -399,7 +419,7 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
                     (start, end, str(manifest.get("room")), tuple(manifest.get("health") or ())))
             parsed.append((seq, manifest, raw))
         parsed.sort(key=lambda item: item[0])
-        for (seq_a, _m_a, raw_a), (seq_b, m_b, _raw_b) in zip(parsed, parsed[1:], strict=False):
+        for (seq_a, _m_a, raw_a), (seq_b, m_b, _raw_b) in zip(parsed, parsed[1:]):  # noqa: B905 - Python 3.8
             if seq_b == seq_a:
                 problems.append(f"{label} seq {seq_b}: listed twice")
             elif seq_b == seq_a + 1:
@@ -423,21 +443,11 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
         else:
             problems.append(f"{label} seq {_seq_ranges(seqs)}: signed with key {fingerprint}, whose key file "
                             f"keys/agents/{agent}/{fingerprint}.pub is not usable: the signature cannot be checked")
-    agents_dir = root / "keys" / "agents"
-    if keyed and agents_dir.is_dir():
-        for path in sorted(agents_dir.rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(root).as_posix()
-                if rel not in expected_key_files:
-                    problems.append(f"{rel}: a key file package.json does not list")
-
-    segments_dir = root / "segments"
-    if segments_dir.is_dir():
-        for path in sorted(segments_dir.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                rel = path.relative_to(root).as_posix()
-                if rel not in listed_files:
-                    problems.append(f"{rel}: a file in segments/ that package.json does not list")
+    expected = {"package.json", "package.sig", "keys/collector.pub"} | expected_key_files
+    expected |= {f"keys/agents/{agent}.pub" for agent in agent_keys}
+    expected |= {str(name) for name in listed_files if isinstance(name, str)}
+    expected |= {str(item.get("path")) for item in package.get("files") or [] if isinstance(item, dict)}
+    problems.extend(_inventory_problems(root, expected))
 
     # 5. coverage recomputed from the signed manifests: no gap may be hidden
     declared: Dict[Tuple[str, str, str, str], List[Tuple[datetime, datetime]]] = {}
@@ -498,6 +508,29 @@ def verify_dir(root: Path, pinned_key: Optional[str] = None) -> Verification:
     return result
 
 
+def _inventory_problems(root: Path, expected: Set[str]) -> List[str]:
+    """What is in the package folder beyond what it lists: unlisted files (hidden ones included), folders that
+    hold no listed file, and symbolic links (never followed)."""
+    folders = {PurePosixPath(name).parents[i].as_posix() for name in expected
+               for i in range(len(PurePosixPath(name).parents) - 1)}
+    problems: List[str] = []
+    for current, dirs, files in os.walk(root, followlinks=False):
+        here = Path(current)
+        for name in sorted(dirs + files):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                problems.append(f"{rel}: a symbolic link; a package holds no links (not followed)")
+            elif name in files and rel not in expected:
+                kind = "a key file" if rel.startswith("keys/") else "a file"
+                problems.append(f"{rel}: {kind} package.json does not list")
+            elif name in dirs and rel not in folders:
+                problems.append(f"{rel}/: a folder package.json lists nothing in")
+        dirs[:] = [d for d in dirs if (here / d).relative_to(root).as_posix() in folders
+                   and not (here / d).is_symlink()]
+    return problems
+
+
 def checkpoint_signed_bytes(checkpoint: Dict[str, Any]) -> Optional[bytes]:
     """The bytes an audit checkpoint signs (collector/audit.py `checkpoint_bytes`), from its JSON document.
     Packages written before checkpoint version 2 carry no `version` and the version-1 layout."""
@@ -512,22 +545,31 @@ def checkpoint_signed_bytes(checkpoint: Dict[str, Any]) -> Optional[bytes]:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def verify_package(path: Path, pinned_key: Optional[str] = None) -> Verification:
+def verify_package(path: Path, expect_key: Optional[str] = None) -> Verification:
     """Verify a package folder, or a zip of one (extracted to a temporary folder)."""
     path = Path(path)
     if path.is_dir():
-        return verify_dir(path, pinned_key)
+        return verify_dir(path, expect_key)
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="evidence-") as tmp:
+            links: List[str] = []
             with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if _safe_path(Path(tmp), name) is None:
-                        raise PackageUnreadable(f"{path}: zip member {name!r} would leave the folder")
+                for info in archive.infolist():
+                    if _safe_path(Path(tmp), info.filename) is None:
+                        raise PackageUnreadable(f"{path}: zip member {info.filename!r} would leave the folder")
+                    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                        links.append(info.filename)
                 archive.extractall(tmp)
-            roots = [Path(tmp)] + [p for p in Path(tmp).iterdir() if p.is_dir()]
+            roots = [Path(tmp)] + sorted(p for p in Path(tmp).iterdir() if p.is_dir())
             for root in roots:
                 if (root / "package.json").is_file():
-                    return verify_dir(root, pinned_key)
+                    outside = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).iterdir() if p != root)
+                    result = verify_dir(root, expect_key, outside if root != Path(tmp) else [])
+                    result.problems.extend(f"{name}: a symbolic link in the zip; a package holds no links"
+                                           for name in links)
+                    if links:
+                        result.verdict = NOT_OK
+                    return result
             raise PackageUnreadable(f"{path}: the zip holds no package.json")
     raise PackageUnreadable(f"{path} is neither a package folder nor a zip of one: give the folder "
                             "`exam-collector export` wrote")
@@ -537,11 +579,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="verify.py", description="Verify an exam-footage evidence package.")
     parser.add_argument("package", nargs="?", default=os.path.dirname(os.path.abspath(__file__)),
                         help="package folder or zip (default: the folder holding this verify.py)")
-    parser.add_argument("--collector-key", default=None, help="expected collector public key (base64)")
+    parser.add_argument("--expect-key", default=None, metavar="FINGERPRINT",
+                        help="the collector key's SHA-256 fingerprint (as its operator publishes it); without it the "
+                             "key is only taken from the package")
+    parser.add_argument("--collector-key", default=None, help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        result = verify_package(Path(args.package), args.collector_key)
+        result = verify_package(Path(args.package), args.expect_key or args.collector_key)
     except PackageUnreadable as exc:
         sys.stderr.write(f"verify.py: error: {exc}\n")
         return EXIT_INPUT

@@ -1,4 +1,4 @@
-"""Evidence packages (PRODUCT.md, Evidence package): a batch's footage as a folder or zip a stranger can check.
+"""Evidence packages (docs/evidence-package.md): a batch's footage as a folder or zip a stranger can check.
 
 Layout of a package:
   package.json        batch, parts, cameras with every record's manifest and signature, chain holes, gaps,
@@ -222,7 +222,7 @@ def _copy_segments(cameras: list[CameraRecords], folder: Path, store: FootageSto
                 dst = folder / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    present = r.storage_path is not None and store.exists(r.storage_path)
+                    present = r.storage_path is not None and store.exists(r.storage_path, r.storage_version)
                 except UnsafePath as exc:
                     problems.append(f"{r.venue}/{r.camera} seq {r.seq}: stored file not read: {exc}")
                     advance(r.size)
@@ -234,11 +234,13 @@ def _copy_segments(cameras: list[CameraRecords], folder: Path, store: FootageSto
                     advance(r.size)
                 else:
                     sha: str | None
-                    if check_hashes:
-                        with store.open(r.storage_path) as source:
+                    # Object storage is streamed into the package (hashed on the way: no extra read); a local
+                    # file is copied by the kernel unless its hash is to be checked.
+                    if check_hashes or store.versioned:
+                        with store.open(r.storage_path, r.storage_version) as source:
                             sha, size = copy_and_hash(source, dst, advance)
                     else:
-                        with store.local_path(r.storage_path) as local:
+                        with store.local_path(r.storage_path, r.storage_version) as local:
                             shutil.copyfile(local, dst)   # sendfile/copy_file_range: the bytes stay in the kernel
                         sha, size = r.sha256, dst.stat().st_size
                         advance(size)

@@ -1,6 +1,6 @@
 """The footage store: the one interface to where and how stored footage lives, and its filesystem backend
 (storage rules: docs/design/storage.md). Ingest places through it; export, portal, verify, scrub, enforce read
-and delete only through it."""
+and delete only through it. The object-storage backend (S3 with Object Lock) is `collector.s3_store.S3Store`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,8 +23,9 @@ from .placement import UnsafePath, check_relpath, contained
 if TYPE_CHECKING:
     from .config import CollectorConfig
 
-__all__ = ["STAGING_FOLDER", "FilesystemStore", "FootageStore", "PathOccupied", "Placed", "RelPath",
-           "StoreUsage", "StoredFileMissing", "UnsafePath", "store_for"]
+__all__ = ["STAGING_FOLDER", "FilesystemStore", "FootageStore", "ObjectLocked", "PathOccupied", "Placed", "RelPath",
+           "StorageSetupError", "StorageUnreachable", "StoreUsage", "StoredFileMissing", "StoredObject",
+           "UnsafePath", "open_store", "store_for"]
 
 RelPath = str | PurePosixPath
 STAGING_FOLDER = "staging"   # ingest's working area in storage_dir (same volume, so a claim can be hard-linked)
@@ -52,10 +54,44 @@ class PathOccupied(FileExistsError):
         return str(self.strerror)
 
 
+class StorageSetupError(Exception):
+    """The configured store cannot be used as it is (a bucket missing or without Object Lock, credentials
+    refused); the message names the bucket and endpoint and the fix."""
+
+
+class StorageUnreachable(StorageSetupError):
+    """The configured store does not answer (its endpoint cannot be reached)."""
+
+
+class ObjectLocked(PermissionError):
+    """The storage refused to delete a stored version, or to shorten its lock, because its retention lock or a
+    legal hold is still on. Nothing can lift a compliance lock early: wait until it ends (or release the hold)."""
+
+    def __init__(self, relpath: RelPath, version: str | None, store: object, detail: str) -> None:
+        super().__init__(errno.EPERM, f"{store} refused: {relpath} version {version} is locked ({detail}); "
+                                      "a compliance lock cannot be lifted early: wait until it ends, and release "
+                                      "any hold on it")
+        self.relpath = str(relpath)
+        self.version = version
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 @dataclass(frozen=True)
 class Placed:
     relpath: PurePosixPath    # where the file is: the asked path, or the alternate when the asked one was taken
     created: bool             # False: the path already held these very bytes (a retry after a failed commit)
+    version: str | None = None          # the object version holding them; None on a store without versions
+    lock_until: datetime | None = None  # the storage's own retention lock of that version; None: no lock
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One stored thing: a file, or one version of an object."""
+
+    relpath: PurePosixPath
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,43 +106,72 @@ class FootageStore(Protocol):
     Every method raises `UnsafePath` for a path that is not a plain relative path inside the store, before
     reading or writing anything. A failing medium raises `OSError`, with errno ENOSPC or EDQUOT when the store is
     full: `collector.ingest_alarms.classify` turns those into the `storage_full` / `storage_error` alarms, so a
-    backend maps its own errors onto them."""
+    backend maps its own errors onto them.
 
-    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None) -> Placed:
-        """Store the verified file `claim` (its bytes already durable, hashing to `sha256`) at `relpath`, never
-        overwriting: a path holding the same bytes is taken as placed (`created` False); one holding other bytes
-        makes it try `alternate` the same way, then `PathOccupied`. Durable when it returns."""
+    A versioned store (object storage with Object Lock) keeps every write as a version of its key, and locks it
+    until a retain-until date: `place` says which version holds the bytes and until when it is locked, the row
+    records both, and every read, delete and lock names that version (`version=`). A store without versions
+    takes `version=None` everywhere and has no locks (those calls do nothing)."""
+
+    versioned: bool   # True: versions, retention locks and legal holds (object storage); False: plain files
+
+    def check(self) -> None:
+        """The store can be used now; raises StorageUnreachable or StorageSetupError naming the fix."""
         ...
 
-    def open(self, relpath: RelPath) -> io.RawIOBase:
+    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None,
+              retain_until: datetime | None = None, legal_hold: bool = False) -> Placed:
+        """Store the verified file `claim` (its bytes already durable, hashing to `sha256`) at `relpath`, never
+        overwriting: a path holding the same bytes is taken as placed (`created` False); one holding other bytes
+        makes it try `alternate` the same way, then `PathOccupied`. Durable (and verified, on object storage)
+        when it returns. A versioned store locks the version until at least `retain_until` (extending the lock
+        of a version it finds already there) and puts it under legal hold when `legal_hold`."""
+        ...
+
+    def open(self, relpath: RelPath, version: str | None = None) -> io.RawIOBase:
         """The stored bytes for reading (a context manager); `StoredFileMissing` when absent."""
         ...
 
-    def read_range(self, relpath: RelPath, offset: int, length: int) -> bytes:
+    def read_range(self, relpath: RelPath, offset: int, length: int, version: str | None = None) -> bytes:
         """Up to `length` bytes from `offset` (fewer at the end of the file)."""
         ...
 
-    def local_path(self, relpath: RelPath) -> AbstractContextManager[Path]:
+    def local_path(self, relpath: RelPath, version: str | None = None) -> AbstractContextManager[Path]:
         """A filesystem path holding the stored bytes while the context lasts, for tools that need one (ffmpeg,
-        a kernel copy); `StoredFileMissing` when absent. Read only: never write to it."""
+        a kernel copy); `StoredFileMissing` when absent. Read only: never write to it. On object storage it is
+        a temporary download, removed when the context ends."""
         ...
 
-    def exists(self, relpath: RelPath) -> bool:
+    def exists(self, relpath: RelPath, version: str | None = None) -> bool:
         ...
 
-    def size(self, relpath: RelPath) -> int:
+    def size(self, relpath: RelPath, version: str | None = None) -> int:
         ...
 
-    def hash(self, relpath: RelPath) -> tuple[str, int]:
+    def hash(self, relpath: RelPath, version: str | None = None) -> tuple[str, int]:
         """(sha256 hex, size) of the stored bytes, read now."""
         ...
 
-    def unlink(self, relpath: RelPath) -> None:
-        """Delete the stored file (an absent one is no error); durable when it returns."""
+    def unlink(self, relpath: RelPath, version: str | None = None) -> None:
+        """Delete the stored file, or that version (an absent one is no error); durable when it returns.
+        `ObjectLocked` when the storage refuses because the version is locked or held."""
+        ...
+
+    def extend_lock(self, relpath: RelPath, version: str | None, until: datetime) -> datetime | None:
+        """Lock the version until at least `until` (never shortening); the lock's date now, None without locks.
+        `StoredFileMissing` when the version is gone."""
+        ...
+
+    def set_legal_hold(self, relpath: RelPath, version: str | None, on: bool) -> None:
+        """Turn the version's legal hold on or off (nothing without locks); `StoredFileMissing` when gone."""
         ...
 
     def walk(self) -> Iterator[PurePosixPath]:
         """Every stored relative path (ingest's staging is not footage and is left out)."""
+        ...
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every stored file or object version (a key with two versions is two items)."""
         ...
 
     def usage(self) -> StoreUsage | None:
@@ -116,7 +181,10 @@ class FootageStore(Protocol):
 
 class FilesystemStore:
     """Footage as files under `root`, placed by hard link from ingest's staging (same volume), never
-    overwritten. Paths are checked by `collector.placement.contained` (symlinks resolved) at every call."""
+    overwritten. Paths are checked by `collector.placement.contained` (symlinks resolved) at every call. No
+    versions and no locks: `version` arguments are ignored, and write-once is a rule of this code only."""
+
+    versioned = False
 
     def __init__(self, root: Path, skip: frozenset[str] = frozenset({STAGING_FOLDER})) -> None:
         self.root = Path(root)
@@ -128,10 +196,14 @@ class FilesystemStore:
     def __repr__(self) -> str:
         return f"FilesystemStore({str(self.root)!r})"
 
+    def check(self) -> None:
+        pass   # a missing or failing volume shows at the first write or read, as OSError
+
     def _path(self, relpath: RelPath) -> Path:
         return contained(self.root, relpath)
 
-    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None) -> Placed:
+    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None,
+              retain_until: datetime | None = None, legal_hold: bool = False) -> Placed:
         # Durability (docs/design/durability.md): the caller fsynced the claim's bytes; the hard link is made,
         # then its folder and every folder this call created are fsynced, all before the caller commits the row
         # that names the path. Paths are checked before any folder is made and again after (a symlink planted
@@ -150,7 +222,7 @@ class FilesystemStore:
             try:
                 os.link(claim, target)
             except FileExistsError:
-                if self._hash_file(target)[0] != sha256:
+                if hash_stream(io.open(target, "rb", buffering=0))[0] != sha256:
                     continue
                 # The same bytes: an earlier attempt linked them and may have died before its folder fsync.
                 _fsync_folders(target.parent, self.root)
@@ -161,16 +233,15 @@ class FilesystemStore:
             return Placed(candidate, created=True)
         raise PathOccupied(tried, self)
 
-    def open(self, relpath: RelPath) -> io.RawIOBase:
+    def open(self, relpath: RelPath, version: str | None = None) -> io.RawIOBase:
         path = self._path(relpath)
         try:
             return io.open(path, "rb", buffering=0)   # unbuffered: readers read large blocks with readinto
         except FileNotFoundError:
             raise StoredFileMissing(relpath, self) from None
 
-    def read_range(self, relpath: RelPath, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"read_range of {relpath}: offset {offset} and length {length} must not be negative")
+    def read_range(self, relpath: RelPath, offset: int, length: int, version: str | None = None) -> bytes:
+        check_range(relpath, offset, length)
         blocks: list[bytes] = []
         with self.open(relpath) as handle:
             handle.seek(offset)
@@ -180,47 +251,40 @@ class FilesystemStore:
         return b"".join(blocks)
 
     @contextmanager
-    def local_path(self, relpath: RelPath) -> Iterator[Path]:
+    def local_path(self, relpath: RelPath, version: str | None = None) -> Iterator[Path]:
         path = self._path(relpath)
         if not path.is_file():
             raise StoredFileMissing(relpath, self)
         yield path
 
-    def exists(self, relpath: RelPath) -> bool:
+    def exists(self, relpath: RelPath, version: str | None = None) -> bool:
         return self._path(relpath).is_file()
 
-    def size(self, relpath: RelPath) -> int:
+    def size(self, relpath: RelPath, version: str | None = None) -> int:
         try:
             return self._path(relpath).stat().st_size
         except FileNotFoundError:
             raise StoredFileMissing(relpath, self) from None
 
-    def hash(self, relpath: RelPath) -> tuple[str, int]:
+    def hash(self, relpath: RelPath, version: str | None = None) -> tuple[str, int]:
         path = self._path(relpath)
         try:
-            return self._hash_file(path)
+            return hash_stream(io.open(path, "rb", buffering=0))
         except FileNotFoundError:
             raise StoredFileMissing(relpath, self) from None
 
-    @staticmethod
-    def _hash_file(path: Path) -> tuple[str, int]:
-        """(sha256 hex, size), reading into one reused buffer (the digest releases the GIL on large blocks)."""
-        digest = hashlib.sha256()
-        buffer = bytearray(READ_BLOCK)
-        view = memoryview(buffer)
-        size = 0
-        with open(path, "rb", buffering=0) as handle:
-            while n := handle.readinto(buffer):
-                digest.update(view[:n])
-                size += n
-        return digest.hexdigest(), size
-
-    def unlink(self, relpath: RelPath) -> None:
+    def unlink(self, relpath: RelPath, version: str | None = None) -> None:
         # Durability: the removal is made durable (folder fsync) before the caller records the file deleted.
         path = self._path(relpath)
         path.unlink(missing_ok=True)
         if path.parent.is_dir():  # a file already missing may have lost its folder too
             fsync_dir(path.parent)
+
+    def extend_lock(self, relpath: RelPath, version: str | None, until: datetime) -> None:
+        self._path(relpath)   # no locks on plain files: only the path is checked
+
+    def set_legal_hold(self, relpath: RelPath, version: str | None, on: bool) -> None:
+        self._path(relpath)
 
     def walk(self) -> Iterator[PurePosixPath]:
         for root, dirs, names in os.walk(self.root):
@@ -230,14 +294,49 @@ class FilesystemStore:
             for name in names:
                 yield rel_root / name
 
+    def objects(self) -> Iterator[StoredObject]:
+        return (StoredObject(relpath) for relpath in self.walk())
+
     def usage(self) -> StoreUsage:
         usage = shutil.disk_usage(self.root)
         return StoreUsage(usage.total, usage.free)
 
 
 def store_for(config: CollectorConfig) -> FootageStore:
-    """The store `[collector]` configures: files under storage_dir."""
+    """The store `[storage]` configures: files under `[collector] storage_dir` (backend "filesystem"), or an
+    S3 bucket with Object Lock (backend "s3"; boto3 is imported only then). Staging stays in storage_dir."""
+    if config.storage.backend == "s3":
+        from .s3_store import S3Store
+
+        return S3Store.from_config(config)
     return FilesystemStore(config.storage_dir)
+
+
+def open_store(config: CollectorConfig) -> FootageStore:
+    """`store_for(config)`, checked now: a store that does not answer raises StorageUnreachable (commands: exit 2),
+    one unusable as configured StorageSetupError (exit 1)."""
+    store = store_for(config)
+    store.check()
+    return store
+
+
+def check_range(relpath: RelPath, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"read_range of {relpath}: offset {offset} and length {length} must not be negative")
+
+
+def hash_stream(handle: io.RawIOBase) -> tuple[str, int]:
+    """(sha256 hex, size) of everything `handle` yields, read into one reused buffer (the digest releases the GIL
+    on large blocks); closes `handle`."""
+    digest = hashlib.sha256()
+    buffer = bytearray(READ_BLOCK)
+    view = memoryview(buffer)
+    size = 0
+    with handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
 
 
 def _makedirs(path: Path) -> list[Path]:

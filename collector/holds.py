@@ -1,18 +1,24 @@
-"""Legal holds (PRODUCT.md, Retention): by batch, or by camera and time range; each logged in the audit log."""
+"""Legal holds (docs/retention.md): by batch, or by camera and time range; each logged in the audit log.
+What a hold covers is `collector.keep.hold_covers`; the facts it is judged on (batch windows, active holds) are
+read here, for `exam-retention enforce` and for the storage's legal holds (collector/object_locks.py)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract.canonical import format_time
 
 from . import audit
-from .models import LegalHold
+from .keep import HoldFacts, HoldWindow, hold_covers
+from .models import ExamBatchPart, LegalHold
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -122,3 +128,63 @@ def list_holds(session: Session, include_released: bool = False) -> list[HoldVie
     if not include_released:
         query = query.where(LegalHold.released_at.is_(None))
     return [_view(row) for row in session.scalars(query)]
+
+
+# ---------------------------------------------------------------------------- the facts a hold is judged on
+
+@dataclass(frozen=True)
+class BatchWindow:
+    batch_id: str
+    venue: str
+    room: str
+    start: datetime        # part window widened by the coverage margins (for linking)
+    end: datetime
+    part_end: datetime     # the part's own end (for the retention floor)
+
+
+def batch_windows(session: Session, pre: timedelta, post: timedelta, *where) -> list[BatchWindow]:
+    return [BatchWindow(p.batch_id, p.venue, p.room, p.start_at - pre, p.end_at + post, p.end_at)
+            for p in session.scalars(select(ExamBatchPart).where(*where))]
+
+
+def active_holds(session: Session, windows: Sequence[BatchWindow]) -> tuple[list[HoldFacts], list[str]]:
+    """The active holds as facts (a batch hold with its batch's windows among `windows`), and an alarm for each
+    batch hold whose batch is not imported (it holds all footage)."""
+    return hold_facts(session, windows, select(LegalHold).where(LegalHold.released_at.is_(None)))
+
+
+def hold_facts(session: Session, windows: Sequence[BatchWindow],
+               query: Select[Any] | None = None) -> tuple[list[HoldFacts], list[str]]:
+    """Holds (all, or those `query` selects) as facts, batch holds with their windows among `windows`."""
+    by_batch: dict[str, list[BatchWindow]] = defaultdict(list)
+    for w in windows:
+        by_batch[w.batch_id].append(w)
+    holds: list[HoldFacts] = []
+    alarms: list[str] = []
+    for row in session.scalars((query if query is not None else select(LegalHold)).order_by(LegalHold.id)):
+        if row.batch_id is not None:
+            found = by_batch.get(row.batch_id, [])
+            if not found and row.released_at is None:
+                alarms.append(f"hold {row.id} (case {row.case_ref}) names batch {row.batch_id}, which is not "
+                              "imported: it holds ALL footage until the batch is imported or the hold released")
+            holds.append(HoldFacts(row.id, row.case_ref, batch_id=row.batch_id, resolved=bool(found),
+                                   windows=tuple(HoldWindow(w.venue, w.room, w.start, w.end) for w in found)))
+        else:
+            holds.append(HoldFacts(row.id, row.case_ref, venue=row.venue, camera=row.camera, start=row.from_at,
+                                   end=row.to_at))
+    return holds, alarms
+
+
+def held_batch_windows(session: Session, pre: timedelta, post: timedelta) -> list[BatchWindow]:
+    """The windows of the batches active holds name (only those: a hold judges footage by its own batch)."""
+    held = list(session.scalars(select(LegalHold.batch_id).where(LegalHold.released_at.is_(None),
+                                                                 LegalHold.batch_id.is_not(None))))
+    return batch_windows(session, pre, post, ExamBatchPart.batch_id.in_(held)) if held else []
+
+
+def holds_covering(session: Session, *, venue: str, room: str, camera: str, start: datetime, end: datetime,
+                   pre: timedelta, post: timedelta) -> list[int]:
+    """The ids of the active holds that cover this footage (a record being stored, say)."""
+    holds, _ = active_holds(session, held_batch_windows(session, pre, post))
+    return [hold.id for hold in holds
+            if hold_covers(hold, venue=venue, room=room, camera=camera, start=start, end=end)]

@@ -1,9 +1,9 @@
 """The ingest core, free of MQTT: `Ingest` takes a file's init, chunks and fin through staging, receipts, checks
 and the footage store to a stored record and a reply (write order: `Ingest._finish`, docs/design/durability.md).
 
-About 470 lines on purpose: the three message handlers and the finishing step under the transfer row lock share
+About 500 lines on purpose: the three message handlers and the finishing step under the transfer row lock share
 the staging folder, the receipts and the claim, and read best side by side; their parts live in staging.py,
-receipts.py, verification.py and footage_store.py.
+receipts.py, verification.py, footage_store.py (s3_store.py) and object_locks.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from datetime import datetime, timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import IntegrityError
@@ -31,10 +31,12 @@ from exam_contract.protocol import (REASON_INIT_MISSING, InitMessage, ProtocolEr
 
 from .admission import IngestLimits, NoteThrottle, Refusal, check_agent_load, clock_suspicion
 from .db import session_factory
-from .footage_store import STAGING_FOLDER, FilesystemStore, FootageStore, UnsafePath
+from .footage_store import STAGING_FOLDER, FilesystemStore, FootageStore, ObjectLocked, Placed, UnsafePath
+from .holds import holds_covering
 from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EVENT_CHAIN_LINKED,
                      EVENT_CHUNK_DROPPED, EVENT_CLOCK_SUSPECT, EVENT_HANDLER_ERROR, EVENT_REJECTED, IngestEvent,
                      SegmentRecord)
+from .object_locks import LockSettings
 from .placement import alternate_relpath, storage_relpath
 from .receipts import DEFAULT_STAGING_TTL, Receipts, delete_receipts, utcnow
 from .staging import StagingArea, chunk_fits
@@ -59,9 +61,11 @@ class Ingest:
     sealed."""
 
     def __init__(self, engine: Engine, storage_dir: Path, instance_id: str | None = None,
-                 limits: IngestLimits = IngestLimits(), store: FootageStore | None = None) -> None:
+                 limits: IngestLimits = IngestLimits(), store: FootageStore | None = None,
+                 locks: LockSettings | None = None) -> None:
         self.engine = engine
         self.limits = limits
+        self.locks = locks or LockSettings()   # a versioned store's lock dates (`LockSettings.from_config`)
         self.sessions = session_factory(engine)
         self.storage_dir = Path(storage_dir)
         self.staging_dir = self.storage_dir / STAGING_FOLDER
@@ -241,12 +245,15 @@ class Ingest:
     def _finish(self, agent: str, file_id: str, staged: Staged, claim: Path | None) -> Reply:
         """Verify, place and record a claimed file. The order is what makes a crash at any step safe:
         1. the claim's bytes are fsynced while they are hashed, and checked against the signed manifest;
-        2. the store places them (hard link, then folder fsyncs) and is durable when it returns;
-        3. only then is the row committed, naming the placed path;
+        2. the store places them and is durable when it returns: a hard link and folder fsyncs on the
+           filesystem; on object storage an upload only if the key is absent, with the signed SHA-256 as its
+           checksum and a compliance lock counted from this arrival, then checked (size, checksum, lock);
+        3. only then is the row committed, naming the placed path (and the object version and its lock);
         4. staging, receipts and the transfer row go;
         5. the `stored` reply is sent last, by the caller.
-        A crash before 3 leaves the claim in staging (the next fin finishes it: `place` takes an identical file
-        already in place as placed); a failing store raises OSError before any row, so no `stored` reply."""
+        A crash before 3 leaves the claim in staging (the next fin finishes it: `place` takes an identical file,
+        or object version, already in place as placed, and never stores the bytes twice); a failing store
+        raises OSError before any row, so no `stored` reply."""
         manifest = staged.manifest
         if claim is not None:
             digest, size = hash_file(claim, fsync=True)
@@ -261,12 +268,12 @@ class Ingest:
         with self.sessions() as session:
             chain = judge_chain(session, staged)
 
-        relpath: PurePosixPath | None = None
-        created = False
+        now = utcnow()   # the arrival: the row's stored_at, and what the storage lock is counted from
+        placed: Placed | None = None
         if claim is not None:
-            relpath, created = self._place(claim, staged)
+            placed = self._place(claim, staged, now)
+        relpath = placed.relpath if placed is not None else None
 
-        now = utcnow()
         suspicion = clock_suspicion(manifest, now, self.limits)
         row = SegmentRecord(
             agent_id=agent, institution=staged.institution, venue=manifest.venue, room=manifest.room,
@@ -275,6 +282,7 @@ class Ingest:
             size=manifest.size, sha256=manifest.sha256, record_hash=staged.record_hash,
             prev_hash=manifest.prev, manifest=canonical_bytes(staged.message.manifest_raw).decode("utf-8"),
             signature=staged.message.signature, storage_path=relpath.as_posix() if relpath else None,
+            storage_version=placed.version if placed else None, lock_until=placed.lock_until if placed else None,
             chain_status={LinkVerdict.FIRST: CHAIN_FIRST, LinkVerdict.LINKED: CHAIN_LINKED}.get(chain.verdict,
                                                                                                   CHAIN_HOLE),
             stored_at=now, key_fingerprint=staged.key_fingerprint, stored_by=self.instance_id,
@@ -301,8 +309,9 @@ class Ingest:
             log.info("agent %s file %s: another instance stored it first", agent, file_id)
             with self.sessions() as session:
                 winner = stored_record(session, manifest.venue, manifest.camera, manifest.seq)
-            if created and relpath is not None and (winner is None or winner.storage_path != relpath.as_posix()):
-                self.store.unlink(relpath)
+            if placed is not None and placed.created and (winner is None or (
+                    winner.storage_path, winner.storage_version) != (placed.relpath.as_posix(), placed.version)):
+                self._discard(placed)
             if winner is None:
                 raise
             self._remove_staging(agent, file_id)
@@ -314,18 +323,36 @@ class Ingest:
             log.warning("camera %s seq %s: clock suspect: %s", manifest.camera, manifest.seq, suspicion)
         return self._reply(file_id, ReplyState.STORED, record=staged.record_hash)
 
-    def _place(self, claim: Path, staged: Staged) -> tuple[PurePosixPath, bool]:
-        """Place the verified claim in the store (never overwriting); (relpath, created). The claim stays in
-        staging until the row is committed, so a failed commit can be retried without a re-upload."""
+    def _place(self, claim: Path, staged: Staged, now: datetime) -> Placed:
+        """Place the verified claim in the store (never overwriting). The claim stays in staging until the row is
+        committed, so a failed commit can be retried without a re-upload. On a versioned store the object is
+        locked until the keep floor plus the longest exam day (`LockSettings.upload_lock`), and under legal hold
+        when an active hold already covers it."""
         manifest = staged.manifest
         assert manifest.sha256 is not None  # a claim exists only for a file with bytes, checked against it
+        retain_until: datetime | None = None
+        held = False
+        if self.store.versioned:
+            retain_until = self.locks.upload_lock(manifest.end, now)
+            with self.sessions() as session:
+                held = bool(holds_covering(session, venue=manifest.venue, room=manifest.room, camera=manifest.camera,
+                                           start=manifest.start, end=manifest.end, pre=self.locks.pre_margin,
+                                           post=self.locks.post_margin))
         try:
             relpath = storage_relpath(manifest, staged.institution)
-            placed = self.store.place(claim, relpath, sha256=manifest.sha256,
-                                      alternate=alternate_relpath(relpath, manifest.seq))
+            return self.store.place(claim, relpath, sha256=manifest.sha256,
+                                    alternate=alternate_relpath(relpath, manifest.seq), retain_until=retain_until,
+                                    legal_hold=held)
         except (UnsafePath, ValueError) as exc:
             raise Refusal(P.REJECT_UNSAFE_PATH, str(exc)) from exc
-        return placed.relpath, placed.created
+
+    def _discard(self, placed: Placed) -> None:
+        """Remove what this instance placed for a record another instance stored first. A locked object version
+        cannot be removed before its lock ends: it stays, and scrub reports it (`orphan_file`)."""
+        try:
+            self.store.unlink(placed.relpath, placed.version)
+        except ObjectLocked as exc:
+            log.warning("%s; it stays until its lock ends and scrub reports it as an orphan", exc)
 
     def _existing(self, agent: str, file_id: str, staged: Staged, existing: SegmentRecord,
                   marker: bool = False) -> Reply:

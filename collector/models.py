@@ -29,6 +29,7 @@ EVENT_CHAIN_LINKED = "chain_linked"
 EVENT_DUPLICATE = "duplicate"
 EVENT_HANDLER_ERROR = "handler_error"
 EVENT_ENROLLED = "enrolled"
+EVENT_REVOKED = "revoked"                  # `enroll --revoke`: the agent's uploads are refused from now on
 EVENT_CLOCK_SUSPECT = "clock_suspect"      # stored, but the record's times are far from its receipt time
 EVENT_CHUNK_DROPPED = "chunk_dropped"      # a chunk that could not belong to its file (throttled notes)
 EVENT_KEY_REPLACED = "key_replaced"
@@ -75,6 +76,11 @@ class Agent(Base):
     institution: Mapped[str | None] = mapped_column(String(64))
     public_key: Mapped[str] = mapped_column(String(64))
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Revocation (migration 0009_agent_revocation): `exam-collector enroll --revoke`. Set: every new upload is
+    # rejected (`agent_revoked`) and its stored footage stays; `enroll ... --reinstate` clears it.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_by: Mapped[str | None] = mapped_column(String(160))
+    revoked_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class AgentKey(Base):
@@ -137,6 +143,11 @@ class SegmentRecord(Base):
     key_fingerprint: Mapped[str | None] = mapped_column(String(64))
     stored_by: Mapped[str | None] = mapped_column(String(160))
     clock_suspect: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Object storage (migration 0008_object_storage): the object version that holds the bytes (None on the
+    # filesystem), and the date until which the storage itself refuses to delete it (its COMPLIANCE lock, as the
+    # storage reported it; extended for batch links, never shortened).
+    storage_version: Mapped[str | None] = mapped_column(String(1024))
+    lock_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class IngestEvent(Base):

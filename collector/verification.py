@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract import protocol as P
-from exam_contract.canonical import canonical_bytes, sha256_hex
+from exam_contract.canonical import canonical_bytes, format_time, sha256_hex
 from exam_contract.chain import ChainPosition, LinkVerdict, judge_link
 from exam_contract.identifiers import is_file_id, is_identifier
 from exam_contract.manifest import Manifest, ManifestError
@@ -79,6 +79,11 @@ def check_init(sessions: sessionmaker[Session], agent: str, file_id: str, payloa
     if enrolled is None:
         raise Refusal(P.REJECT_UNKNOWN_AGENT, f"agent {agent!r} is not enrolled: enrol it with "
                                               "`exam-collector enroll`")
+    if enrolled.revoked_at is not None:
+        # The operator's reason stays on the collector (`exam-collector agents`): the machine may be in other hands.
+        raise Refusal(P.REJECT_AGENT_REVOKED, f"agent {agent!r} was revoked at {format_time(enrolled.revoked_at)}: "
+                                              "no upload is accepted until an operator reinstates it with "
+                                              "`exam-collector enroll ... --reinstate`")
     if manifest.venue != enrolled.venue:
         raise Refusal(P.REJECT_VENUE_MISMATCH, f"agent {agent!r} is enrolled for venue "
                                                f"{enrolled.venue!r}, manifest says {manifest.venue!r}")

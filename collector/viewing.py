@@ -113,11 +113,11 @@ def plan_clips(cameras: list[CameraRecords], tolerance: timedelta, store: Footag
         for a, b in zip(runs, runs[1:], strict=False):
             gaps_between.append((f"{cam.venue}/{cam.camera}", a[-1].end_at, b[0].start_at))
         for run in runs:
-            stored = [r.storage_path for r in run if r.storage_path and r.deleted_at is None]
+            stored = [(r.storage_path, r.storage_version) for r in run if r.storage_path and r.deleted_at is None]
             try:
-                if len(stored) != len(run) or not all(store.exists(relpath) for relpath in stored):
+                if len(stored) != len(run) or not all(store.exists(relpath, version) for relpath, version in stored):
                     continue
-                sources = [held.enter_context(store.local_path(relpath)) for relpath in stored]
+                sources = [held.enter_context(store.local_path(relpath, version)) for relpath, version in stored]
             except (UnsafePath, StoredFileMissing):
                 continue
             name = (f"viewing/{cam.venue}_{cam.camera}_{local_text(run[0].start_at, '%Y%m%d-%H%M%S')}"
@@ -263,9 +263,11 @@ _remux_locks: dict[str, threading.Lock] = {}
 _remux_guard = threading.Lock()
 
 
-def playable_mp4(store: FootageStore, relpath: RelPath, sha256: str, cache_dir: Path) -> Path:
-    """The MP4 remux (stream copy) of a stored segment, made once and cached by its hash; raises
-    subprocess.CalledProcessError when ffmpeg cannot remux it."""
+def playable_mp4(store: FootageStore, relpath: RelPath, sha256: str, cache_dir: Path,
+                 version: str | None = None) -> Path:
+    """The MP4 remux (stream copy) of a stored segment (that object version), made once and cached by its hash;
+    raises subprocess.CalledProcessError when ffmpeg cannot remux it. Object storage is read once, into a
+    temporary file (`local_path`), only when the cache does not hold the MP4 yet."""
     target = cache_dir / f"{sha256}.mp4"
     if target.is_file():
         return target
@@ -277,7 +279,7 @@ def playable_mp4(store: FootageStore, relpath: RelPath, sha256: str, cache_dir: 
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f".{sha256}.{uuid.uuid4().hex[:8]}.mp4"
         try:
-            with store.local_path(relpath) as source:
+            with store.local_path(relpath, version) as source:
                 subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i",
                                 str(source), "-map", "0", "-c", "copy", "-movflags", "+faststart", str(tmp)],
                                check=True, capture_output=True, timeout=600)

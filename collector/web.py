@@ -1,9 +1,12 @@
-"""HTTP API and web portal of `exam-collector serve` (FastAPI; OpenAPI at /openapi.json, docs at /docs).
+"""HTTP API and web portal of `exam-collector serve` (FastAPI; OpenAPI at /openapi.json; no /docs page, whose
+Swagger UI would come from a CDN with inline script, which the Content-Security-Policy forbids).
 
 Authentication: POST /api/login gives a bearer token (also set as an HttpOnly cookie, so that <video> can
-play); tokens expire. Authorization: an inspector sees only the batches and footage of the institutions
-of their account; anything else answers 404, as if it did not exist. Every view of footage or coverage,
-every export and every download is written to the audit log.
+play; Secure on HTTPS); tokens expire. Failed logins are rate-limited per account and per client address
+(collector/login_throttle.py). Every response carries the security headers of collector/http_security.py;
+`[http] cert_file`/`key_file` serve HTTPS with uvicorn's own TLS. Authorization: an inspector sees only the
+batches and footage of the institutions of their account; anything else answers 404, as if it did not exist.
+Every view of footage or coverage, every export and every download is written to the audit log.
 
 Segments are stored as MPEG-TS, which Chromium cannot play: playback serves an MP4 remuxed with
 `ffmpeg -c copy` (no re-encode, collector/viewing.py), cached under `data_dir/cache/mp4/` by the segment's
@@ -44,8 +47,10 @@ from .batches import (SHANGHAI, BatchImportError, BatchNotFound, batch_report, i
 from .config import CollectorConfig
 from .export import ExportError, ExportSettings, export_batch
 from .footage_store import FootageStore, StoredFileMissing, UnsafePath, store_for
+from .http_security import SecurityHeaders, is_loopback, tls_options
+from .login_throttle import LoginThrottle, LoginThrottled
 from .models import ExamBatch, ExamBatchPart, SegmentRecord
-from .users import AuthError, User, authenticate, login, logout
+from .users import AuthError, User, authenticate, login, logout, refuse_login
 from .viewing import playable_mp4
 
 log = logging.getLogger(__name__)
@@ -167,6 +172,11 @@ def _range_start(header: str | None) -> int | None:
     return int(match.group(1)) if match.group(1) else None
 
 
+def _client_address(request: Request) -> str:
+    """The client's address (with `[http] behind_tls_proxy`, the one the local proxy forwards for)."""
+    return request.client.host if request.client else "unknown"
+
+
 def _token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     return header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
@@ -184,10 +194,12 @@ Auth = Annotated[User, Depends(current_user)]
 
 
 def create_app(portal: Portal) -> FastAPI:
-    app = FastAPI(title="exam-footage collector", version="1",
+    app = FastAPI(title="exam-footage collector", version="1", docs_url=None, redoc_url=None,
                   description="Inspectors' API: batches (批次), coverage, footage playback, evidence export.")
     sessions = portal.sessions
     cfg = portal.config
+    throttle = LoginThrottle.from_config(cfg.http)
+    app.add_middleware(SecurityHeaders, https=cfg.http.https)
 
     app.state.portal = portal
     def report_of(session: Session, batch_id: str):  # noqa: ANN202
@@ -208,14 +220,24 @@ def create_app(portal: Portal) -> FastAPI:
     # ------------------------------------------------------------------ session
 
     @app.post("/api/login", response_model=LoginOut, tags=["session"],
-              responses={401: {"description": "wrong user name or password"}})
-    def api_login(body: LoginBody, response: Response) -> LoginOut:
+              responses={401: {"description": "wrong user name or password"},
+                         429: {"description": "too many failed logins of this user name or from this address; "
+                                              "Retry-After gives the seconds to wait"}})
+    def api_login(body: LoginBody, request: Request, response: Response) -> LoginOut:
+        client = _client_address(request)
         try:
-            done = login(sessions, body.username, body.password)
+            attempt = throttle.begin(body.username, client)
+        except LoginThrottled as exc:
+            refuse_login(sessions, body.username, client, exc.retry_after)
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        try:
+            done = login(sessions, body.username, body.password, client=client)
         except AuthError as exc:
             raise HTTPException(401, str(exc)) from None
+        throttle.succeeded(attempt)
         max_age = int((done.expires_at - datetime.now(timezone.utc)).total_seconds())
-        response.set_cookie(COOKIE, done.token, max_age=max_age, httponly=True, samesite="strict", path="/")
+        response.set_cookie(COOKIE, done.token, max_age=max_age, httponly=True, samesite="strict", path="/",
+                            secure=cfg.http.https)
         return LoginOut(token=done.token, expires_at=format_time(done.expires_at),
                         user=UserOut(username=done.user.username, role=done.user.role,
                                      institutions=list(done.user.institutions)))
@@ -225,7 +247,7 @@ def create_app(portal: Portal) -> FastAPI:
         token = _token(request)
         if token:
             logout(sessions, token)
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=cfg.http.https)
         return {"ok": True}
 
     @app.get("/api/me", response_model=UserOut, tags=["session"], responses={401: {"description": "not logged in"}})
@@ -335,9 +357,10 @@ def create_app(portal: Portal) -> FastAPI:
                 or record.storage_path is None or record.deleted_at is not None or record.sha256 is None):
             raise HTTPException(404, f"segment {segment_id} not found")
         try:
-            if not portal.store.exists(record.storage_path):
+            if not portal.store.exists(record.storage_path, record.storage_version):
                 raise StoredFileMissing(record.storage_path, portal.store)
-            mp4 = playable_mp4(portal.store, record.storage_path, record.sha256, portal.cache_dir)
+            mp4 = playable_mp4(portal.store, record.storage_path, record.sha256, portal.cache_dir,
+                               record.storage_version)
         except UnsafePath:
             log.error("segment %s: stored path %r leaves storage_dir; not served", segment_id, record.storage_path)
             raise HTTPException(404, f"segment {segment_id}: the stored file is missing") from None
@@ -427,15 +450,23 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class HttpServer:
-    """uvicorn on its own thread beside the MQTT service."""
+    """uvicorn on its own thread beside the MQTT service: HTTPS with `[http] cert_file`, else plain HTTP.
+
+    Raises ListenError for an unusable `[http] listen`, TlsFilesError for unusable TLS files. X-Forwarded-For
+    and -Proto are believed only with `[http] behind_tls_proxy`, and then only from this host (uvicorn's
+    FORWARDED_ALLOW_IPS): otherwise any client could pick the address the login rate limit counts."""
 
     def __init__(self, portal: Portal, listen: str) -> None:
         import uvicorn
 
+        http = portal.config.http
         host, port = parse_listen(listen)
         self.address = f"{host}:{port}"
+        self.url = f"{'https' if http.tls else 'http'}://{self.address}/"
+        self.plain_on_network = not http.tls and not is_loopback(host)
         self.server = uvicorn.Server(uvicorn.Config(create_app(portal), host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off"))
+                                                    access_log=False, lifespan="off",
+                                                    proxy_headers=http.behind_tls_proxy, **tls_options(http)))
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
     def start(self, timeout: float = 15.0) -> None:
@@ -444,7 +475,11 @@ class HttpServer:
         deadline = threading.Event()
         for _ in range(int(timeout * 20)):
             if self.server.started:
-                log.info("HTTP API and portal on http://%s/", self.address)
+                log.info("HTTP API and portal on %s", self.url)
+                if self.plain_on_network:
+                    log.warning("HTTP API and portal on %s without TLS: passwords and session tokens cross the "
+                                "network in clear; set [http] cert_file and key_file, or listen on 127.0.0.1 behind "
+                                "a TLS proxy (behind_tls_proxy = true)", self.url)
                 return
             if not self.thread.is_alive():
                 break

@@ -56,7 +56,7 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 
 
 CONFIG_TEMPLATE = """\
-# exam-edge configuration (written by `exam-edge init`). See PRODUCT.md, "Edge config".
+# exam-edge configuration (written by `exam-edge init`). Every key: docs/config.md.
 
 [agent]
 id = {agent}                     # unique; also the MQTT username
@@ -322,6 +322,22 @@ def retry(ctx: click.Context, camera: str | None) -> None:
     click.echo(f"{requeued} rejected record(s) queued for upload again" +
                (f" (the oldest, camera {oldest.camera} seq {oldest.seq}, was rejected: {oldest.reason})"
                 if oldest is not None and camera in (None, oldest.camera) else ""))
+
+
+@cli.command()
+@click.option("--timeout", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds to wait for the broker and the collector.")
+@click.pass_context
+def doctor(ctx: click.Context, timeout: float) -> None:
+    """Check config, key file, data_dir (write, fsync, free space), ffmpeg, TLS, broker login and the clock against
+    the collector; one line per check with the fix; exits with the first failure's code."""
+    from exam_contract.doctor import exit_code, render
+
+    from .doctor import run_doctor
+
+    checks = run_doctor(_config_path(ctx), timeout)
+    click.echo(render(checks))
+    sys.exit(exit_code(checks))
 
 
 @cli.command()

@@ -1,4 +1,4 @@
-"""The edge config (TOML, PRODUCT.md "Edge config") as frozen dataclasses."""
+"""The edge config (TOML; every key in docs/config.md) as frozen dataclasses."""
 
 from __future__ import annotations
 
@@ -124,11 +124,7 @@ def load_config(path: Path | str) -> EdgeConfig:
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
-    known = {"agent", "mqtt", "recording", "camera", "health"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"[{key}] is not a known section: "
-                              "remove it (known: agent, mqtt, recording, camera, health)")
+    toml.unknown_sections(raw, {"agent", "mqtt", "recording", "camera", "health"})
     agent = _agent(_table(raw, "agent"), base_dir)
     mqtt = parse_mqtt_table(_table(raw, "mqtt"), base_dir, files_must_exist=True)
     recording = _recording(_table(raw, "recording", required=False))

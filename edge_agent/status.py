@@ -7,7 +7,6 @@ shows locally. `read_local_status` is that reader.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from exam_contract.alarms import AlarmCode
 from exam_contract.canonical import format_time, parse_time
+from exam_contract.files import lock_is_held
 from exam_contract.redact import redact_values
 
 from .config import EdgeConfig
@@ -51,19 +51,8 @@ def status_path(config: EdgeConfig) -> Path:
 
 
 def agent_running(config: EdgeConfig) -> bool:
-    """True while an exam-edge holds the data_dir lock (agent.lock)."""
-    path = config.agent.data_dir / "agent.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """True while an exam-edge holds the data_dir lock (agent.lock, taken exclusively)."""
+    return lock_is_held(config.agent.data_dir / "agent.lock", probe_exclusive=False)
 
 
 def read_local_status(config: EdgeConfig) -> LocalStatus | None:

@@ -16,3 +16,5 @@ class AlarmCode(StrEnum):
     STORAGE_FULL = "storage_full"                  # no space on storage_dir: no `stored` replies
     STORAGE_ERROR = "storage_error"                # storage_dir fails otherwise (mount, permissions, I/O)
     DATABASE_UNREACHABLE = "database_unreachable"  # the database does not answer
+    OBJECT_LOCK_FAILED = "object_lock_failed"      # the object storage did not take a legal hold or lock extension
+    OBJECT_LOCKED = "object_locked"                # the object storage refused a deletion enforce planned: still locked

@@ -11,7 +11,7 @@ TIME_FORMAT_HINT = "YYYY-MM-DDTHH:MM:SS.mmmZ"
 
 
 def canonical_bytes(obj: Any) -> bytes:
-    """The exact bytes that are signed and chained (PRODUCT.md, Segment manifest)."""
+    """The exact bytes that are signed and chained (docs/protocol.md, Records)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

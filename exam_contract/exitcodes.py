@@ -1,5 +1,5 @@
-"""Exit codes of exam-edge, exam-collector and exam-retention (PRODUCT.md: every failure is one line on stderr
-and one of these codes), so that scripts and systemd units can tell the cases apart.
+"""Exit codes of exam-edge, exam-collector and exam-retention (README.md, The three commands: every failure is one
+line on stderr and one of these codes), so that scripts and systemd units can tell the cases apart.
 
 The standalone evidence checker (`collector/evidence_verify.py`, shipped as `verify.py` in every package)
 uses the same numbers for its verdicts but cannot import this package.

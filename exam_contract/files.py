@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -30,3 +31,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_is_held(path: Path, *, probe_exclusive: bool) -> bool:
+    """True while another process holds a flock on `path` that conflicts with the probe: probe exclusively to find
+    shared holders, shared to find an exclusive one. A missing file (or folder) is no lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if probe_exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -1,4 +1,4 @@
-"""The signed record of one finished segment or one stated gap (PRODUCT.md, Segment manifest)."""
+"""The signed record of one finished segment or one stated gap (docs/protocol.md, Records)."""
 
 from __future__ import annotations
 

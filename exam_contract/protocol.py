@@ -258,6 +258,7 @@ class RejectionCode(StrEnum):
     TOO_MANY_TRANSFERS = "too_many_transfers"  # the agent has too many unfinished uploads open
     STAGING_FULL = "staging_full"              # the agent's unfinished uploads would exceed its staging quota
     UNSAFE_PATH = "unsafe_path"                # the storage path would leave storage_dir
+    AGENT_REVOKED = "agent_revoked"            # the operator revoked the agent (`exam-collector enroll --revoke`)
 
 
 # The names the code used before RejectionCode.
@@ -279,10 +280,12 @@ REJECT_IMPLAUSIBLE = RejectionCode.IMPLAUSIBLE
 REJECT_TOO_MANY_TRANSFERS = RejectionCode.TOO_MANY_TRANSFERS
 REJECT_STAGING_FULL = RejectionCode.STAGING_FULL
 REJECT_UNSAFE_PATH = RejectionCode.UNSAFE_PATH
+REJECT_AGENT_REVOKED = RejectionCode.AGENT_REVOKED
 
 REJECTION_CODES: tuple[RejectionCode, ...] = tuple(RejectionCode)
 # Rejections an operator or time can cure (an enrolment to fix, a quota that frees up): the agent keeps the
 # record and retries it with backoff, raising an alarm meanwhile. The others need `exam-edge retry`.
 RETRYABLE_REJECTIONS: frozenset[RejectionCode] = frozenset({
     RejectionCode.UNKNOWN_AGENT, RejectionCode.BAD_SIGNATURE, RejectionCode.VENUE_MISMATCH,
-    RejectionCode.INSTITUTION_MISMATCH, RejectionCode.TOO_MANY_TRANSFERS, RejectionCode.STAGING_FULL})
+    RejectionCode.INSTITUTION_MISMATCH, RejectionCode.TOO_MANY_TRANSFERS, RejectionCode.STAGING_FULL,
+    RejectionCode.AGENT_REVOKED})

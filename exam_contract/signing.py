@@ -1,4 +1,4 @@
-"""Ed25519 keys and signatures in the encodings PRODUCT.md fixes."""
+"""Ed25519 keys and signatures in the encodings docs/protocol.md fixes (Records, Keys)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,43 @@ def number(section_table: dict[str, Any], section: str, key: str, default: float
     return float(value)
 
 
-def unknown_keys(section_table: dict[str, Any], section: str, known: set[str]) -> None:
+def boolean(section_table: dict[str, Any], section: str, key: str, default: bool) -> bool:
+    value = section_table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be true or false: write it without quotes")
+    return value
+
+
+def nearest_key(key: str, known: set[str] | frozenset[str]) -> str | None:
+    """The known key a misspelt `key` most likely means (difflib's closest match), or None."""
+    found = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_keys(section_table: dict[str, Any], section: str, known: set[str] | frozenset[str]) -> None:
+    """Refuse the first key of a table that is not in `known`, naming the nearest known one when there is one
+    (a misspelt key must never silently leave its default in force)."""
     for key in section_table:
         if key not in known:
+            nearest = nearest_key(key, known)
+            if nearest is not None:
+                raise ConfigError(f"[{section}] {key} is not a known key; did you mean {nearest}?")
             raise ConfigError(f"[{section}] {key} is not a known key: remove it (known: {', '.join(sorted(known))})")
+
+
+def unknown_sections(raw: dict[str, Any], known: set[str] | frozenset[str]) -> None:
+    """Refuse the first top-level entry of a config that is not one of its `known` tables, naming the nearest."""
+    for key, value in raw.items():
+        if key in known:
+            continue
+        names = ", ".join(f"[{name}]" for name in sorted(known))
+        if not isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} is not a known key at the top level: move it under its section ({names}) "
+                              "or remove it")
+        nearest = nearest_key(key, known)
+        if nearest is not None:
+            raise ConfigError(f"[{key}] is not a known section; did you mean [{nearest}]?")
+        raise ConfigError(f"[{key}] is not a known section: remove it (known: {names})")
 
 
 def mqtt_url(url: str, key: str = "[mqtt] url") -> tuple[str, int, bool]:

@@ -1,4 +1,4 @@
-"""MQTT topic names of protocol v1 (PRODUCT.md)."""
+"""MQTT topic names of protocol v1 (docs/protocol.md, Topics)."""
 
 from __future__ import annotations
 

@@ -127,7 +127,9 @@ def verify_log(obj: RetentionContext, pubkey: str | None, max_age: int, copy_fil
 def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
     """Delete footage past its retention floor and not under hold (tombstone first, rows kept)."""
     from collector import audit
-    from collector.footage_store import store_for
+    from collector.footage_store import open_store
+    from collector.object_locks import LockSettings, extend_linked_locks, record_report
+    from exam_contract.alarms import AlarmCode
     from .enforce import ClockError, build_plan, execute, plan_lines
     from .policy import PolicyError, RetentionPolicy
 
@@ -141,7 +143,7 @@ def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
     post = timedelta(minutes=cfg.coverage.post_margin_minutes)
     key = None if dry_run else obj.signing_key()  # a real run must be able to sign its checkpoint
     sessions = obj.sessions()
-    store = store_for(cfg)
+    store = open_store(cfg)
     now = datetime.now(timezone.utc)
     try:
         with sessions() as session:
@@ -155,24 +157,37 @@ def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
             click.echo(line)
     for alarm in plan.alarms:
         click.echo(f"{PROG}: ALARM: {alarm}", err=True)
+    # Object storage: locks of footage linked to a part longer than the longest exam day are lengthened to
+    # the linked keep (a dry run only counts them).
+    locks = extend_linked_locks(sessions, store, LockSettings.from_config(cfg), now, dry_run=dry_run)
+    if locks.total and not as_json:
+        click.echo(locks.line())
     if dry_run:
         if not as_json:
             click.echo("dry run: nothing deleted")
         return
     actor = f"retention:{audit.local_actor()}"
+    lock_alarm = record_report(sessions, locks, action=audit.ACTION_LOCK_EXTEND, actor=actor, target="storage")
     result = execute(sessions, plan, store, policy, actor, pre, post)
+    alarms = list(plan.alarms) + ([f"{AlarmCode.OBJECT_LOCK_FAILED}: {lock_alarm}"] if lock_alarm else [])
+    # The storage's lock outlasting the row's: its clock or a lock set outside this code; never forced.
+    alarms += [f"{AlarmCode.OBJECT_LOCKED}: the storage refused to delete {line}" for line in result.refused]
     with sessions.begin() as session:
         audit.record(session, audit.ACTION_ENFORCE_RUN, actor=actor, target="storage",
                      detail={"now": plan.now, "deleted_files": len(result.deleted),
                              "deleted_bytes": sum(d.size for d in result.deleted), "skipped": result.skipped,
+                             "refused": result.refused, "locks_extended": locks.done,
                              "per_venue": {t.venue: [t.files, t.bytes] for t in plan.per_venue()},
-                             "alarms": list(plan.alarms)})
+                             "alarms": alarms})
         assert key is not None
         audit.checkpoint(session, key, occasion="retention")
+    for alarm in alarms[len(plan.alarms):]:
+        click.echo(f"{PROG}: ALARM: {alarm}", err=True)
     for line in result.skipped:
         click.echo(f"skipped {line}", err=True)
     if not as_json:
-        click.echo(f"deleted {len(result.deleted)} files, {sum(d.size for d in result.deleted)} bytes; "
+        refused = f"; {len(result.refused)} refused by the storage (still locked)" if result.refused else ""
+        click.echo(f"deleted {len(result.deleted)} files, {sum(d.size for d in result.deleted)} bytes{refused}; "
                    "tombstones are in the audit log")
 
 
@@ -187,14 +202,15 @@ def enforce(obj: RetentionContext, dry_run: bool, as_json: bool) -> None:
 def scrub(obj: RetentionContext, sample: float, progress: bool | None, as_json: bool) -> None:
     """Re-hash stored files; find missing, orphan and altered files and chain breaks (exit 4 on any)."""
     from collector.audit import checkpoint_after_command
-    from collector.footage_store import store_for
+    from collector.footage_store import open_store
+    from collector.object_locks import LockSettings
     from .scrub import run_scrub
 
     cfg = obj.config()
     show = sys.stderr.isatty() if progress is None else progress
     sessions = obj.sessions()
-    result = run_scrub(sessions, store_for(cfg), sample=sample, progress=sys.stderr if show else None,
-                       actor=f"retention:{_actor()}")
+    result = run_scrub(sessions, open_store(cfg), sample=sample, progress=sys.stderr if show else None,
+                       actor=f"retention:{_actor()}", locks=LockSettings.from_config(cfg))
     if as_json:
         click.echo(json.dumps(result.as_json(), ensure_ascii=False, indent=2))
     else:
@@ -203,6 +219,8 @@ def scrub(obj: RetentionContext, sample: float, progress: bool | None, as_json: 
                    f"records' signatures and chains; {len(result.problems)} problems")
         for p in result.problems:
             click.echo(f"  {p.kind}: {p.item}: {p.what}")
+        for line in result.adopted:
+            click.echo(f"  adopted: {line}")
     checkpoint_after_command(sessions, cfg.key_file)
     if result.problems:
         raise SystemExit(exitcodes.INTEGRITY)

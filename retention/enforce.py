@@ -1,12 +1,14 @@
 """`exam-retention enforce`: gather facts from the database, ask the pure policy, delete what it allows, each
-deletion tombstone first. See docs/design/retention.md (the procedure and its failure cases)."""
+deletion tombstone first. See docs/design/retention.md (the procedure and its failure cases). On object storage
+the storage has the last word: a version whose lock or legal hold is still on is not deleted (`ObjectLocked`),
+never forced, and stays live; see docs/design/storage.md."""
 
 from __future__ import annotations
 
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -14,12 +16,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
-from collector.footage_store import FootageStore, UnsafePath
-from collector.models import AuditCheckpoint, AuditEntry, ExamBatchPart, LegalHold, SegmentRecord
+from collector.footage_store import FootageStore, ObjectLocked, UnsafePath
+from collector.holds import BatchWindow, active_holds, batch_windows, held_batch_windows
+from collector.models import AuditCheckpoint, AuditEntry, ExamBatchPart, SegmentRecord
 from exam_contract.canonical import format_time
 
-from .policy import (BatchLink, Decision, HoldFacts, HoldWindow, RetentionPolicy, SegmentFacts, decide,
-                     earliest_possible_floor, shanghai_text)
+from .policy import (BatchLink, Decision, HoldFacts, RetentionPolicy, SegmentFacts, decide, earliest_possible_floor,
+                     shanghai_text)
+
+__all__ = ["BatchWindow", "ClockError", "EnforcePlan", "EnforceResult", "PlannedDeletion", "active_holds",
+           "batch_windows", "build_plan", "check_clock", "current_facts", "execute", "plan_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +37,6 @@ READ_CHUNK = 2000
 
 class ClockError(Exception):
     """The clock is earlier than what a collector already wrote: enforce refuses to decide anything."""
-
-
-@dataclass(frozen=True)
-class BatchWindow:
-    batch_id: str
-    venue: str
-    room: str
-    start: datetime        # part window widened by the coverage margins (for linking)
-    end: datetime
-    part_end: datetime     # the part's own end (for the retention floor)
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,7 @@ class PlannedDeletion:
     keep_until: datetime
     rule: str
     reason: str
+    storage_version: str | None = None   # the object version (object storage); None for a file
 
     @property
     def target(self) -> str:
@@ -65,9 +62,10 @@ class PlannedDeletion:
 
     def as_json(self) -> dict:
         return {"segment_id": self.segment_id, "venue": self.venue, "camera": self.camera, "seq": self.seq,
-                "storage_path": self.storage_path, "size": self.size, "sha256": self.sha256,
-                "record_hash": self.record_hash, "start": format_time(self.start), "end": format_time(self.end),
-                "keep_until": format_time(self.keep_until), "rule": self.rule, "reason": self.reason}
+                "storage_path": self.storage_path, "storage_version": self.storage_version, "size": self.size,
+                "sha256": self.sha256, "record_hash": self.record_hash, "start": format_time(self.start),
+                "end": format_time(self.end), "keep_until": format_time(self.keep_until), "rule": self.rule,
+                "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,7 @@ class EnforcePlan:
     candidates: int               # those old enough to be looked at (ended and stored >= 365 days ago)
     held: int                     # candidates kept only because of a hold
     alarms: tuple[str, ...]
+    locked: int = 0               # due, but the storage's own lock (the row's lock_until) has not ended yet
 
     @property
     def files(self) -> int:
@@ -104,6 +103,7 @@ class EnforcePlan:
     def as_json(self) -> dict:
         return {"now": format_time(self.now), "files": self.files, "bytes": self.bytes,
                 "stored_segments": self.stored_segments, "candidates": self.candidates, "held": self.held,
+                "locked": self.locked,
                 "per_venue": [{"venue": t.venue, "files": t.files, "bytes": t.bytes} for t in self.per_venue()],
                 "deletions": [d.as_json() for d in self.deletions], "alarms": list(self.alarms)}
 
@@ -112,46 +112,19 @@ class EnforcePlan:
 class EnforceResult:
     deleted: list[PlannedDeletion] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)   # the storage refused (a lock or legal hold still on)
     checkpoint_entries: int | None = None
 
 
 # ---------------------------------------------------------------------------- facts
-
-def batch_windows(session: Session, pre: timedelta, post: timedelta, *where) -> list[BatchWindow]:
-    return [BatchWindow(p.batch_id, p.venue, p.room, p.start_at - pre, p.end_at + post, p.end_at)
-            for p in session.scalars(select(ExamBatchPart).where(*where))]
-
 
 def current_facts(session: Session, row: SegmentRecord, pre: timedelta,
                   post: timedelta) -> tuple[SegmentFacts, list[HoldFacts]]:
     """The segment's links and the active holds as they are now, read with indexed queries (per deletion)."""
     room = batch_windows(session, pre, post, ExamBatchPart.venue == row.venue, ExamBatchPart.room == row.room,
                          ExamBatchPart.start_at <= row.end_at + pre, ExamBatchPart.end_at >= row.start_at - post)
-    held_batches = list(session.scalars(select(LegalHold.batch_id).where(
-        LegalHold.released_at.is_(None), LegalHold.batch_id.is_not(None))))
-    hold_windows = batch_windows(session, pre, post, ExamBatchPart.batch_id.in_(held_batches)) if held_batches else []
-    holds, _ = active_holds(session, hold_windows)
+    holds, _ = active_holds(session, held_batch_windows(session, pre, post))
     return facts_of(row, {(row.venue, row.room): room}), holds
-
-
-def active_holds(session: Session, windows: Sequence[BatchWindow]) -> tuple[list[HoldFacts], list[str]]:
-    by_batch: dict[str, list[BatchWindow]] = defaultdict(list)
-    for w in windows:
-        by_batch[w.batch_id].append(w)
-    holds: list[HoldFacts] = []
-    alarms: list[str] = []
-    for row in session.scalars(select(LegalHold).where(LegalHold.released_at.is_(None)).order_by(LegalHold.id)):
-        if row.batch_id is not None:
-            found = by_batch.get(row.batch_id, [])
-            if not found:
-                alarms.append(f"hold {row.id} (case {row.case_ref}) names batch {row.batch_id}, which is not "
-                              "imported: it holds ALL footage until the batch is imported or the hold released")
-            holds.append(HoldFacts(row.id, row.case_ref, batch_id=row.batch_id, resolved=bool(found),
-                                   windows=tuple(HoldWindow(w.venue, w.room, w.start, w.end) for w in found)))
-        else:
-            holds.append(HoldFacts(row.id, row.case_ref, venue=row.venue, camera=row.camera, start=row.from_at,
-                                   end=row.to_at))
-    return holds, alarms
 
 
 def check_clock(session: Session, now: datetime, host: str | None = None) -> None:
@@ -236,7 +209,7 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, store: 
     policy.check()
     check_clock(session, now)
     windows = batch_windows(session, pre, post)
-    # Linking uses the part's window widened by the coverage margins, as PRODUCT.md (Exam batches) defines it.
+    # Linking uses the part's window widened by the coverage margins ([coverage] in docs/config.md; docs/retention.md).
     by_room: dict[tuple[str, str], list[BatchWindow]] = defaultdict(list)
     for w in windows:
         by_room[(w.venue, w.room)].append(w)
@@ -245,21 +218,26 @@ def build_plan(session: Session, policy: RetentionPolicy, now: datetime, store: 
         SegmentRecord.kind == "segment", SegmentRecord.storage_path.is_not(None),
         SegmentRecord.deleted_at.is_(None))) or 0
     deletions: list[PlannedDeletion] = []
-    candidates = held = 0
+    candidates = held = locked = 0
     for row in _candidates(session, earliest_possible_floor(now)):
         candidates += 1
         decision: Decision = decide(facts_of(row, by_room), holds, now, policy)
         if decision.holds and now >= decision.keep_until:
             held += 1
-        if decision.delete:
+        if decision.delete and row.lock_until is not None and now < row.lock_until:
+            # Due by the policy, but the storage locked it a little longer (the lock covers the longest exam
+            # day after the floor): not an error, the run after the lock's end deletes it.
+            locked += 1
+        elif decision.delete:
             assert row.storage_path is not None
             deletions.append(PlannedDeletion(row.id, row.venue, row.camera, row.seq, row.storage_path, row.size,
                                              row.sha256, row.record_hash, row.start_at, row.end_at,
-                                             decision.keep_until, decision.rule, decision.reason))
+                                             decision.keep_until, decision.rule, decision.reason,
+                                             row.storage_version))
     for alarm in (future_footage_alarm(session, now), disk_alarm(store)):
         if alarm:
             alarms.append(alarm)
-    return EnforcePlan(now, tuple(deletions), stored, candidates, held, tuple(alarms))
+    return EnforcePlan(now, tuple(deletions), stored, candidates, held, tuple(alarms), locked)
 
 
 # ---------------------------------------------------------------------------- execution
@@ -268,11 +246,14 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, store: FootageSt
             actor: str, pre: timedelta, post: timedelta) -> EnforceResult:
     """Carry out the plan, each deletion in the order the module docstring gives. A store that fails to delete
     raises (OSError) after that deletion's tombstone and before its row is marked: the next run finishes it
-    under the same tombstone."""
+    under the same tombstone. A storage that refuses because the object is locked or held (`ObjectLocked`) is
+    not a failure of the run: that deletion is reported in `refused`, its row stays live, and a later run
+    deletes it under the same tombstone once the storage allows it (never by force)."""
     result = EnforceResult()
     for item in plan.deletions:
         try:
-            present = store.exists(item.storage_path)   # the path is checked before anything is written
+            # the path is checked before anything is written
+            present = store.exists(item.storage_path, item.storage_version)
         except UnsafePath as exc:  # a row written before paths were checked: never unlink outside storage
             log.error("%s not deleted: %s", item.target, exc)
             result.skipped.append(f"{item.target}: {exc}; not deleted")
@@ -282,7 +263,8 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, store: FootageSt
             if row is None or row.deleted_at is not None:
                 result.skipped.append(f"{item.target}: already deleted or gone")
                 continue
-            if row.record_hash != item.record_hash or row.storage_path != item.storage_path:
+            if (row.record_hash, row.storage_path, row.storage_version) != (item.record_hash, item.storage_path,
+                                                                             item.storage_version):
                 result.skipped.append(f"{item.target}: row changed since planning; left for the next run")
                 continue
             # A hold placed or a batch imported while this run was going still wins.
@@ -297,12 +279,19 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, store: FootageSt
             else:
                 tombstone_seq = audit.record(
                     session, audit.ACTION_SEGMENT_DELETE, actor=actor, target=item.target, reason=item.reason,
-                    detail={"segment_id": item.segment_id, "storage_path": item.storage_path, "size": item.size,
-                            "sha256": item.sha256, "record_hash": item.record_hash, "start": item.start,
-                            "end": item.end, "keep_until": item.keep_until, "rule": item.rule}).seq
+                    detail={"segment_id": item.segment_id, "storage_path": item.storage_path,
+                            "storage_version": item.storage_version, "size": item.size, "sha256": item.sha256,
+                            "record_hash": item.record_hash, "start": item.start, "end": item.end,
+                            "keep_until": item.keep_until, "rule": item.rule}).seq
         if not present:
             log.info("%s: file %s is already missing; finishing its deletion", item.target, item.storage_path)
-        store.unlink(item.storage_path)
+        try:
+            store.unlink(item.storage_path, item.storage_version)
+        except ObjectLocked as exc:
+            log.error("%s not deleted: %s", item.target, exc)
+            result.refused.append(f"{item.target}: {exc}; the row stays live (tombstone entry {tombstone_seq} is "
+                                  "reused once the storage allows the deletion)")
+            continue
         with sessions.begin() as session:
             row = session.get(SegmentRecord, item.segment_id)
             if row is not None:
@@ -316,9 +305,10 @@ def execute(sessions: sessionmaker[Session], plan: EnforcePlan, store: FootageSt
 
 def plan_lines(plan: EnforcePlan) -> list[str]:
     lines = [f"delete {d.target} {d.storage_path} {d.size} B: {d.reason}" for d in plan.deletions]
+    locked = f", {plan.locked} due but locked by the storage a little longer" if plan.locked else ""
     lines.append(f"plan at {shanghai_text(plan.now)}: delete {plan.files} files, {plan.bytes} bytes "
                  f"(of {plan.stored_segments} stored segments; {plan.candidates} old enough to check, "
-                 f"{plan.held} kept by holds)")
+                 f"{plan.held} kept by holds{locked})")
     for t in plan.per_venue():
         lines.append(f"  venue {t.venue}: {t.files} files, {t.bytes} bytes")
     return lines

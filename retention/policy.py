@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
-SHANGHAI = ZoneInfo("Asia/Shanghai")
+# The calendar and hold-scope rules live in the collector, which uses them for the storage's locks and legal
+# holds too (and may not import this package); re-exported here as part of the policy.
+from collector.keep import SHANGHAI, HoldFacts, HoldWindow, add_calendar_years, hold_covers, keep_floor
+
+__all__ = ["MIN_UNLINKED_DAYS", "SHANGHAI", "BatchLink", "Decision", "Floor", "HoldFacts", "HoldWindow",
+           "PolicyError", "RetentionPolicy", "SegmentFacts", "add_calendar_years", "decide",
+           "earliest_possible_floor", "holds_on", "keep_until", "plan", "retention_floor", "shanghai_text"]
+
 MIN_UNLINKED_DAYS = 365
 
 
@@ -61,29 +67,6 @@ class SegmentFacts:
 
 
 @dataclass(frozen=True)
-class HoldWindow:
-    """Where and when a batch hold protects footage: a batch part's room and window (with margins)."""
-
-    venue: str
-    room: str | None
-    start: datetime
-    end: datetime
-
-
-@dataclass(frozen=True)
-class HoldFacts:
-    id: int
-    case_ref: str = ""
-    batch_id: str | None = None
-    venue: str | None = None
-    camera: str | None = None
-    start: datetime | None = None        # camera holds: open-ended when None
-    end: datetime | None = None
-    windows: tuple[HoldWindow, ...] = ()  # batch holds: the batch's windows, when known
-    resolved: bool = True                 # False: a batch hold whose batch is unknown here
-
-
-@dataclass(frozen=True)
 class Decision:
     segment_id: int
     delete: bool
@@ -91,21 +74,6 @@ class Decision:
     rule: str                      # "linked" or "unlinked"
     reason: str
     holds: tuple[int, ...] = ()
-
-
-def add_calendar_years(moment: datetime, years: int = 1) -> datetime:
-    """Same Shanghai wall-clock time `years` later; 29 Feb becomes 1 Mar in a non-leap year."""
-    if moment.tzinfo is None:
-        raise ValueError("naive datetime: attach a timezone (UTC inside)")
-    local = moment.astimezone(SHANGHAI)
-    year = local.year + years
-    try:
-        day = date(year, local.month, local.day)
-    except ValueError:  # 29 February in a year without one
-        day = date(year, 3, 1)
-    moved = datetime(day.year, day.month, day.day, local.hour, local.minute, local.second, local.microsecond,
-                     tzinfo=SHANGHAI)
-    return moved.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -118,13 +86,12 @@ class Floor:
 def retention_floor(segment: SegmentFacts, policy: RetentionPolicy) -> Floor:
     """The earliest moment the segment may be deleted, which rule set it, and whether the base floor (one
     calendar year plus margin after the later of end and arrival) is the one that binds."""
-    margin = timedelta(days=policy.margin_days)
     basis = segment.basis
-    base = add_calendar_years(basis) + margin
+    base = keep_floor(basis, policy.margin_days)
     floor = base
     if segment.links:
         for link in segment.links:
-            floor = max(floor, add_calendar_years(link.end) + margin)
+            floor = max(floor, keep_floor(link.end, policy.margin_days))
         return Floor(floor, "linked", floor == base)
     if policy.unlinked_retention_days is not None:
         floor = max(floor, basis + timedelta(days=policy.unlinked_retention_days))
@@ -137,27 +104,11 @@ def keep_until(segment: SegmentFacts, policy: RetentionPolicy) -> tuple[datetime
     return floor.until, floor.rule
 
 
-def _overlaps(start: datetime, end: datetime, lo: datetime | None, hi: datetime | None) -> bool:
-    # Closed on both sides: a segment that only touches a held range is held too.
-    return (lo is None or end >= lo) and (hi is None or start <= hi)
-
-
 def holds_on(segment: SegmentFacts, holds: Iterable[HoldFacts]) -> tuple[int, ...]:
-    found: list[int] = []
     batches = {link.batch_id for link in segment.links}
-    for hold in holds:
-        if hold.batch_id is not None:
-            if not hold.resolved or hold.batch_id in batches or any(
-                    w.venue == segment.venue and (w.room is None or w.room == segment.room)
-                    and _overlaps(segment.start, segment.end, w.start, w.end) for w in hold.windows):
-                found.append(hold.id)
-        elif hold.camera is not None:
-            if hold.camera == segment.camera and (hold.venue is None or hold.venue == segment.venue) \
-                    and _overlaps(segment.start, segment.end, hold.start, hold.end):
-                found.append(hold.id)
-        else:
-            found.append(hold.id)  # a hold naming neither batch nor camera cannot be narrowed: it holds all
-    return tuple(found)
+    return tuple(hold.id for hold in holds
+                 if hold_covers(hold, venue=segment.venue, room=segment.room, camera=segment.camera,
+                                start=segment.start, end=segment.end, batches=batches))
 
 
 def shanghai_text(moment: datetime) -> str:

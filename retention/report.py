@@ -7,7 +7,7 @@ Two views of the period (days in Asia/Shanghai, `--to` inclusive):
   never arrived: lost footage whenever it happened) and its stated outages (gap records).
 A gap inside a batch window, a part without footage, or a missing sequence number counts as a gap (exit 3).
 A stated outage outside every exam window is listed but not counted: the product only promises coverage of
-exam windows (PRODUCT.md, Coverage).
+exam windows ([coverage] in docs/config.md).
 Records the collector flagged `clock_suspect` (their own times far from their arrival: the agent's clock is
 not to be believed) are listed per camera when their claimed times overlap the period or they arrived in it:
 count, first and last arrival (`stored_at`), claimed times and seqs. They are kept and still cover; a gap

@@ -5,6 +5,12 @@ cannot read, hash or size mismatches, records whose stored manifest no longer ha
 signatures that fail, rows that differ from their signed manifest, and chain breaks (including a row deleted
 from the middle of a chain, which leaves its successor marked `linked` to a predecessor that is gone).
 Stored files are read only through the `FootageStore`.
+
+On object storage each row names an object version, and every version in the bucket is accounted for: a
+version no live row names is an orphan (e.g. left by a collector that died after its upload and whose agent
+never asked again), unless it is **adopted**: a live row whose own version is not in the bucket (or that names
+none) and whose key holds a version with exactly the row's signed bytes (re-hashed now) is pointed at that
+version, which is locked for the row's keep, with a `segment.adopt` audit entry. Nothing else is ever changed.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from collector import audit
-from collector.footage_store import FootageStore, StoredFileMissing, UnsafePath
+from collector.footage_store import FootageStore, StoredFileMissing, StoredObject, UnsafePath
 from collector.models import CHAIN_LINKED, Agent, AgentKey, AuditEntry, ScrubRun, SegmentRecord
+from collector.object_locks import LockSettings
 from exam_contract.canonical import format_time, sha256_hex
 from exam_contract.signing import PublicKeyError, parse_public_key, verify
 
@@ -51,6 +58,7 @@ class ScrubResult:
     bytes_checked: int = 0
     seconds: float = 0.0
     problems: list[ScrubProblem] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)   # rows pointed at a version holding their exact bytes
 
     @property
     def mb_per_s(self) -> float:
@@ -60,7 +68,8 @@ class ScrubResult:
         return {"run": self.run_id, "sample": self.sample, "records_checked": self.records_checked,
                 "files_checked": self.files_checked, "bytes_checked": self.bytes_checked,
                 "seconds": round(self.seconds, 3), "mb_per_s": round(self.mb_per_s, 1), "ok": not self.problems,
-                "problems": [{"kind": p.kind, "item": p.item, "problem": p.what} for p in self.problems]}
+                "problems": [{"kind": p.kind, "item": p.item, "problem": p.what} for p in self.problems],
+                "adopted": self.adopted}
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,12 @@ class FileToHash:
     path: PurePosixPath    # in the footage store
     sha256: str | None
     size: int
+    version: str | None = None   # the object version the row names (object storage)
+    segment_id: int = 0
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.path.as_posix(), self.version
 
 
 @dataclass(frozen=True)
@@ -129,9 +144,13 @@ def _item(rec: SegmentRecord) -> str:
     return f"{rec.venue}/{rec.camera}/{rec.seq}"
 
 
-def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, list[FileToHash], set[str], set[str]]:
+StoredKey = tuple[str, str | None]   # (relative path, object version or None)
+
+
+def check_records(session: Session,
+                  problems: list[ScrubProblem]) -> tuple[int, list[FileToHash], set[StoredKey], set[StoredKey]]:
     """Signatures (each with the key that verified it at ingest, from the agent's key history), manifests and
-    chains of every record; returns (records, live files, live paths, deleted paths)."""
+    chains of every record; returns (records, live files, live (path, version)s, deleted (path, version)s)."""
     def parsed(text: str) -> Ed25519PublicKey | None:
         try:
             return parse_public_key(text)
@@ -148,8 +167,8 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
     for entry in session.scalars(select(AuditEntry).where(AuditEntry.action == audit.ACTION_SEGMENT_DELETE)):
         tombstones[entry.seq] = (entry.target, audit.parse_detail(entry).get("record_hash"))
     files: list[FileToHash] = []
-    live: set[str] = set()
-    deleted: set[str] = set()
+    live: set[StoredKey] = set()
+    deleted: set[StoredKey] = set()
     count = 0
     previous: SegmentRecord | None = None
     for rec in _records(session):
@@ -197,47 +216,100 @@ def check_records(session: Session, problems: list[ScrubProblem]) -> tuple[int, 
                                 "tombstone for this record")
         if rec.storage_path:
             if rec.deleted_at is not None:
-                deleted.add(rec.storage_path)
+                deleted.add((rec.storage_path, rec.storage_version))
             else:
-                live.add(rec.storage_path)
+                live.add((rec.storage_path, rec.storage_version))
                 files.append(FileToHash(f"{item} {rec.storage_path}", PurePosixPath(rec.storage_path), rec.sha256,
-                                        rec.size))
+                                        rec.size, rec.storage_version, rec.id))
         elif rec.kind == "segment" and rec.size and rec.deleted_at is None:
             bad("missing_file", "segment row has no stored file")
         previous = rec
     return count, files, live, deleted
 
 
-def find_orphans(store: FootageStore, live: set[str], deleted: set[str], problems: list[ScrubProblem]) -> None:
-    for relpath in store.walk():
-        rel = relpath.as_posix()
-        if rel in live:
-            continue
-        what = ("file of a segment deleted by retention is still on disk" if rel in deleted
-                else "file in storage has no segment row (row deleted, or file planted)")
-        problems.append(ScrubProblem("orphan_file", rel, what))
+def find_orphans(store: FootageStore, live: set[StoredKey]) -> list[StoredObject]:
+    """Stored files (object versions) no live row names."""
+    return [obj for obj in store.objects() if (obj.relpath.as_posix(), obj.version) not in live]
+
+
+def report_orphans(orphans: list[StoredObject], live: set[StoredKey], deleted: set[StoredKey],
+                   problems: list[ScrubProblem]) -> None:
+    live_keys = {path for path, _ in live}
+    for obj in orphans:
+        rel = obj.relpath.as_posix()
+        name = rel if obj.version is None else f"{rel} version {obj.version}"
+        if (rel, obj.version) in deleted:
+            what = "file of a segment deleted by retention is still in storage"
+        elif obj.version is not None and rel in live_keys:
+            what = ("another version of a live record's key (a second upload); no row names it: it stays until its "
+                    "storage lock ends")
+        else:
+            what = "file in storage has no segment row (row deleted, file planted, or an upload whose row never " \
+                   "committed)"
+        problems.append(ScrubProblem("orphan_file", name, what))
+
+
+def adopt(sessions: sessionmaker[Session], store: FootageStore, candidates: list[FileToHash],
+          orphans: list[StoredObject], locks: LockSettings, actor: str) -> list[str]:
+    """Point rows whose own version is not in storage (or that name none) at an orphan version of their key
+    holding exactly their signed bytes (re-hashed now); lock it for the row's keep. Returns what was adopted and
+    removes the adopted versions from `orphans`."""
+    by_key: dict[str, list[StoredObject]] = {}
+    for obj in orphans:
+        by_key.setdefault(obj.relpath.as_posix(), []).append(obj)
+    adopted: list[str] = []
+    for f in candidates:
+        for obj in by_key.get(f.path.as_posix(), []):
+            try:
+                digest, size = store.hash(obj.relpath, obj.version)
+            except OSError:
+                continue
+            if (digest, size) != (f.sha256, f.size):
+                continue
+            with sessions.begin() as session:
+                row = session.get(SegmentRecord, f.segment_id, with_for_update=True)
+                if row is None or row.deleted_at is not None or (row.storage_path, row.storage_version) != f.key:
+                    break
+                until = store.extend_lock(obj.relpath, obj.version, locks.upload_lock(row.end_at, row.stored_at))
+                row.storage_version, row.lock_until = obj.version, until
+                audit.record(session, audit.ACTION_SEGMENT_ADOPT, actor=actor, target=_item(row),
+                             reason="the row's object version was not in storage; this version holds its exact bytes",
+                             detail={"storage_path": row.storage_path, "previous_version": f.version,
+                                     "version": obj.version, "sha256": digest, "size": size, "lock_until": until})
+            adopted.append(f"{f.item}: version {obj.version} (was {f.version or 'none'})")
+            orphans.remove(obj)
+            by_key[f.path.as_posix()].remove(obj)
+            break
+    return adopted
 
 
 def run_scrub(sessions: sessionmaker[Session], store: FootageStore, sample: float = 1.0,
               progress: IO[str] | None = None, actor: str = "retention", seed: int | None = None,
-              workers: int | None = None) -> ScrubResult:
+              workers: int | None = None, locks: LockSettings | None = None) -> ScrubResult:
     started_at = datetime.now(timezone.utc)
     result = ScrubResult(sample=sample)
     problems = result.problems
     with sessions() as session:
         result.records_checked, files, live, deleted = check_records(session, problems)
     present: list[FileToHash] = []
+    unpinned: list[FileToHash] = []   # on object storage: rows whose version is gone, or that name none
     for f in files:
         try:
-            there = store.exists(f.path)
+            there = store.exists(f.path, f.version)
         except UnsafePath as exc:
             problems.append(ScrubProblem("missing_file", f.item, f"not checked: {exc}"))
             continue
         if there:
             present.append(f)
         else:
-            problems.append(ScrubProblem("missing_file", f.item, "stored file is missing"))
-    find_orphans(store, live, deleted, problems)
+            problems.append(ScrubProblem("missing_file", f.item, "stored file is missing" if f.version is None
+                                         else f"stored version {f.version} is missing"))
+        if store.versioned and (f.version is None or not there):
+            unpinned.append(f)
+    orphans = find_orphans(store, live)
+    if unpinned and orphans:
+        result.adopted = adopt(sessions, store, unpinned, orphans, locks or LockSettings(), actor)
+    report_orphans(orphans, live, deleted, problems)
     chosen = present
     if sample < 1.0 and present:
         k = max(1, round(sample * len(present)))
@@ -247,7 +319,7 @@ def run_scrub(sessions: sessionmaker[Session], store: FootageStore, sample: floa
 
     def work(f: FileToHash) -> Hashed:
         try:
-            digest, size = store.hash(f.path)
+            digest, size = store.hash(f.path, f.version)
         except StoredFileMissing:
             return Hashed(f)
         except OSError as exc:   # a failing medium: reported for this file, the scrub goes on
@@ -287,5 +359,5 @@ def run_scrub(sessions: sessionmaker[Session], store: FootageStore, sample: floa
                      reason="integrity problems found" if problems else None,
                      detail={"sample": sample, "records": result.records_checked, "files": result.files_checked,
                              "bytes": result.bytes_checked, "problem_count": len(problems),
-                             "problems": problem_json[:MAX_PROBLEMS_IN_LOG]})
+                             "problems": problem_json[:MAX_PROBLEMS_IN_LOG], "adopted": result.adopted})
     return result

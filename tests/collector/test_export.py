@@ -33,6 +33,7 @@ from collector.models import AuditCheckpoint, AuditEntry, SegmentRecord
 from exam_contract.canonical import format_time
 from exam_contract.signing import generate_private_key, key_fingerprint, load_private_key, public_key_b64, sign
 from tests.support.footage import BASE, SEGMENT_SECONDS, SITE_A, Camera, Demo, build_demo, make_segments
+from tests.support.stored import StoredFootage
 
 pytestmark = pytest.mark.ffmpeg
 BIN = Path(sys.executable).parent
@@ -71,18 +72,28 @@ def export(demo: Demo, batch: str, out: Path, **kw) -> Path:
     return result.path
 
 
-def test_cli_export_verifies_ok_and_is_audited(tmp_path: Path, segment_files: list[Path], database_url: str) -> None:
-    demo = build_demo(tmp_path / "demo", database_url, segment_files)
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_cli_export_verifies_ok_and_is_audited(tmp_path: Path, segment_files: list[Path], database_url: str,
+                                               backend: str, request: pytest.FixtureRequest) -> None:
+    """On both storage backends: the package holds the stored bytes (read back from the files, or from the object
+    versions the rows name, which are locked at least until the rows say) and verifies OK."""
+    bucket = request.getfixturevalue("s3_bucket") if backend == "s3" else None
+    demo = build_demo(tmp_path / "demo", database_url, segment_files, s3=bucket)
+    footage = StoredFootage(demo.storage, bucket)
     try:
+        with demo.sessions() as s:
+            rows = s.scalars(select(SegmentRecord).order_by(SegmentRecord.camera, SegmentRecord.seq)).all()
+        footage.check_rows(rows, backend)
         config = demo.write_config()
         out = tmp_path / "pkg"
         done = run_cli(config, "export", "B-OK", "--out", str(out), "--reason", "投诉调查 case 17",
                        "--actor", "inspector-li")
         assert done.returncode == 0, done.stderr
         assert "100%" in done.stderr          # the progress bar
-        originals = sorted(p for p in (demo.storage / SITE_A.institution).rglob("*.ts"))
+        originals = [footage.read(r.storage_path, r.storage_version) for r in rows
+                     if r.institution == SITE_A.institution and r.kind == "segment"]
         copied = sorted((out / "segments").rglob("*.ts"))
-        assert len(copied) == 6 and [p.read_bytes() for p in copied] == [p.read_bytes() for p in originals]
+        assert len(copied) == 6 and [p.read_bytes() for p in copied] == originals
         package = json.loads((out / "package.json").read_text(encoding="utf-8"))
         assert package["batch"]["id"] == "B-OK" and package["exported"]["by"] == "inspector-li"
         assert package["exported"]["reason"] == "投诉调查 case 17" and package["gaps"] == []
@@ -225,7 +236,7 @@ def test_edited_package_json_fails_the_collector_signature(demo: Demo, tmp_path:
     (out3 / "package.json").write_bytes(data)
     (out3 / "package.sig").write_text(sign(key, data))
     assert verify_package(out3).problems == ["package.json: the audit checkpoint is not signed by the collector key"]
-    wrong = verify_package(export(demo, "B-OK", tmp_path / "pkg2"), pinned_key="A" * 43 + "=")
+    wrong = verify_package(export(demo, "B-OK", tmp_path / "pkg2"), expect_key="A" * 43 + "=")
     assert wrong.verdict == NOT_OK and "not the collector key given" in wrong.problems[0]
 
 
@@ -560,3 +571,72 @@ def test_stored_path_outside_storage_is_a_source_problem_and_not_read(tmp_path: 
             f"{copied.relative_to(result.path).as_posix()}: missing (segment {LABEL} seq 2)"]
     finally:
         demo.engine.dispose()
+
+
+def test_files_present_must_equal_files_listed(demo: Demo, tmp_path: Path) -> None:
+    """An unlisted MP4 in viewing/, a hidden file in segments/, a stray folder, a symbolic link: NOT_OK naming
+    each, from both verifiers (the package's own verify.py and exam-collector verify-package)."""
+    out = export(demo, "B-OK", tmp_path / "pkg")
+    clip = next((out / "viewing").glob("*.mp4"))
+    shutil.copyfile(clip, out / "viewing" / "doctored.mp4")
+    segment = next((out / "segments").rglob("*.ts"))
+    (segment.parent / ".hidden").write_bytes(b"x")
+    (out / "extra").mkdir()
+    real = tmp_path / "outside.ts"
+    shutil.copyfile(segment, real)
+    segment.unlink()
+    segment.symlink_to(real)   # the same bytes, through a link
+    cli, script = both_verdicts(out)
+    assert cli.returncode == 4 and cli.stdout.startswith("NOT_OK")
+    rel_segment = segment.relative_to(out).as_posix()
+    problems = verify_package(out).problems
+    assert "viewing/doctored.mp4: a file package.json does not list" in problems
+    assert f"{(segment.parent / '.hidden').relative_to(out).as_posix()}: a file package.json does not list" in problems
+    assert "extra/: a folder package.json lists nothing in" in problems
+    assert f"{rel_segment}: a symbolic link; a package holds no links (not followed)" in problems
+
+
+def test_a_second_folder_in_a_zip_is_not_ok(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-OK", tmp_path / "pkg")
+    archive = tmp_path / "evidence.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(out.rglob("*")):
+            if path.is_file():
+                z.write(path, f"pkg/{path.relative_to(out).as_posix()}")
+        z.writestr("other/copy.ts", b"not part of the package")
+    result = verify_package(archive)
+    assert result.verdict == NOT_OK
+    assert result.problems == ["other: in the zip beside the package folder, which holds nothing else"]
+
+
+def test_the_verdict_says_whether_the_collector_key_was_pinned(demo: Demo, tmp_path: Path) -> None:
+    out = export(demo, "B-OK", tmp_path / "pkg")
+    fingerprint = key_fingerprint(load_private_key(demo.key_file))
+    unpinned = verify_package(out)
+    assert unpinned.verdict == OK and not unpinned.key_pinned and unpinned.collector_fingerprint == fingerprint
+    assert f"SHA-256 fingerprint {fingerprint} (taken from the package, NOT pinned" in unpinned.render()
+    pinned = subprocess.run([sys.executable, str(out / "verify.py"), str(out), "--expect-key", fingerprint],
+                            capture_output=True, text=True, timeout=300, cwd="/")
+    assert pinned.returncode == 0 and f"SHA-256 fingerprint {fingerprint} (pinned with --expect-key)" in pinned.stdout
+    other = key_fingerprint(Ed25519PrivateKey.generate())
+    cli = subprocess.run([str(BIN / "exam-collector"), "verify-package", str(out), "--expect-key", other],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 4 and f"is not the collector key given with --expect-key ({other})" in cli.stdout
+
+
+def test_the_shipped_verifier_stays_python_3_8() -> None:
+    """verify.py runs wherever a third party has Python 3.8+: its syntax, and no call that 3.8 lacks."""
+    import ast
+
+    import collector.evidence_verify as verifier
+
+    tree = ast.parse(Path(verifier.__file__).read_text(encoding="utf-8"), feature_version=(3, 8))
+    too_new = {("zip", "strict"), ("removeprefix", None), ("removesuffix", None)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            for wanted, keyword in too_new:
+                if name == wanted and (keyword is None or any(k.arg == keyword for k in node.keywords)):
+                    found.append(f"line {node.lineno}: {wanted}({keyword or ''}...)")
+    assert found == []

@@ -1,4 +1,4 @@
-"""canonical_bytes follows PRODUCT.md's formula exactly; the time format round-trips."""
+"""canonical_bytes follows docs/protocol.md's formula exactly; the time format round-trips."""
 
 import hashlib
 import json

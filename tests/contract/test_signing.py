@@ -1,4 +1,4 @@
-"""Ed25519 keys and signatures in PRODUCT.md's encodings."""
+"""Ed25519 keys and signatures in docs/protocol.md's encodings."""
 
 import base64
 import os

@@ -18,7 +18,7 @@ def test_values_are_the_ones_on_the_wire() -> None:
     assert GAP_CAUSES == ("camera_unreachable", "recorder_crashed", "corrupt_segment", "disk_full", "agent_stopped")
     assert REPLY_STATES == ("stored", "missing", "rejected")
     assert [code.value for code in AlarmCode] == ["disk_full", "records_rejected", "storage_full", "storage_error",
-                                                  "database_unreachable"]
+                                                  "database_unreachable", "object_lock_failed", "object_locked"]
     assert P.REJECT_IMPLAUSIBLE is RejectionCode.IMPLAUSIBLE and P.REJECT_IMPLAUSIBLE == "implausible_record"
     assert P.REJECTION_CODES == tuple(RejectionCode) and "unknown_agent" in P.RETRYABLE_REJECTIONS
 

@@ -1,4 +1,4 @@
-"""deploy/mosquitto/ on a real broker: TLS with a test CA, per-agent passwords, the PRODUCT.md ACL."""
+"""deploy/mosquitto/ on a real broker: TLS with a test CA, per-agent passwords, the topic rights of docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def test_bad_key_is_named(tmp_path: Path, old: str, new: str, needle: str) -> No
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert needle in str(info.value)
-    assert ":" in str(info.value)  # what is wrong: how to fix
+    assert ":" in str(info.value) or "; did you mean " in str(info.value)  # what is wrong: how to fix
 
 
 def test_duplicate_camera_ids(tmp_path: Path) -> None:

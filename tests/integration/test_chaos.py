@@ -5,7 +5,9 @@ SIGKILLed, the broker restarted and a collector SIGKILLed, at least three times 
 lasts 25 s, so recording goes on into the spool and the backlog drains afterwards (the short form of
 acceptance 2; the 10-minute outage is bench/backlog.py). Afterwards every
 recorded segment is stored exactly once and byte-identical, seq is contiguous per camera, and every hole
-in time between consecutive records is covered by a gap record."""
+in time between consecutive records is covered by a gap record. Run twice: footage on the filesystem, and in
+an S3 bucket with Object Lock shared by both collectors (real SeaweedFS; issue 15), where every segment row must
+also name one object version, locked at least until the row's lock_until, and nothing else may be stored."""
 
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from collector.models import IngestEvent, SegmentRecord
-from exam_contract.canonical import parse_time
+from exam_contract.canonical import parse_time, sha256_hex
 from tests.support.pipeline import BIN, CameraSpec, Pipeline, read_journal, sha256_file
 from tests.integration.test_store_forward import disable_health
 from tests.support.services import free_port, lavfi_source
+from tests.support.stored import StoredFootage
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.postgres, pytest.mark.ffmpeg]
 
@@ -109,7 +112,20 @@ def journal(pipeline: Pipeline) -> list[tuple]:
                         "path, state from records order by camera, seq")
 
 
-def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -> None:
+def wait_until_every_camera_sealed(pipeline: Pipeline, limit: float = 180.0) -> None:
+    """The schedule starts once every camera has sealed a segment: on a loaded machine the agent and its ffmpeg
+    can take longer than the first event's 20 s to start, and an outage before any recording proves nothing."""
+    deadline = time.monotonic() + limit
+    while {row[0] for row in journal(pipeline) if row[2] == "segment"} != {cam.id for cam in CAMERAS}:
+        assert pipeline.agent_proc.poll() is None, "the agent died by itself:\n" + pipeline.logs()
+        assert time.monotonic() < deadline, f"not every camera sealed a segment in {limit:.0f} s:\n" + pipeline.logs()
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None, backend: str,
+               request: pytest.FixtureRequest) -> None:
+    bucket = request.getfixturevalue("s3_bucket") if backend == "s3" else None
     seed = int(os.environ.get("EXAM_CHAOS_SEED", random.SystemRandom().randrange(1 << 32)))
     print(f"\nchaos seed {seed} (replay with EXAM_CHAOS_SEED={seed})")
     rng = random.Random(seed)
@@ -118,7 +134,7 @@ def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -
         print(f"  t={event.at:6.1f}s  {event.kind:<9} down {event.down:.1f}s")
 
     pipeline = Pipeline(tmp_path, mosquitto.url, database_url=pg_url, segment_seconds=SEGMENT_SECONDS,
-                        cameras=CAMERAS)
+                        cameras=CAMERAS, s3=bucket)
     pipeline.set_up()
     disable_health(pipeline.edge_config)  # spare the 2 cores: frame analysis is not under test
     collectors = Collectors(pipeline)
@@ -127,6 +143,7 @@ def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -
     done: list[str] = []
     try:
         pipeline.start_agent("--drain-seconds", "240")
+        wait_until_every_camera_sealed(pipeline)
         began = time.monotonic()
         for event in events:
             time.sleep(max(0.0, began + event.at - time.monotonic()))
@@ -172,11 +189,11 @@ def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -
     finally:
         engine.dispose()
     assert rejected == []
-    storage = pipeline.root / "collector" / "storage"
+    footage = StoredFootage(pipeline.root / "collector" / "storage", bucket)
     by_key = {(r.camera, r.seq): r for r in stored}
     assert len(by_key) == len(stored)  # exactly once
-    files = [p for p in storage.rglob("*.ts") if "staging" not in p.relative_to(storage).parts]
-    assert len(files) == sum(1 for r in stored if r.kind == "segment")  # no stray or second copy on disk
+    # no stray or second copy in the store; on S3 every segment row names a version locked as the row says
+    footage.check_rows(stored, backend)
 
     causes: dict[str, int] = {}
     for cam in CAMERAS:
@@ -192,8 +209,8 @@ def test_chaos(tmp_path: Path, mosquitto, pg_url: str, ffmpeg_available: None) -
             manifest = json.loads(manifest_json)
             if kind == "segment":
                 segments += 1
-                stored_file = storage / row.storage_path
-                assert sha256_file(stored_file) == manifest["sha256"] == sha256_file(Path(path)), \
+                data = footage.read(row.storage_path, row.storage_version)
+                assert sha256_hex(data) == manifest["sha256"] == sha256_file(Path(path)), \
                     f"camera {camera} seq {seq}: stored bytes differ from the recorded segment"
             else:
                 causes[manifest["cause"]] = causes.get(manifest["cause"], 0) + 1

@@ -1,7 +1,7 @@
 """Issue 2, acceptance 2 and 3: two cameras for over three minutes through the real CLIs, real
-mosquitto and real ffmpeg, once on SQLite and once on PostgreSQL (the two pipelines run side by
-side, each with its own broker, so the suite pays the three minutes once). One camera's ffmpeg is
-SIGKILLed mid-segment in each pipeline."""
+mosquitto and real ffmpeg, on SQLite, on PostgreSQL, and on SQLite with the footage in an S3 bucket with
+Object Lock (real SeaweedFS; issue 15): the three pipelines run side by side, each with its own broker, so the
+suite pays the three minutes once. One camera's ffmpeg is SIGKILLed mid-segment in each pipeline."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 from collector.models import SegmentRecord
 from exam_contract.canonical import canonical_bytes, parse_time, sha256_hex
 from tests.support.pipeline import CameraSpec, Pipeline, read_journal, sha256_file, wait_until
+from tests.support.seaweed import Bucket
 from tests.support.services import Mosquitto, lavfi_source
+from tests.support.stored import StoredFootage
 
 RECORD_SECONDS = 185
 SEGMENT_SECONDS = 10
@@ -100,16 +102,25 @@ def ffprobe_duration(path: Path) -> float:
     return float(data["format"]["duration"])
 
 
-def test_two_cameras_three_minutes_sqlite_and_postgres(tmp_path: Path, mosquitto: Mosquitto, pg_url: str,
-                                                       ffmpeg_available: None) -> None:
+def stored_footage(pipeline: Pipeline) -> StoredFootage:
+    return StoredFootage(pipeline.root / "collector" / "storage", pipeline.s3)
+
+
+def test_two_cameras_three_minutes_sqlite_postgres_and_s3(tmp_path: Path, mosquitto: Mosquitto, pg_url: str,
+                                                          s3_bucket: Bucket, ffmpeg_available: None) -> None:
     second_broker = Mosquitto(workdir=tmp_path / "mosquitto-pg")
     second_broker.start()
+    third_broker = Mosquitto(workdir=tmp_path / "mosquitto-s3")
+    third_broker.start()
     pipelines = {
         "sqlite": Pipeline(root=tmp_path / "sqlite", broker_url=mosquitto.url,
                            database_url=f"sqlite:///{tmp_path / 'sqlite' / 'collector.db'}",
                            cameras=CAMERAS, segment_seconds=SEGMENT_SECONDS),
         "postgres": Pipeline(root=tmp_path / "postgres", broker_url=second_broker.url, database_url=pg_url,
                              cameras=CAMERAS, segment_seconds=SEGMENT_SECONDS),
+        "sqlite+s3": Pipeline(root=tmp_path / "s3", broker_url=third_broker.url,
+                              database_url=f"sqlite:///{tmp_path / 's3' / 'collector.db'}", cameras=CAMERAS,
+                              segment_seconds=SEGMENT_SECONDS, s3=s3_bucket),
     }
     try:
         for pipeline in pipelines.values():
@@ -126,6 +137,7 @@ def test_two_cameras_three_minutes_sqlite_and_postgres(tmp_path: Path, mosquitto
         for name, pipeline in pipelines.items():
             check_everything_arrived(name, pipeline)
             check_killed_camera(name, pipeline)
+            stored_footage(pipeline).check_rows(collector_records(pipeline), name)
             verify = pipeline.collector("summary", "--verify", "--lang", "en", check=False)
             assert verify.returncode == 0, f"{name}: summary --verify\n{verify.stdout}\n{verify.stderr}"
             assert "verified" in verify.stdout
@@ -133,12 +145,13 @@ def test_two_cameras_three_minutes_sqlite_and_postgres(tmp_path: Path, mosquitto
         for pipeline in pipelines.values():
             pipeline.close()
         second_broker.stop(kill=True)
+        third_broker.stop(kill=True)
 
 
 def check_everything_arrived(name: str, pipeline: Pipeline) -> None:
     edge = edge_records(pipeline)
     stored = collector_records(pipeline)
-    storage = pipeline.root / "collector" / "storage"
+    footage = stored_footage(pipeline)
     for camera in (c.id for c in CAMERAS):
         edge_cam = [r for r in edge if r.camera == camera]
         stored_cam = [r for r in stored if r.camera == camera]
@@ -158,19 +171,18 @@ def check_everything_arrived(name: str, pipeline: Pipeline) -> None:
             prev = record_hash
             if e.kind == "segment":
                 assert e.path is not None and s.storage_path is not None
-                stored_file = storage / s.storage_path
-                assert sha256_file(stored_file) == sha256_file(e.path) == e.manifest["sha256"] == s.sha256
-                assert stored_file.stat().st_size == e.manifest["size"]
+                data = footage.read(s.storage_path, s.storage_version)
+                assert sha256_hex(data) == sha256_file(e.path) == e.manifest["sha256"] == s.sha256
+                assert len(data) == e.manifest["size"]
             else:
                 assert s.storage_path is None and s.kind == "gap"
-        # nothing else under storage for this camera: one file per stored segment
-        files = sorted(p for p in storage.rglob(f"{camera}@*") if p.is_file())
-        assert len(files) == sum(1 for r in stored_cam if r.kind == "segment"), f"{name}/{camera}: stray files"
+        # nothing else stored for this camera: one file (or object version) per stored segment
+        mine = [key for key, _ in footage.objects() if f"/{camera}@" in key]
+        assert len(mine) == sum(1 for r in stored_cam if r.kind == "segment"), f"{name}/{camera}: stray files"
 
 
 def check_killed_camera(name: str, pipeline: Pipeline) -> None:
     stored = [r for r in collector_records(pipeline) if r.camera == KILLED_CAMERA]
-    storage = pipeline.root / "collector" / "storage"
     gaps = [i for i, r in enumerate(stored) if r.kind == "gap" and r.seq > 1]
     assert gaps, f"{name}: no gap record after the SIGKILL: {[(r.seq, r.kind) for r in stored]}"
     gap_index = gaps[0]
@@ -179,7 +191,9 @@ def check_killed_camera(name: str, pipeline: Pipeline) -> None:
     assert gap_manifest["cause"] == "recorder_crashed", gap_manifest
     # the partial segment is at the collector and ffprobe reads it
     assert partial.kind == "segment" and 0 < partial.duration < SEGMENT_SECONDS
-    assert ffprobe_duration(storage / partial.storage_path) > 0
+    with stored_footage(pipeline).local(partial.storage_path, partial.storage_version,
+                                        pipeline.root / "probe") as copy:
+        assert ffprobe_duration(copy) > 0
     # the gap covers exactly the restart: from the partial's end to the next segment's start
     assert gap.start_at == partial.end_at and gap.end_at == after.start_at
     assert parse_time(gap_manifest["start"]) == partial.end_at

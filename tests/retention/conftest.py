@@ -4,9 +4,11 @@ collector.ingest into a real SQLite or PostgreSQL database, with a collector con
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -88,8 +90,10 @@ class Env:
                               timeout=300)
 
 
-@pytest.fixture
-def env(database_url: str, tmp_path: Path, clips: list[bytes]) -> Env:
+def make_env(database_url: str, tmp_path: Path, clips: list[bytes], storage_toml: str = "",
+             ingest_options: Callable[[Path], dict[str, Any]] | None = None) -> Env:
+    """A collector config, database and enrolled signing agent; `storage_toml` adds a [storage] table and
+    `ingest_options(storage_dir)` the matching Ingest arguments (store=, locks=)."""
     data_dir = tmp_path / "collector"
     storage = data_dir / "storage"
     key_file = data_dir / "collector.key"
@@ -107,12 +111,20 @@ url = "mqtt://127.0.0.1:1"
 
 [retention]
 margin_days = 7
-""", encoding="utf-8")
+
+{storage_toml}""", encoding="utf-8")
     engine = make_engine(database_url)
     upgrade(engine)
     agent = SigningAgent()
     enroll(session_factory(engine), AGENT, VENUE, agent.pubkey, INSTITUTION)
-    harness = Harness(Ingest(engine, storage, limits=TEST_LIMITS), engine, storage, agent)
-    yield Env(config, engine, storage, harness, clips)
-    engine.dispose()
+    extra = ingest_options(storage) if ingest_options else {}
+    harness = Harness(Ingest(engine, storage, limits=TEST_LIMITS, **extra), engine, storage, agent)
+    return Env(config, engine, storage, harness, clips)
+
+
+@pytest.fixture
+def env(database_url: str, tmp_path: Path, clips: list[bytes]) -> Env:
+    env = make_env(database_url, tmp_path, clips)
+    yield env
+    env.engine.dispose()
 

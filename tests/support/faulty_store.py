@@ -12,15 +12,18 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from datetime import datetime
 from io import RawIOBase
 from pathlib import Path, PurePosixPath
 
-from collector.footage_store import FilesystemStore, Placed, RelPath, StoreUsage
+from collector.footage_store import FilesystemStore, Placed, RelPath, StoredObject, StoreUsage
 
 OPERATIONS = ("place", "open", "unlink", "usage")
 
 
 class FaultyStore:
+    versioned = False
+
     def __init__(self, inner: FilesystemStore) -> None:
         self.inner = inner
         self.faults: dict[str, tuple[int, str | None]] = {}   # operation -> (errno, only this relpath or all)
@@ -49,38 +52,51 @@ class FaultyStore:
         self.failed.append((operation, str(relpath)))
         raise OSError(code, os.strerror(code), str(relpath))   # as the volume would: errno, strerror, file
 
-    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None) -> Placed:
+    def check(self) -> None:
+        self.inner.check()
+
+    def place(self, claim: Path, relpath: RelPath, *, sha256: str, alternate: RelPath | None = None,
+              retain_until: datetime | None = None, legal_hold: bool = False) -> Placed:
         self._check("place", relpath)
         return self.inner.place(claim, relpath, sha256=sha256, alternate=alternate)
 
-    def open(self, relpath: RelPath) -> RawIOBase:
+    def open(self, relpath: RelPath, version: str | None = None) -> RawIOBase:
         self._check("open", relpath)
         return self.inner.open(relpath)
 
-    def read_range(self, relpath: RelPath, offset: int, length: int) -> bytes:
+    def read_range(self, relpath: RelPath, offset: int, length: int, version: str | None = None) -> bytes:
         self._check("open", relpath)
         return self.inner.read_range(relpath, offset, length)
 
-    def local_path(self, relpath: RelPath) -> AbstractContextManager[Path]:
+    def local_path(self, relpath: RelPath, version: str | None = None) -> AbstractContextManager[Path]:
         self._check("open", relpath)
         return self.inner.local_path(relpath)
 
-    def exists(self, relpath: RelPath) -> bool:
+    def exists(self, relpath: RelPath, version: str | None = None) -> bool:
         return self.inner.exists(relpath)
 
-    def size(self, relpath: RelPath) -> int:
+    def size(self, relpath: RelPath, version: str | None = None) -> int:
         return self.inner.size(relpath)
 
-    def hash(self, relpath: RelPath) -> tuple[str, int]:
+    def hash(self, relpath: RelPath, version: str | None = None) -> tuple[str, int]:
         self._check("open", relpath)
         return self.inner.hash(relpath)
 
-    def unlink(self, relpath: RelPath) -> None:
+    def unlink(self, relpath: RelPath, version: str | None = None) -> None:
         self._check("unlink", relpath)
         self.inner.unlink(relpath)
 
+    def extend_lock(self, relpath: RelPath, version: str | None, until: datetime) -> None:
+        self.inner.extend_lock(relpath, version, until)
+
+    def set_legal_hold(self, relpath: RelPath, version: str | None, on: bool) -> None:
+        self.inner.set_legal_hold(relpath, version, on)
+
     def walk(self) -> Iterator[PurePosixPath]:
         return self.inner.walk()
+
+    def objects(self) -> Iterator[StoredObject]:
+        return self.inner.objects()
 
     def usage(self) -> StoreUsage:
         self._check("usage")

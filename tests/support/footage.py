@@ -32,6 +32,7 @@ from exam_contract.manifest import ClockInfo, Manifest, VideoInfo
 from exam_contract.protocol import InitMessage, encode_fin
 from exam_contract.signing import generate_private_key, public_key_b64, sign
 from tests.collector.conftest import TEST_LIMITS
+from tests.support.seaweed import Bucket
 
 BASE = datetime(2026, 11, 26, 1, 0, 0, tzinfo=timezone.utc)   # 09:00 Asia/Shanghai
 SEGMENT_SECONDS = 2
@@ -106,6 +107,7 @@ class Demo:
     key_file: Path
     ingest: Ingest
     cameras: dict[str, Camera] = field(default_factory=dict)
+    storage_toml: str = ""   # a [storage] table for write_config (footage in an S3 bucket); "": the filesystem
 
     def send(self, camera: Camera, manifest: Manifest, data: bytes | None) -> None:
         message = InitMessage.build(manifest, sign(camera.key, manifest.canonical()), CHUNK)
@@ -117,7 +119,9 @@ class Demo:
             reply = self.ingest.on_fin(camera.site.agent, manifest.file_id, encode_fin(manifest.record_hash()))
         assert reply is not None and reply.state == "stored", reply
 
-    def write_config(self, mqtt_url: str = "mqtt://127.0.0.1:1883", http_listen: str = "127.0.0.1:8080") -> Path:
+    def write_config(self, mqtt_url: str = "mqtt://127.0.0.1:1883", http_listen: str = "127.0.0.1:8080",
+                     http_extra: str = "") -> Path:
+        """The collector config of this demo; `http_extra` is more TOML lines of the [http] table."""
         path = self.root / "collector.toml"
         path.write_text(f"""[collector]
 data_dir = "{self.root / 'data'}"
@@ -130,12 +134,14 @@ url = "{mqtt_url}"
 
 [http]
 listen = "{http_listen}"
-""", encoding="utf-8")
+{http_extra}
+{self.storage_toml}""", encoding="utf-8")
         return path
 
 
-def build_demo(root: Path, database_url: str, segment_files: list[Path]) -> Demo:
-    """Enrol two agents, ingest their footage (with one stated gap for A) and import the three batches."""
+def build_demo(root: Path, database_url: str, segment_files: list[Path], s3: Bucket | None = None) -> Demo:
+    """Enrol two agents, ingest their footage (with one stated gap for A) and import the three batches; with `s3`
+    the footage goes to that Object Lock bucket (and write_config says so)."""
     root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(database_url)
     upgrade(engine)
@@ -144,7 +150,10 @@ def build_demo(root: Path, database_url: str, segment_files: list[Path]) -> Demo
     if not key_file.exists():
         generate_private_key(key_file)
     storage = root / "storage"
-    demo = Demo(root, database_url, engine, sessions, storage, key_file, Ingest(engine, storage, limits=TEST_LIMITS))
+    store = s3.store(storage) if s3 is not None else None
+    demo = Demo(root, database_url, engine, sessions, storage, key_file,
+                Ingest(engine, storage, limits=TEST_LIMITS, store=store),
+                storage_toml=s3.storage_toml(root) if s3 is not None else "")
     for site in (SITE_A, SITE_B):
         camera = Camera(site, Ed25519PrivateKey.generate())
         enroll(sessions, site.agent, site.venue, public_key_b64(camera.key), site.institution)

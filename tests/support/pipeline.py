@@ -13,6 +13,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.seaweed import Bucket
 
 BIN = Path(sys.executable).parent
 
@@ -52,6 +56,7 @@ class Pipeline:
     venue: str = "JL2201001-01"
     segment_seconds: int = 10
     cameras: list[CameraSpec] = field(default_factory=list)
+    s3: Bucket | None = None     # footage in this Object Lock bucket (`init --storage s3`), else on the filesystem
     collector_proc: subprocess.Popen | None = None
     agent_proc: subprocess.Popen | None = None
 
@@ -77,6 +82,9 @@ class Pipeline:
         init = ["init", "--data-dir", str(self.root / "collector"), "--broker", self.broker_url]
         if self.database_url:
             init += ["--database-url", self.database_url]
+        if self.s3 is not None:
+            init += ["--storage", "s3", "--s3-endpoint", self.s3.endpoint, "--s3-bucket", self.s3.name,
+                     "--s3-credentials-file", str(self.s3.credentials_file(self.root))]
         self.collector(*init)
         self.collector("db", "upgrade")
         self.set_up_edge()

@@ -45,6 +45,20 @@ def client(web_demo: Demo):
         yield c
 
 
+def assert_security_headers(headers, https: bool, what: str = "") -> None:
+    """The headers of collector/http_security.py on one response (any mapping with case-insensitive get)."""
+    csp = headers.get("content-security-policy") or ""
+    directives = dict((d.strip().split(" ", 1) + [""])[:2] for d in csp.split(";") if d.strip())
+    assert directives.get("default-src") == "'self'" and directives.get("script-src") == "'self'", (what, csp)
+    assert directives.get("style-src") == "'self'" and directives.get("frame-ancestors") == "'none'", (what, csp)
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "http" not in csp, (what, csp)
+    assert headers.get("x-frame-options") == "DENY", what
+    assert headers.get("x-content-type-options") == "nosniff", what
+    assert headers.get("referrer-policy") == "no-referrer", what
+    hsts = headers.get("strict-transport-security")
+    assert (hsts is not None and hsts.startswith("max-age=")) if https else hsts is None, (what, hsts)
+
+
 def token_for(client, username: str) -> dict[str, str]:
     response = client.post("/api/login", json={"username": username, "password": PASSWORD})
     assert response.status_code == 200, response.text

@@ -54,7 +54,7 @@ def test_unauthenticated_requests_get_401(client, web_demo: Demo) -> None:
 
 
 def test_expired_session_is_refused(client, web_demo: Demo) -> None:
-    expired = login(web_demo.sessions, "insp-a", PASSWORD, hours=-1)
+    expired = login(web_demo.sessions, "insp-a", PASSWORD, client="test", hours=-1)
     response = client.get("/api/me", headers={"Authorization": f"Bearer {expired.token}"})
     assert response.status_code == 401 and "expired" in response.json()["detail"]
     assert check_password("s3cret-pass", hash_password("s3cret-pass"))
@@ -178,7 +178,7 @@ def test_users_add_cli(web_demo: Demo) -> None:
     none = subprocess.run(cli + ["insp-d", "--role", "inspector"], input="another pass 1\n",
                           capture_output=True, text=True, timeout=60)
     assert none.returncode == 1 and "--institution" in none.stderr and len(none.stderr.splitlines()) == 1
-    assert login(web_demo.sessions, "insp-c", "another pass 1").user.institutions == ("JL2203003",)
+    assert login(web_demo.sessions, "insp-c", "another pass 1", client="test").user.institutions == ("JL2203003",)
 
 
 def test_hostile_inputs_are_4xx_not_5xx(client, web_demo: Demo) -> None:

@@ -1,23 +1,31 @@
 """The portal in headless Debian Chromium (Playwright, executable_path), against `exam-collector serve` run
 as a subprocess on a free port with a private mosquitto: log in, open a batch, see its gap on the timeline,
-play footage from a clicked moment, export with a reason. Screenshots go to build/screenshots/."""
+play footage from a clicked moment, export with a reason; all of it under the portal's Content-Security-Policy,
+with no violation. Then the same portal over HTTPS ([http] cert_file/key_file) with a test CA that Chromium
+trusts through its NSS database: the session cookie is Secure, HSTS is sent. Screenshots go to build/screenshots/."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import select
 
 from collector.audit import ACTION_FOOTAGE_EXPORT, ACTION_FOOTAGE_VIEW
 from collector.models import AuditEntry
-from tests.support.footage import build_demo
+from collector.users import ACTION_USER_LOGIN, ACTION_USER_LOGIN_FAILED
+from tests.support.deploy_broker import make_test_ca
+from tests.support.footage import Demo, build_demo
 from tests.support.services import free_port, wait_for_port
 
-from .conftest import PASSWORD, add_accounts
+from .conftest import PASSWORD, add_accounts, assert_security_headers
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.mosquitto]
 BIN = Path(sys.executable).parent
@@ -27,19 +35,33 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
 
 
-@pytest.fixture
-def served(tmp_path: Path, segment_files: list[Path], mosquitto):
-    """(base URL, demo) of a real `exam-collector serve` subprocess; stopped in `finally`."""
-    demo = build_demo(tmp_path / "demo", f"sqlite:///{tmp_path / 'demo' / 'collector.db'}", segment_files)
+# Run in the page before its own scripts (Playwright init scripts are not subject to the page's CSP): every
+# violation of the Content-Security-Policy is reported on the console, where `watch_csp` collects it.
+REPORT_CSP = ("document.addEventListener('securitypolicyviolation', (e) => console.error("
+              "`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI} at ${e.sourceFile}:${e.lineNumber}`));")
+
+
+def need(what: str, present: bool, fix: str) -> None:
+    if not present:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{what} is required in CI: {fix}", pytrace=False)
+        pytest.skip(f"{what} is not installed ({fix})")
+
+
+@contextlib.contextmanager
+def serve(root: Path, segment_files: list[Path], mqtt_url: str, scheme: str = "http",
+          http_extra: str = "") -> Iterator[tuple[str, Demo]]:
+    """(base URL, demo) of a real `exam-collector serve` subprocess; stopped on exit."""
+    demo = build_demo(root / "demo", f"sqlite:///{root / 'demo' / 'collector.db'}", segment_files)
     add_accounts(demo)
     port = free_port()
-    config = demo.write_config(mosquitto.url, f"127.0.0.1:{port}")
-    log = open(tmp_path / "serve.log", "wb")
+    config = demo.write_config(mqtt_url, f"127.0.0.1:{port}", http_extra)
+    log = open(root / "serve.log", "wb")
     process = subprocess.Popen([str(BIN / "exam-collector"), "--config", str(config), "serve"], stdout=log,
                                stderr=subprocess.STDOUT)
     try:
         wait_for_port("127.0.0.1", port, timeout=30)
-        yield f"http://127.0.0.1:{port}", demo
+        yield f"{scheme}://localhost:{port}" if scheme == "https" else f"http://127.0.0.1:{port}", demo
     finally:
         process.terminate()
         try:
@@ -51,11 +73,23 @@ def served(tmp_path: Path, segment_files: list[Path], mosquitto):
         demo.engine.dispose()
 
 
+@pytest.fixture
+def served(tmp_path: Path, segment_files: list[Path], mosquitto):
+    with serve(tmp_path, segment_files, mosquitto.url) as found:
+        yield found
+
+
+def watch_csp(page) -> list[str]:
+    """The CSP violations the page reports from now on (also Chromium's own "Refused to ..." messages)."""
+    violations: list[str] = []
+    page.add_init_script(REPORT_CSP)
+    page.on("console", lambda m: violations.append(m.text) if (
+        "CSP violation" in m.text or "Content Security Policy" in m.text) else None)
+    return violations
+
+
 def test_portal_login_timeline_playback_export(served) -> None:
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("Debian chromium is required in CI: `make deps` installs it", pytrace=False)
-        pytest.skip("Debian chromium is not installed (make deps installs it)")
+    need("Debian chromium", os.path.exists(CHROMIUM), "make deps installs it")
     from playwright.sync_api import expect, sync_playwright
 
     base, demo = served
@@ -66,7 +100,11 @@ def test_portal_login_timeline_playback_export(served) -> None:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
             page.on("request", lambda r: requested.append(r.url))
-            page.goto(base + "/")
+            violations = watch_csp(page)
+            responses: dict[str, dict[str, str]] = {}
+            page.on("response", lambda r: responses.setdefault(r.url.split("?")[0], r.headers))
+            index_page = page.goto(base + "/")
+            assert_security_headers(index_page.headers, https=False, what="/")
             expect(page.locator("#login-form")).to_be_visible()
             expect(page.locator("h1")).to_have_text("考试录像监管平台")
             page.fill("#username", "insp-a")
@@ -128,8 +166,16 @@ def test_portal_login_timeline_playback_export(served) -> None:
             expect(page.locator("h1")).to_have_text("Exam footage portal")
             expect(page.locator("#export-button")).to_have_text("Export evidence package")
             page.screenshot(path=str(SHOTS / "5-english.png"), full_page=True)
+            assert violations == [], violations
         finally:
             browser.close()
+
+    # The page, its script and style, the API (a failed login included) and the video all came with the headers.
+    seen = {url.removeprefix(base) for url in responses}
+    assert {"/", "/static/app.js", "/static/app.css", "/api/login", "/api/batches/B-GAP"} <= seen, seen
+    assert any(path.endswith("/video") for path in seen), seen
+    for url, headers in responses.items():
+        assert_security_headers(headers, https=False, what=url)
 
     # Every asset came from the collector itself (no CDN).
     assert requested and all(u.startswith(base) or u.startswith(("data:", "blob:")) for u in requested), \
@@ -141,3 +187,64 @@ def test_portal_login_timeline_playback_export(served) -> None:
     assert [e.reason for e in entries if e.action == ACTION_FOOTAGE_EXPORT] == ["浏览器测试：投诉复核"]
     for name in ("1-batches.png", "2-batch-playing.png", "4-exported.png"):
         assert (SHOTS / name).stat().st_size > 10_000
+
+
+def test_portal_over_https_with_a_test_ca(tmp_path: Path, segment_files: list[Path], mosquitto) -> None:
+    """[http] cert_file/key_file: uvicorn's own TLS, a certificate from a test CA that Chromium trusts (NSS
+    database in a private HOME, as an operator's CA would be): login works, the session cookie is Secure and
+    HttpOnly, every response has HSTS and the other headers, and the page runs without a CSP violation."""
+    need("Debian chromium", os.path.exists(CHROMIUM), "make deps installs it")
+    need("certutil (libnss3-tools)", shutil.which("certutil") is not None, "make deps installs it")
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    ca = make_test_ca(tmp_path / "ca")
+    home = tmp_path / "home"
+    nssdb = f"sql:{home / '.pki' / 'nssdb'}"
+    (home / ".pki" / "nssdb").mkdir(parents=True)
+    subprocess.run(["certutil", "-d", nssdb, "-N", "--empty-password"], check=True, capture_output=True)
+    subprocess.run(["certutil", "-d", nssdb, "-A", "-t", "C,,", "-n", "exam-footage test CA", "-i", str(ca.ca_cert)],
+                   check=True, capture_output=True)
+    extra = f'cert_file = "{ca.server_cert}"\nkey_file = "{ca.server_key}"\n'
+    with serve(tmp_path, segment_files, mosquitto.url, "https", extra) as (base, demo):
+        # Outside the browser too: the same CA verifies the server, and errors carry the headers.
+        for path in ("/api/me", "/static/missing.js"):
+            answer = requests.get(base + path, verify=str(ca.ca_cert), timeout=30)
+            assert answer.status_code in (401, 404)
+            assert_security_headers(answer.headers, https=True, what=path)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                        env={**os.environ, "HOME": str(home)})
+            try:
+                context = browser.new_context(locale="zh-CN")
+                page = context.new_page()
+                violations = watch_csp(page)
+                responses: list[tuple[str, dict[str, str]]] = []
+                page.on("response", lambda r: responses.append((r.url, r.headers)))
+                index_page = page.goto(base + "/")   # an untrusted certificate would fail here (ERR_CERT_...)
+                assert index_page is not None and index_page.ok
+                assert page.evaluate("window.isSecureContext") is True
+                page.fill("#username", "insp-a")
+                page.fill("#password", "wrong password")
+                page.click("#login-submit")
+                expect(page.locator("#login-error")).to_have_text("用户名或密码错误")
+                page.fill("#password", PASSWORD)
+                page.click("#login-submit")
+                expect(page.locator("tr.batch-row")).to_have_count(2)   # fetched with the cookie alone
+                cookie = next(c for c in context.cookies() if c["name"] == "exam_session")
+                assert cookie["secure"] is True and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+                page.screenshot(path=str(SHOTS / "6-https.png"), full_page=True)
+                assert violations == [], violations
+            finally:
+                browser.close()
+        assert responses and all(url.startswith(base) for url, _ in responses)
+        for url, headers in responses:
+            assert_security_headers(headers, https=True, what=url)
+        assert "HTTP API and portal on https://127.0.0.1:" in (tmp_path / "serve.log").read_text()
+        with demo.sessions() as s:
+            logins = s.scalars(select(AuditEntry).where(AuditEntry.target == "user:insp-a",
+                                                        AuditEntry.action.in_([ACTION_USER_LOGIN,
+                                                                               ACTION_USER_LOGIN_FAILED]))
+                               .order_by(AuditEntry.seq)).all()
+        assert [(e.action, e.reason) for e in logins] == [(ACTION_USER_LOGIN_FAILED, "wrong password"),
+                                                          (ACTION_USER_LOGIN, None)]
