@@ -35,7 +35,7 @@ help:
 	@echo "make bench  - MQTT baseline, ingest, scrub and export benchmarks, see docs/benchmarks.md"
 	@echo "make bench-long - also coverage at a year's scale, backlog drain, agent CPU (an hour or more)"
 	@echo "make venv   - create $(VENV) and pip install -e '.[test]'"
-	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, chromium, certutil, openssl, systemd, faketime, GStreamer RTSP)"
+	@echo "make deps   - apt-get install what tests need when missing (ffmpeg, mosquitto, chromium, a CJK font, certutil, openssl, systemd, faketime, GStreamer RTSP)"
 	@echo "make clean  - remove demo-data/"
 
 venv: $(STAMP)
@@ -60,6 +60,7 @@ deps:
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
+	fc-list :lang=zh family 2>/dev/null | grep -q . || missing="$$missing fonts-noto-cjk"; \
 	for pkg in $(GST_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; \
 	done; \

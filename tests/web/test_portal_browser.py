@@ -88,8 +88,16 @@ def watch_csp(page) -> list[str]:
     return violations
 
 
+def cjk_font_installed() -> bool:
+    """Without a Chinese font the portal's text renders as boxes and the screenshots show nothing readable."""
+    fc_list = shutil.which("fc-list")
+    return fc_list is not None and bool(subprocess.run([fc_list, ":lang=zh", "family"], capture_output=True,
+                                                        text=True).stdout.strip())
+
+
 def test_portal_login_timeline_playback_export(served) -> None:
     need("Debian chromium", os.path.exists(CHROMIUM), "make deps installs it")
+    need("a CJK font", cjk_font_installed(), "make deps installs fonts-noto-cjk")
     from playwright.sync_api import expect, sync_playwright
 
     base, demo = served
