@@ -351,7 +351,7 @@ def link_problems(path: Path, text: str | None = None) -> list[str]:
             problems.append(f"links outside the repository: {target}")
             continue
         file_part, _, anchor = target.partition("#")
-        if "../shared" in file_part or file_part.startswith("/"):
+        if file_part.startswith("/"):
             problems.append(f"links outside the repository: {target}")
             continue
         resolved = (path.parent / file_part).resolve() if file_part else path
@@ -375,10 +375,10 @@ def test_links_point_inside_the_repository_at_what_exists(path: Path):
 def test_the_link_check_catches_what_it_should():
     """The check itself: a link leaving the repository, a URL, a missing file or heading are each caught; a
     link in a code span is not a link."""
-    text = ("[a](../../../shared/PRODUCT.md) [b](https://example.org) [c](missing.md) "
+    text = ("[a](../../../outside/contract.md) [b](https://example.org) [c](missing.md) "
             "[d](states.md#no-such-heading) [e](states.md#gap-causes) `[f](ignored.md)` [g](../../../elsewhere.md)\n")
     problems = link_problems(DOCS / "design" / "README.md", text)
-    assert any("outside the repository: ../../../shared" in p for p in problems), problems
+    assert any("outside the repository: ../../../outside/contract.md" in p for p in problems), problems
     assert any("outside the repository: https://example.org" in p for p in problems), problems
     assert any("outside the repository: ../../../elsewhere.md" in p for p in problems), problems
     assert any("missing file: missing.md" in p for p in problems), problems
