@@ -5,9 +5,15 @@ and recorded by stream copy, exactly as the agent records a `source = "/path/fil
 runs the agent's own ffmpeg command lines (edge_agent.recorder.build_command) with nothing else. Then the
 agent runs the same cameras with frame-health analysis off and on, uploading to a private mosquitto (no
 collector: each segment is sent once). CPU is user+system time of the process tree (getrusage of waited
-children), so the other load on the machine does not count.
+children), so the other load on the machine does not count (though it still adds noise: cache, frequency).
 
-    .venv/bin/python -m bench.agent_cpu [--cameras 8] [--seconds 180] [--segment-seconds 60] [--rounds 1]
+`--rounds N` runs bare, off and on N times, interleaved; each keeps its least CPU. Besides the ratios it prints
+the absolute figures: the agent's overhead over bare ffmpeg in CPU-seconds per camera-hour (least agent minus
+least bare, and per round), bare ffmpeg's own CPU-seconds per camera-hour, and bare ffmpeg's spread across
+rounds. A ratio that improves while bare ffmpeg costs far more than on an earlier run (a slow machine) is not
+an improvement unless the overhead per camera-hour fell too.
+
+    .venv/bin/python -m bench.agent_cpu [--cameras 8] [--seconds 180] [--segment-seconds 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ def bare_ffmpeg(config_path: Path, seconds: float) -> Cost:
 def agent(config_path: Path, seconds: float) -> Cost:
     before = children_cpu()
     proc = subprocess.Popen([str(BIN / "exam-edge"), "--config", str(config_path), "run", "--duration",
-                             str(seconds), "--drain-seconds", "0"], stdin=subprocess.DEVNULL,
+                             str(seconds), "--drain-seconds", "0",
+                             # no collector here: every round's cameras are new, so they start at seq 1
+                             "--new-chains"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     own = None
     while proc.poll() is None:
@@ -114,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=180.0, help="recording time of each run")
     parser.add_argument("--segment-seconds", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat bare/off/on this many times, interleaved; each keeps its least CPU")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat bare/off/on this many times, interleaved; each keeps its least CPU (default 3)")
     args = parser.parse_args(argv)
     if mosquitto_binary() is None:
         raise SystemExit("bench.agent_cpu: error: mosquitto is not installed; run `make deps`")
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.start()
         try:
             runs: dict[str, Cost] = {}
+            every: dict[str, list[Cost]] = {"bare": [], "off": [], "on": []}
             for round_no in range(1, args.rounds + 1):
                 for name, health in (("bare", False), ("off", False), ("on", True)):
                     config = write_config(root / f"{name}-{round_no}", broker.url, source, args.cameras,
@@ -136,22 +145,43 @@ def main(argv: list[str] | None = None) -> int:
                     cost = bare_ffmpeg(config, args.seconds) if name == "bare" else agent(config, args.seconds)
                     print(f"  {cost.cpu:.2f} CPU-s" + (f" (agent process {cost.own:.2f})" if cost.own else ""),
                           flush=True)
+                    every[name].append(cost)
                     if name not in runs or cost.cpu < runs[name].cpu:
                         runs[name] = cost
         finally:
             broker.stop()
+    report(runs, every, args.cameras, args.seconds, args.segment_seconds)
+    return 0
+
+
+def report(runs: dict[str, Cost], every: dict[str, list[Cost]], cameras: int, seconds: float,
+           segment_seconds: int) -> None:
+    """Ratios with the absolute figures beside them: least CPU of each side, the agent's overhead per
+    camera-hour, and bare ffmpeg's spread across rounds."""
+    rounds = len(every["bare"])
+    camera_hours = cameras * seconds / 3600
     bare = runs["bare"].cpu
-    print(f"\n{args.cameras} cameras, 1080p25 ~3 Mbit/s stream copy, {args.segment_seconds} s segments, "
-          f"{args.seconds:.0f} s each run, least of {args.rounds} round(s)")
-    print(f"bare ffmpeg segmenting           {bare:7.2f} CPU-s   1.00")
+    bare_rounds = [c.cpu for c in every["bare"]]
+    print(f"\n{cameras} cameras, 1080p25 ~3 Mbit/s stream copy, {segment_seconds} s segments, "
+          f"{seconds:.0f} s each run ({camera_hours:.2f} camera-hours), least of {rounds} round(s) for every side")
+    spread = (f"spread {min(bare_rounds):.2f}-{max(bare_rounds):.2f}, slowest "
+              f"{100 * (max(bare_rounds) / min(bare_rounds) - 1):.0f} % above least" if rounds > 1 and bare
+              else "one round: no spread, rerun with --rounds 3")
+    print(f"bare ffmpeg segmenting           {bare:7.2f} CPU-s   1.00   = {bare / camera_hours:.1f} CPU-s per "
+          f"camera-hour; rounds {', '.join(f'{v:.2f}' for v in bare_rounds)} ({spread})")
     for name, target in (("off", TARGET_OFF), ("on", TARGET_ON)):
         cost = runs[name]
         ratio = cost.cpu / bare if bare else float("inf")
         own = f" (agent process {cost.own:.2f})" if cost.own is not None else ""
         verdict = "meets" if ratio <= target else "MISSES"
         print(f"agent + ffmpeg, analysis {name:<4}   {cost.cpu:7.2f} CPU-s   {ratio:5.2f}  {verdict} target "
-              f"<= {target}{own}")
-    return 0
+              f"<= {target}{own}; rounds {', '.join(f'{c.cpu:.2f}' for c in every[name])}")
+        overhead = cost.cpu - bare
+        per_round = ", ".join(f"{(a.cpu - b.cpu) / camera_hours:.1f}" for a, b in zip(every[name], every["bare"]))
+        own_rate = (f"; agent process alone {cost.own / camera_hours:.1f} CPU-s per camera-hour"
+                    if cost.own is not None else "")
+        print(f"  agent overhead, analysis {name:<4} {overhead:7.2f} CPU-s = {overhead / camera_hours:.1f} CPU-s per "
+              f"camera-hour (least agent - least bare; per round: {per_round}){own_rate}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ It prints:
   causes) divided by one ordered scan of the segment table reading the same columns (target ≤ 2);
 - the audit of every batch in the period, also as a ratio to that scan.
 
-Run from the repo root (smaller with --days):
+Scans, audit and every-batch audit run `--rounds` times interleaved (default 2); each keeps its least time and
+prints every round's, with the spread. On PostgreSQL the rows go into a schema created for the run and dropped
+afterwards (bench.pg_schema), never into `public`. Run from the repo root (smaller with --days):
 
     .venv/bin/python -m bench.coverage --database-url sqlite:////tmp/bench-cov.db --days 365
     .venv/bin/python -m bench.coverage --database-url postgresql+psycopg://postgres@127.0.0.1:5432/test --days 365
@@ -30,6 +32,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Engine, select, text
 
+from bench.pg_schema import is_postgres, private_database
 from collector.batches import SHANGHAI, audit_period, batch_report
 from collector.db import describe_url, make_engine, session_factory, upgrade
 from collector.models import SegmentRecord
@@ -195,7 +198,17 @@ def ordered_scan(engine: Engine, typed: bool) -> float:
     return time.perf_counter() - started
 
 
-def run(database_url: str, days: int, samples: int = 200, reuse: bool = False) -> Result:
+def run(database_url: str, days: int, samples: int = 200, reuse: bool = False, rounds: int = 2) -> Result:
+    """On PostgreSQL the rows go into a schema created for this run and dropped afterwards (bench.pg_schema)."""
+    if reuse and is_postgres(database_url):
+        raise BenchError("--reuse needs a SQLite file: on PostgreSQL every run loads into a private schema that is "
+                         "dropped afterwards, so no rows are left to reuse (or to disturb the tests)")
+    with private_database(database_url) as url:
+        assert url is not None
+        return _run(url, days, samples, reuse, max(1, rounds))
+
+
+def _run(database_url: str, days: int, samples: int, reuse: bool, rounds: int) -> Result:
     engine = make_engine(database_url)
     try:
         upgrade(engine)
@@ -224,27 +237,39 @@ def run(database_url: str, days: int, samples: int = 200, reuse: bool = False) -
         p95 = timings[max(0, int(round(0.95 * len(timings))) - 1)]
         print(f"per-batch coverage over {len(timings)} batches: p50 {statistics.median(timings):.1f} ms, "
               f"p95 {p95:.1f} ms (target <= 50)", flush=True)
-        raw_scan = min(ordered_scan(engine, typed=False) for _ in range(2))
-        scan = min(ordered_scan(engine, typed=True) for _ in range(2))
-        print(f"ordered scan of segment_record: {raw_scan:.1f} s untyped, {scan:.1f} s typed", flush=True)
+        # Interleaved rounds, the least time of each (the baselines, the scans, as well as the audits).
+        raw_scans, scans, audits, everys = [], [], [], []
         end = T0 + timedelta(days=days)
-        t = time.perf_counter()
-        with sessions() as s:
-            cams = audit_period(s, T0, end)
-        audit = time.perf_counter() - t
+        for _ in range(rounds):
+            raw_scans.append(ordered_scan(engine, typed=False))
+            scans.append(ordered_scan(engine, typed=True))
+            t = time.perf_counter()
+            with sessions() as s:
+                cams = audit_period(s, T0, end)
+            audits.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with sessions() as s:
+                for batch_id in ids:
+                    batch_report(s, batch_id)
+            everys.append(time.perf_counter() - t)
+        raw_scan, scan, audit, every = min(raw_scans), min(scans), min(audits), min(everys)
+        print(f"ordered scan of segment_record (baseline), least of {rounds}: {raw_scan:.2f} s untyped "
+              f"(rounds {_spread(raw_scans)}), {scan:.2f} s typed (rounds {_spread(scans)})", flush=True)
         gaps = sum(len(c.gaps) for c in cams)
-        print(f"full-period audit ({len(cams)} cameras, {gaps} gaps): {audit:.1f} s = {audit / scan:.2f} × typed "
-              f"scan, {audit / raw_scan:.2f} × untyped scan (target <= 2)", flush=True)
-        t = time.perf_counter()
-        with sessions() as s:
-            for batch_id in ids:
-                batch_report(s, batch_id)
-        every = time.perf_counter() - t
-        print(f"every batch ({len(ids)} batches, {parts} parts): {every:.1f} s = {every / scan:.2f} × scan",
-              flush=True)
+        print(f"full-period audit ({len(cams)} cameras, {gaps} gaps), least of {rounds}: {audit:.2f} s (rounds "
+              f"{_spread(audits)}) = {audit / raw_scan:.2f} × untyped scan (target <= 2), {audit / scan:.2f} × "
+              "typed scan", flush=True)
+        print(f"every batch ({len(ids)} batches, {parts} parts), least of {rounds}: {every:.2f} s (rounds "
+              f"{_spread(everys)}) = {every / scan:.2f} × typed scan", flush=True)
         return Result(rows, load_seconds, statistics.median(timings), p95, raw_scan, scan, audit, every, parts)
     finally:
         engine.dispose()
+
+
+def _spread(seconds: list[float]) -> str:
+    """Every round's time and the spread between the slowest and the fastest."""
+    return (", ".join(f"{v:.2f}" for v in seconds)
+            + (f"; spread {100 * (max(seconds) / min(seconds) - 1):.0f} %" if len(seconds) > 1 and min(seconds) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", required=True, help="An empty database (SQLite file or PostgreSQL).")
     parser.add_argument("--days", type=int, default=365, help="Days of footage (365 = 10.5 M rows).")
     parser.add_argument("--samples", type=int, default=200, help="Batches timed for the per-batch p95.")
-    parser.add_argument("--reuse", action="store_true", help="Measure rows already in the database.")
+    parser.add_argument("--reuse", action="store_true", help="Measure rows already in the database (SQLite only: "
+                        "on PostgreSQL each run uses a private schema, dropped afterwards).")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds of scans and audits, interleaved; the least "
+                        "time of each is used (default 2).")
     args = parser.parse_args(argv)
     try:
-        run(args.database_url, args.days, args.samples, args.reuse)
+        run(args.database_url, args.days, args.samples, args.reuse, args.rounds)
     except BenchError as exc:
         print(f"bench.coverage: error: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ collector, then the baseline), with every round's figures. Run from the repo roo
 
 `--storage s3`: the collector stores into a fresh Object Lock bucket of a private SeaweedFS (`weed`, started
 here), and the baseline is the same number of same-sized segments uploaded with plain boto3 `put_object` (no
-checksum, lock or condition, as many threads as collector workers) to a plain bucket of the same server, in the
+checksum, lock or condition, as many threads as the collector has finishers: its concurrent uploads) to a plain bucket of the same server, in the
 same round: the ratio then says what the collector's path (MQTT, staging, hashing, verified and locked upload,
 row) costs against the storage's own speed.
 """
@@ -33,6 +33,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench.mqtt_baseline import BenchError, run_on_broker
+from bench.pg_schema import private_database
 from bench.s3_baseline import S3BaselineResult, s3_put_baseline
 from exam_contract.canonical import sha256_hex
 from exam_contract.manifest import ClockInfo, Manifest, VideoInfo, file_id_for
@@ -127,7 +128,7 @@ def _publish(client: mqtt.Client, manifest: Manifest, signature: str, data: byte
 
 def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, database_url: str | None,
                workers: int = 2, in_flight: int = FILES_IN_FLIGHT, timeout: float = 600,
-               s3: Bucket | None = None) -> IngestResult:
+               s3: Bucket | None = None, finishers: int = 2) -> IngestResult:
     data_dir = workdir / "collector"
     config = data_dir / "collector.toml"
     init = ["--config", str(config), "init", "--data-dir", str(data_dir), "--broker", broker.url]
@@ -142,7 +143,7 @@ def run_ingest(broker: Mosquitto, workdir: Path, total_mib: int, file_mib: int, 
         raise BenchError(f"no [collector] table in {config}")
     # One client id for every round's collector: a new id would leave the previous round's session to swallow
     # its share of the shared subscription until that session expires.
-    text = f"\n{text}".replace("\n[collector]\n", f"\n[collector]\nworkers = {workers}\n", 1)
+    text = f"\n{text}".replace("\n[collector]\n", f"\n[collector]\nworkers = {workers}\nfinishers = {finishers}\n", 1)
     text = text.replace("\n[mqtt]\n", "\n[mqtt]\nclient_id = \"bench-collector\"\n", 1)
     config.write_text(text.lstrip(), encoding="utf-8")
     _cli("--config", str(config), "db", "upgrade")
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"files sent before their stored reply (default {FILES_IN_FLIGHT})")
     parser.add_argument("--workers", type=int, default=2, help="collector ingest workers ([collector] workers, "
                                                                  "default 2)")
+    parser.add_argument("--finishers", type=int, default=2, help="collector finishing threads ([collector] "
+                                                                   "finishers, default 2); with --storage s3 also the "
+                                                                   "baseline's upload threads")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of ingest then baseline (default 3)")
     parser.add_argument("--storage", choices=["filesystem", "s3"], default="filesystem",
                         help="where the collector stores: files (baseline: raw MQTT), or an Object Lock bucket of a "
@@ -211,9 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.storage == "s3":
         return main_s3(args)
-    if args.database_url and args.rounds > 1 and not args.database_url.startswith("sqlite"):
-        print("bench: note: every round re-enrols the agent in the same PostgreSQL database; give a fresh "
-              "database (or --rounds 1)", file=sys.stderr)
     if mosquitto_binary() is None:
         print("bench: error: mosquitto is not installed; run `make deps`", file=sys.stderr)
         return 2
@@ -227,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             for round_number in range(1, args.rounds + 1):
                 round_dir = workdir / f"round-{round_number}"
                 round_dir.mkdir()
-                ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, args.database_url, args.workers,
-                                    args.in_flight)
+                with private_database(args.database_url) as database_url:   # PostgreSQL: a schema per round
+                    ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, database_url, args.workers,
+                                        args.in_flight, finishers=args.finishers)
                 baseline = run_on_broker("127.0.0.1", broker.port, total_mib=ingest.total_bytes // 2**20)
                 ingests.append(ingest)
                 baselines.append(baseline)
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop(kill=True)
     best_ingest = max(ingests, key=lambda r: r.mb_per_s)
     base_speeds = sorted(b.mb_per_s for b in baselines)
-    print(f"ingest ({best_ingest.database}, {args.workers} workers, {args.in_flight} files in flight): "
+    print(f"ingest ({best_ingest.database}, {args.workers} workers, {args.finishers} finishers, {args.in_flight} files "
+          "in flight): "
           f"{best_ingest.files} x {args.file_mib} MiB segments, verified + fsynced + acknowledged: best "
           f"{best_ingest.mb_per_s:.0f} MB/s of {', '.join(f'{r.mb_per_s:.0f}' for r in ingests)}")
     print(f"mqtt baseline, same broker, same bytes: best {base_speeds[-1]:.0f} MB/s, spread "
@@ -270,10 +273,12 @@ def main_s3(args: argparse.Namespace) -> int:
             for round_number in range(1, args.rounds + 1):
                 round_dir = workdir / f"round-{round_number}"
                 round_dir.mkdir()
-                ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, args.database_url, args.workers,
-                                    args.in_flight, s3=Bucket(server, server.new_bucket()))
+                with private_database(args.database_url) as database_url:   # PostgreSQL: a schema per round
+                    ingest = run_ingest(broker, round_dir, args.mib, args.file_mib, database_url, args.workers,
+                                        args.in_flight, s3=Bucket(server, server.new_bucket()),
+                                        finishers=args.finishers)
                 baseline = s3_put_baseline(server, files=ingest.files, file_size=ingest.total_bytes // ingest.files,
-                                           threads=args.workers)
+                                           threads=args.finishers)
                 ingests.append(ingest)
                 baselines.append(baseline)
                 print(f"round {round_number}: ingest {ingest.mb_per_s:.0f} MB/s ({ingest.seconds:.2f} s), S3 "
@@ -286,10 +291,11 @@ def main_s3(args: argparse.Namespace) -> int:
             broker.stop(kill=True)
     best_ingest = max(ingests, key=lambda r: r.mb_per_s)
     base_speeds = sorted(b.mb_per_s for b in baselines)
-    print(f"ingest to S3 ({best_ingest.database}, {args.workers} workers, {args.in_flight} files in flight): "
+    print(f"ingest to S3 ({best_ingest.database}, {args.workers} workers, {args.finishers} finishers, {args.in_flight} "
+          "files in flight): "
           f"{best_ingest.files} x {args.file_mib} MiB segments, verified + uploaded (checksummed, locked, checked) + "
           f"acknowledged: best {best_ingest.mb_per_s:.0f} MB/s of {', '.join(f'{r.mb_per_s:.0f}' for r in ingests)}")
-    print(f"S3 put_object baseline, same server, same sizes, {args.workers} threads: best {base_speeds[-1]:.0f} MB/s, "
+    print(f"S3 put_object baseline, same server, same sizes, {args.finishers} threads: best {base_speeds[-1]:.0f} MB/s, "
           f"spread {base_speeds[0]:.0f}-{base_speeds[-1]:.0f}")
     print(f"ingest / S3 baseline = {best_ingest.mb_per_s / base_speeds[-1]:.2f} (best of {args.rounds} each; "
           "target >= 0.6)")

@@ -95,7 +95,8 @@ database_url = {database_url}
 storage_dir = {storage_dir}
 # Signs audit checkpoints and evidence packages. Keep it private (mode 0600).
 key_file = {key_file}
-# workers = 2          # ingest worker threads
+# workers = 2          # ingest worker threads (chunks into staging)
+# finishers = 2        # finishing threads (verify, store, record, reply); raise it when the storage is remote
 # queue_size = 2000    # messages waiting for the workers, in total
 # staging_ttl_hours = 48  # staging of transfers without init or fin for this long is removed
 
@@ -575,7 +576,7 @@ def serve(obj: CliContext, duration: float | None, verbose: bool) -> None:
     ingest = Ingest(engine, cfg.storage_dir, limits=cfg.ingest, store=_store(cfg),
                     locks=LockSettings.from_config(cfg))
     service = CollectorService(cfg.mqtt, ingest, workers=cfg.workers, queue_size=cfg.queue_size,
-                               staging_ttl=timedelta(hours=cfg.staging_ttl_hours))
+                               finishers=cfg.finishers, staging_ttl=timedelta(hours=cfg.staging_ttl_hours))
     from exam_contract.signing import load_private_key
     from .audit import CHECKPOINT_TOPIC, CheckpointLoop
 
@@ -586,6 +587,13 @@ def serve(obj: CliContext, duration: float | None, verbose: bool) -> None:
 
     alerts = AlertLoop(ingest.sessions, lambda topic, payload, retain: service.client.publish(
         topic, payload, qos=1, retain=retain), cfg.alerts.webhook_url, cfg.alerts.interval_seconds)  # issue 4
+    from .schedule import Horizon, ScheduleLoop
+
+    # Each agent's schedule (retained): its venue's batch windows, whose footage it uploads first.
+    schedules = ScheduleLoop(ingest.sessions, Horizon(timedelta(minutes=cfg.coverage.pre_margin_minutes),
+                                                      timedelta(minutes=cfg.coverage.post_margin_minutes)),
+                             publish=lambda topic, payload: service.client.publish(
+                                 topic, payload, qos=1, retain=True).rc == 0)
     log = logging.getLogger("collector")
     from .http_security import TlsFilesError
     from .web import HttpServer, ListenError, Portal  # issue 6
@@ -609,12 +617,14 @@ def serve(obj: CliContext, duration: float | None, verbose: bool) -> None:
         # Ingest of evidence must not stop because the portal's port is taken: say so loudly and go on.
         log.error("HTTP API and portal not served: %s", exc)
     alerts.start()
+    schedules.start()
     log.info("collector %s serving MQTT ingest from %s, storage %s", ingest.instance_id, cfg.mqtt.address,
              ingest.store)
     def before_disconnect() -> None:
         # The workers have drained: the shutdown checkpoint covers everything they appended, and is still
         # published (retained) while the broker connection is up.
         http.stop()
+        schedules.stop()
         checkpoints.stop()
 
     try:

@@ -96,6 +96,7 @@ class CollectorConfig:
     coverage: CoverageConfig
     retention: RetentionConfig
     workers: int = 2
+    finishers: int = 2
     queue_size: int = 2000
     source: Path | None = None
     staging_ttl_hours: float = 48.0  # abandoned transfers' staging is removed after this (issue 3)
@@ -118,7 +119,8 @@ def load_config(path: Path | str) -> CollectorConfig:
 
 
 SECTIONS = frozenset({"collector", "mqtt", "http", "coverage", "alerts", "retention", "storage", "ingest"})
-COLLECTOR_KEYS = frozenset({"data_dir", "database_url", "storage_dir", "key_file", "workers", "queue_size",
+COLLECTOR_KEYS = frozenset({"data_dir", "database_url", "storage_dir", "key_file", "workers", "finishers",
+                            "queue_size",
                             "staging_ttl_hours"})
 COVERAGE_KEYS = frozenset({"pre_margin_minutes", "post_margin_minutes", "gap_tolerance_seconds"})
 RETENTION_KEYS = frozenset({"margin_days", "unlinked_retention_days"})
@@ -139,6 +141,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
         raise ConfigError(f"[collector] database_url = {database_url!r} is not supported: use "
                           "sqlite:////path/collector.db or postgresql+psycopg://user@host/db")
     workers = _int(section, "collector", "workers", 2, 1, 64)
+    finishers = _int(section, "collector", "finishers", 2, 1, 64)
     queue_size = _int(section, "collector", "queue_size", 2000, 10, 1_000_000)
     staging_ttl_hours = _num(section, "collector", "staging_ttl_hours", 48, 1, 24 * 365)
 
@@ -169,7 +172,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
                           interval_seconds=_num(alerts_raw, "alerts", "interval_seconds", 5, 1, 60))
     return CollectorConfig(data_dir=data_dir, database_url=database_url, storage_dir=storage_dir,
                            key_file=key_file, mqtt=mqtt, http=http, coverage=coverage,
-                           retention=retention, workers=workers, queue_size=queue_size, source=source,
+                           retention=retention, workers=workers, finishers=finishers, queue_size=queue_size,
+                           source=source,
                            staging_ttl_hours=staging_ttl_hours, alerts=alerts, ingest=_ingest(_table(raw, "ingest")),
                            storage=storage_from_table(_table(raw, "storage"), base))
 

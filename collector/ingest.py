@@ -39,9 +39,10 @@ from .models import (CHAIN_FIRST, CHAIN_HOLE, CHAIN_LINKED, EVENT_CHAIN_HOLE, EV
 from .object_locks import LockSettings
 from .placement import alternate_relpath, storage_relpath
 from .receipts import DEFAULT_STAGING_TTL, Receipts, delete_receipts, utcnow
-from .staging import StagingArea, chunk_fits
-from .verification import (Staged, check_init, judge_chain, manifest_and_hash, ranges_text, stored_record,
-                           stored_record_of_file, topic_ids_ok)
+from .running_hash import RunningHashes
+from .staging import Claim, StagingArea, chunk_fits
+from .verification import (Staged, check_init, judge_chain, lock_camera_chain, manifest_and_hash, ranges_text,
+                           stored_record, stored_record_of_file, topic_ids_ok)
 
 __all__ = ["DEFAULT_STAGING_TTL", "EVENT_STAGING_EXPIRED", "REASON_INIT_MISSING", "Ingest", "Staged",
            "storage_relpath", "utcnow"]
@@ -72,6 +73,7 @@ class Ingest:
         self.store: FootageStore = store if store is not None else FilesystemStore(self.storage_dir)
         self.staging = StagingArea(self.staging_dir, limits.max_early_chunks)
         self.receipts = Receipts(self.sessions)
+        self.running = RunningHashes()
         self.instance_id = instance_id or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         # When a database connection was last checked out successfully: the evidence that clears the
         # database_unreachable alarm (a message answered without the database proves nothing).
@@ -118,6 +120,7 @@ class Ingest:
             self.staging.remove_data(agent, file_id)
             self.receipts.delete(agent, file_id)
         if previous != payload:
+            self.running.forget((agent, file_id))
             self.staging.write_init(agent, file_id, payload)
         self.receipts.touch_transfer(agent, file_id, staged.message, payload)
         self._fold_early(agent, file_id, staged.message)
@@ -151,7 +154,7 @@ class Ingest:
                             f"chunk {index} ({len(payload)} bytes) does not fit the init "
                             f"({message.chunks} chunks of {message.chunk_size} bytes)")
             return
-        self._write_chunk(agent, file_id, message.chunk_size, index, payload)
+        self._write_chunk(agent, file_id, message, index, payload)
 
     def on_fin(self, agent: str, file_id: str, payload: bytes = b"") -> Reply | None:
         """Finish a file: `missing`, `stored` or `rejected`. `payload` is the record hash the agent finishes
@@ -224,7 +227,7 @@ class Ingest:
     def _fin_locked(self, session: Session, agent: str, file_id: str, staged: Staged) -> Reply:
         """The finishing step, run while this instance holds the file's transfer row lock."""
         message = staged.message
-        claim: Path | None = None
+        claim: Claim | None = None
         if message.chunks:
             gaps = Receipts.missing(session, agent, file_id, message.chunks)
             if gaps:
@@ -242,9 +245,10 @@ class Ingest:
         except Refusal as rej:
             return self._reject(agent, file_id, staged.manifest, rej.code, rej.detail, record=staged.record_hash)
 
-    def _finish(self, agent: str, file_id: str, staged: Staged, claim: Path | None) -> Reply:
+    def _finish(self, agent: str, file_id: str, staged: Staged, claim: Claim | None) -> Reply:
         """Verify, place and record a claimed file. The order is what makes a crash at any step safe:
-        1. the claim's bytes are fsynced while they are hashed, and checked against the signed manifest;
+        1. the claim's bytes are fsynced, and their digest (computed as the chunks arrived, else by reading the
+           claim) is checked against the signed manifest;
         2. the store places them and is durable when it returns: a hard link and folder fsyncs on the
            filesystem; on object storage an upload only if the key is absent, with the signed SHA-256 as its
            checksum and a compliance lock counted from this arrival, then checked (size, checksum, lock);
@@ -256,7 +260,7 @@ class Ingest:
         raises OSError before any row, so no `stored` reply."""
         manifest = staged.manifest
         if claim is not None:
-            digest, size = hash_file(claim, fsync=True)
+            digest, size = self._claimed_digest(agent, file_id, staged.message, claim)
             if size != manifest.size:
                 raise Refusal(P.REJECT_SIZE_MISMATCH, f"received {size} bytes, manifest says {manifest.size}")
             if digest != manifest.sha256:
@@ -266,12 +270,12 @@ class Ingest:
             raise Refusal(P.REJECT_EMPTY_SEGMENT, "a segment without bytes holds no footage")
 
         with self.sessions() as session:
-            chain = judge_chain(session, staged)
+            judge_chain(session, staged)  # refuse a contradicting record before storing its bytes
 
         now = utcnow()   # the arrival: the row's stored_at, and what the storage lock is counted from
         placed: Placed | None = None
         if claim is not None:
-            placed = self._place(claim, staged, now)
+            placed = self._place(claim.path, staged, now)
         relpath = placed.relpath if placed is not None else None
 
         suspicion = clock_suspicion(manifest, now, self.limits)
@@ -283,13 +287,19 @@ class Ingest:
             prev_hash=manifest.prev, manifest=canonical_bytes(staged.message.manifest_raw).decode("utf-8"),
             signature=staged.message.signature, storage_path=relpath.as_posix() if relpath else None,
             storage_version=placed.version if placed else None, lock_until=placed.lock_until if placed else None,
-            chain_status={LinkVerdict.FIRST: CHAIN_FIRST, LinkVerdict.LINKED: CHAIN_LINKED}.get(chain.verdict,
-                                                                                                  CHAIN_HOLE),
-            stored_at=now, key_fingerprint=staged.key_fingerprint, stored_by=self.instance_id,
-            clock_suspect=suspicion is not None)
+            chain_status=CHAIN_HOLE, stored_at=now, key_fingerprint=staged.key_fingerprint,
+            stored_by=self.instance_id, clock_suspect=suspicion is not None)
         try:
             with self.sessions.begin() as session:
+                # Neighbours finishing at the same time (other finishers, other instances) must see each other:
+                # the camera's chain is judged again after this row is written, while its transaction holds the
+                # camera's chain lock (PostgreSQL) or the database write lock (SQLite, taken by the insert).
+                lock_camera_chain(session, manifest.venue, manifest.camera)
                 session.add(row)
+                session.flush()
+                chain = judge_chain(session, staged)
+                row.chain_status = {LinkVerdict.FIRST: CHAIN_FIRST, LinkVerdict.LINKED: CHAIN_LINKED}.get(
+                    chain.verdict, CHAIN_HOLE)
                 if suspicion is not None:
                     session.add(self._event(agent, manifest, file_id, EVENT_CLOCK_SUSPECT, None, suspicion, at=now,
                                             record=staged.record_hash))
@@ -305,6 +315,11 @@ class Ingest:
                             at=now, agent_id=fresh.agent_id, venue=fresh.venue, camera=fresh.camera,
                             file_id=fresh.file_id, seq=fresh.seq, event=EVENT_CHAIN_LINKED, reason=None,
                             detail=f"seq {manifest.seq} arrived; seq {fresh.seq} is now linked"))
+        except Refusal:
+            # a neighbour stored meanwhile contradicts this record: no row, and what was placed for it goes
+            if placed is not None and placed.created:
+                self._discard(placed)
+            raise
         except IntegrityError:
             log.info("agent %s file %s: another instance stored it first", agent, file_id)
             with self.sessions() as session:
@@ -322,6 +337,24 @@ class Ingest:
         if suspicion is not None:
             log.warning("camera %s seq %s: clock suspect: %s", manifest.camera, manifest.seq, suspicion)
         return self._reply(file_id, ReplyState.STORED, record=staged.record_hash)
+
+    def _claimed_digest(self, agent: str, file_id: str, message: InitMessage, claim: Claim) -> tuple[str, int]:
+        """(SHA-256, size) of the claimed bytes, made durable first. The digest fed chunk by chunk is used only
+        for bytes this instance's chunks went into, in order, each once (`RunningHashes`), and when the file
+        holds exactly the bytes fed; otherwise the claim is read and hashed."""
+        running = self.running.take((agent, file_id), message.chunk_size, message.chunks)
+        if running is not None and claim.from_data:
+            fd = os.open(claim.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                on_disk = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if on_disk == running.size:
+                return running.sha256, running.size
+            log.warning("agent %s file %s: staged file has %s bytes, its chunks %s; hashing the file", agent,
+                        file_id, on_disk, running.size)
+        return hash_file(claim.path, fsync=True)
 
     def _place(self, claim: Path, staged: Staged, now: datetime) -> Placed:
         """Place the verified claim in the store (never overwriting). The claim stays in staging until the row is
@@ -389,29 +422,35 @@ class Ingest:
 
     # ------------------------------------------------------------------ staging
 
-    def _write_chunk(self, agent: str, file_id: str, chunk_size: int, index: int, payload: bytes) -> None:
+    def _write_chunk(self, agent: str, file_id: str, message: InitMessage, index: int, payload: bytes) -> None:
         """Write the bytes now; their receipt row follows in `flush_receipts`, once the bytes are synced."""
-        data = self.staging.write_chunk(agent, file_id, chunk_size, index, payload)
+        data = self.staging.write_chunk(agent, file_id, message.chunk_size, index, payload)
         self.receipts.note(data, agent, file_id, index)
+        self.running.chunk((agent, file_id), message.chunk_size, message.chunks, index, payload)
 
     def _fold_early(self, agent: str, file_id: str, message: InitMessage) -> None:
         """Write the chunks held before the init into `data` (those that do not fit it are dropped)."""
         for index, payload in self.staging.take_early(agent, file_id):
             if chunk_fits(message, index, payload):
-                self._write_chunk(agent, file_id, message.chunk_size, index, payload)
+                self._write_chunk(agent, file_id, message, index, payload)
 
     def _remove_staging(self, agent: str, file_id: str) -> None:
         """Staging folder, receipts and transfer row of a decided file."""
         self.receipts.forget(self.staging.data(agent, file_id))
+        self.running.forget((agent, file_id))
         self.staging.remove(agent, file_id)
         self.receipts.remove(agent, file_id)
+
+    def _drop_staging(self, agent: str, file_id: str) -> None:
+        self.running.forget((agent, file_id))
+        self.staging.remove(agent, file_id)
 
     def sweep_staging(self, ttl: timedelta = DEFAULT_STAGING_TTL, limit: int = 500) -> int:
         """Remove transfers without an init or fin for `ttl` (and staging folders without a transfer that
         are older than `ttl`); each removal is recorded as a `staging_expired` event. Returns how many."""
         cutoff = utcnow() - ttl
         removed = 0
-        for gone in self.receipts.expire(cutoff, limit, self._is_stored, self.staging.remove):
+        for gone in self.receipts.expire(cutoff, limit, self._is_stored, self._drop_staging):
             removed += 1
             if gone.stored:  # a late init re-created the row after another instance had stored the file
                 log.info("agent %s file %s: leftover staging of a stored file removed", gone.agent, gone.file_id)
@@ -425,7 +464,7 @@ class Ingest:
         for agent, file_id in self.staging.stale_folders(cutoff):
             if self.receipts.has_transfer(agent, file_id):
                 continue
-            self.staging.remove(agent, file_id)
+            self._drop_staging(agent, file_id)
             removed += 1
             log.warning("agent %s file %s: stale staging folder without a transfer removed", agent, file_id)
             self.record_event(agent, file_id, EVENT_STAGING_EXPIRED, None,

@@ -157,13 +157,15 @@ class Receipts:
             return session.get(ChunkTransfer, (agent, file_id)) is not None
 
     def remove(self, agent: str, file_id: str) -> None:
-        """Receipts and transfer row of a decided file. The transfer row this thread holds locked is deleted by
-        its own locking session instead (see `finish`)."""
+        """Receipts and transfer row of a decided file. For the file whose transfer row this thread holds locked,
+        its own locking session deletes both when `finish` ends (one commit fewer per stored file; should the
+        process die in between, the staging sweep removes what is left of a stored file)."""
+        if getattr(self._held, "key", None) == (agent, file_id):
+            return
         with self.sessions.begin() as session:
             session.execute(delete_receipts(agent, file_id))
-            if getattr(self._held, "key", None) != (agent, file_id):
-                session.execute(delete(ChunkTransfer).where(ChunkTransfer.agent_id == agent,
-                                                            ChunkTransfer.file_id == file_id))
+            session.execute(delete(ChunkTransfer).where(ChunkTransfer.agent_id == agent,
+                                                        ChunkTransfer.file_id == file_id))
 
     def finish(self, agent: str, file_id: str, message: InitMessage, init_payload: bytes,
                locked: Callable[[Session], Reply]) -> Reply | None:

@@ -1,9 +1,12 @@
 """MQTT side of the collector: subscribe to protocol v1 segment topics, hand work to ingest workers, reply.
 
-paho's network thread only parses topics and queues work; hashing, fsync and database writes run on
+paho's network thread only parses topics and queues work; staging, fsync and database writes run on
 worker threads. Messages of one file always go to the same worker, so a file's init, chunks and fin
-are handled in order. Queues are bounded: when they are full the network thread waits, which
-pushes back on the broker instead of holding unbounded payloads in memory.
+are handled in order. A worker hands each `fin` (after committing the receipts of the chunks before it) to
+the finishing threads, which verify, store and record the file and reply: a store's latency (an object
+upload) then holds up only other finishes, never the chunks of other files. Queues are bounded: when they
+are full the network thread waits, which pushes back on the broker instead of holding unbounded payloads
+in memory.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class ChainQuestion:
 
 
 RECEIPT_FLUSH_IDLE_SECONDS = 0.2
+FINISH_QUEUE_PER_FINISHER = 8  # a full finishing queue makes the workers wait, and so the network thread
 
 
 class _Worker(threading.Thread):
@@ -94,9 +98,32 @@ class _Worker(threading.Thread):
             if work is None:
                 self.service.flush_receipts()
                 return
+            if isinstance(work, Work) and work.topic.part == "fin":
+                # The fin's chunks were written by this thread: their receipts are committed before any
+                # finisher looks for them.
+                self.service.flush_receipts()
+                self.service.finish_later(work)
+                continue
             self.service.handle(work)
             if self.queue.empty():
                 self.service.flush_receipts()
+
+
+class _Finisher(threading.Thread):
+    """One finishing thread: takes `fin` work from the shared finishing queue until it gets None."""
+
+    def __init__(self, index: int, service: "CollectorService", work: "queue.Queue[Work | None]") -> None:
+        super().__init__(name=f"finish-{index}", daemon=True)
+        self.work = work
+        self.service = service
+
+    def run(self) -> None:
+        while True:
+            work = self.work.get()
+            if work is None:
+                return
+            self.service.handle(work)
+            self.service.flush_receipts()  # receipts of early chunks folded in at fin
 
 
 class StagingSweeper:
@@ -132,7 +159,7 @@ class CollectorService:
     """Runs MQTT ingest until `stop()` (or the duration given to `run`)."""
 
     def __init__(self, mqtt_config: MqttSettings, ingest: Ingest, workers: int = 2, queue_size: int = 2000,
-                 staging_ttl: timedelta = DEFAULT_STAGING_TTL,
+                 finishers: int = 2, staging_ttl: timedelta = DEFAULT_STAGING_TTL,
                  sweep_interval: float = SWEEP_INTERVAL_SECONDS) -> None:
         self.config = mqtt_config
         self.ingest = ingest
@@ -141,8 +168,11 @@ class CollectorService:
         self._stop = threading.Event()
         self.sweeper = StagingSweeper(ingest, self.alarms, self._stop, staging_ttl, sweep_interval)
         self._workers = [_Worker(i, self, max(1, queue_size // max(1, workers))) for i in range(max(1, workers))]
+        self._finishing: queue.Queue[Work | None] = queue.Queue(maxsize=FINISH_QUEUE_PER_FINISHER * max(1, finishers))
+        self._finishers = [_Finisher(i, self, self._finishing) for i in range(max(1, finishers))]
         self.connected = threading.Event()
         self.connect_count = 0
+        self._counting = threading.Lock()  # workers and finishers count
         self.handled = 0
         self.errors = 0
         self._sweep_mid: int | None = None
@@ -258,13 +288,15 @@ class CollectorService:
                 reply = self.ingest.on_fin(topic.agent, topic.file_id, work.payload)
             if reply is not None:
                 self.publish_reply(topic.agent, reply)
-            self.handled += 1
+            with self._counting:
+                self.handled += 1
             if self.ingest.database_ok_at >= began:
                 self.alarms.clear(AlarmCode.DATABASE_UNREACHABLE)
             if topic.part == "chunk" or (reply is not None and reply.state == ReplyState.STORED):
                 self.alarms.clear(AlarmCode.STORAGE_FULL, AlarmCode.STORAGE_ERROR)
         except Exception as exc:  # a bad message must never stop the service
-            self.errors += 1
+            with self._counting:
+                self.errors += 1
             code = classify(exc)
             if code is not None:
                 # No reply: the agent keeps the file and repeats `fin` with backoff; the alarm records it.
@@ -298,6 +330,18 @@ class CollectorService:
         if answer is not None:
             self.client.publish(chain_topic(question.agent), answer.encode(), qos=1)
 
+    def finish_later(self, work: Work) -> None:
+        """Queue a `fin` for the finishing threads; waits while they are all busy and the queue is full."""
+        while True:
+            try:
+                self._finishing.put(work, timeout=0.5)
+                return
+            except queue.Full:
+                if self._stop.is_set() and not any(finisher.is_alive() for finisher in self._finishers):
+                    log.warning("agent %s file %s: fin not finished, the service is stopping; the agent will "
+                                "resend it", work.topic.agent, work.topic.file_id)
+                    return
+
     def flush_receipts(self) -> None:
         """Commit the calling worker's chunk receipts; never raises (lost receipts mean resent chunks)."""
         try:
@@ -321,8 +365,8 @@ class CollectorService:
     def start(self) -> None:
         """Connect (raises BrokerUnreachable naming host:port) and start the network loop and workers."""
         connect(self.client, self.config, SESSION_EXPIRY_SECONDS)
-        for worker in self._workers:
-            worker.start()
+        for thread in (*self._workers, *self._finishers):
+            thread.start()
         self.sweeper.thread.start()
         self.client.loop_start()
 
@@ -351,6 +395,14 @@ class CollectorService:
                     log.warning("worker %s did not drain in %ss", worker.name, timeout)
         for worker in self._workers:
             worker.join(timeout)
+        for finisher in self._finishers:  # after the workers: they hand fins on until they stop
+            if finisher.is_alive():
+                try:
+                    self._finishing.put(None, timeout=timeout)
+                except queue.Full:
+                    log.warning("finisher %s did not drain in %ss", finisher.name, timeout)
+        for finisher in self._finishers:
+            finisher.join(timeout)
         try:
             if before_disconnect is not None:
                 before_disconnect()

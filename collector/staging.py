@@ -97,6 +97,15 @@ class EarlyChunks:
                 self._counts[agent] = max(0, self._counts[agent] - count)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The bytes taken for finishing; `from_data` when they are the `data` this instance's chunks went into (not
+    a claim an earlier attempt left), so that a digest of those chunks describes them."""
+
+    path: Path
+    from_data: bool
+
+
 class FolderLock:
     """A non-blocking exclusive flock on a file (created if needed), released by the kernel if the holder dies."""
 
@@ -245,7 +254,7 @@ class StagingArea:
 
     # ------------------------------------------------------------------ finishing
 
-    def claim(self, agent: str, file_id: str, instance_id: str) -> Path | None:
+    def claim(self, agent: str, file_id: str, instance_id: str) -> Claim | None:
         """Take the complete bytes for finishing (the caller holds the transfer row lock): a claim left by an
         earlier attempt (this or a dead instance; it holds every receipted chunk) wins over `data`, which may
         then only hold late duplicates. The rename makes the bytes this instance's alone: a late chunk can only
@@ -253,7 +262,7 @@ class StagingArea:
         directory = self.folder(agent, file_id)
         mine = directory / f"claim.{instance_id}"
         if mine.exists():
-            return mine
+            return Claim(mine, from_data=False)
         for other in sorted(directory.glob("claim.*")):
             try:
                 os.rename(other, mine)
@@ -261,10 +270,10 @@ class StagingArea:
                 continue
             log.warning("agent %s file %s: took over the claim %s left by an earlier finishing attempt", agent,
                         file_id, other.name)
-            return mine
+            return Claim(mine, from_data=False)
         try:
             os.rename(directory / DATA, mine)
-            return mine
+            return Claim(mine, from_data=True)
         except FileNotFoundError:
             return None
 

@@ -4,9 +4,10 @@ admission limits (collector/admission.py) before anything is staged; a finished 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from exam_contract import protocol as P
@@ -121,6 +122,17 @@ def manifest_and_hash(payload: bytes) -> tuple[Manifest | None, str | None]:
         return message.manifest(), record
     except ManifestError:
         return None, record
+
+
+def lock_camera_chain(session: Session, venue: str, camera: str) -> None:
+    """On PostgreSQL, hold the camera's chain lock until the session's transaction ends, so that two records of
+    one camera are never written and judged at the same time (their transactions would not see each other's
+    rows). SQLite needs none: its write lock, taken by the transaction's first write, serialises writers, and
+    pysqlite begins the transaction only then, so reads after that write see every committed neighbour."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(f"chain\0{venue}\0{camera}".encode()).digest()[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def judge_chain(session: Session, staged: Staged) -> ChainJudgement:

@@ -83,7 +83,8 @@ class Agent:
         self.disk = DiskKeeper(config, self.journal, self.recorders, on_alarm=self._alarm)
         self.status = StatusReporter(config, self.journal, self.recorders.states, self.uploader.set_status,
                                      alarms=lambda: dict(self.alarms),
-                                     health=(lambda: dict(health.last_flags)) if health else dict)
+                                     health=(lambda: dict(health.last_flags)) if health else dict,
+                                     upload=self.uploader.upload_rate)
         self._started = False
 
     def _alarm(self, code: AlarmCode, detail: str | None) -> None:

@@ -82,6 +82,14 @@ segment_seconds = 60             # 10..300
 [health]
 enabled = true                   # keyframe analysis of each segment: black, obstructed, frozen, defocused, moved
 
+# Upload cap on a venue link shared with online exams (kbit/s; 0 = unlimited), e.g. unlimited only at night:
+# [upload]
+# max_kbps = 8000
+# [[upload.schedule]]
+# from = "22:00"                 # Asia/Shanghai wall clock
+# to = "06:00"                   # wraps past midnight
+# max_kbps = 0
+
 # Add one [[camera]] table per camera; `source` is rtsp://..., /dev/videoN, a video file or lavfi:FILTER.
 # [[camera]]
 # id = "t101-front"
@@ -341,15 +349,28 @@ def doctor(ctx: click.Context, timeout: float) -> None:
 
 
 @cli.command()
+@click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True,
+              help="Language of the output (times are Beijing time either way).")
 @click.pass_context
-def status(ctx: click.Context) -> None:
-    """Spool backlog, last acknowledged segment, camera states and health per camera."""
+def status(ctx: click.Context, lang: str) -> None:
+    """Spool backlog, last acknowledged segment, camera states and health per camera; the upload cap, measured
+    rate, backlog and the time to drain it."""
+    import dataclasses
+    from datetime import datetime, timezone
+
     from .journal import Journal, JournalError
-    from .status import StatusFileError, read_local_status
+    from .ratecap import CapSchedule, UploadRate
+    from .status import StatusFileError, UploadStatus, read_local_status, upload_line
+
+    from .ratecap import SHANGHAI
+
+    def say(zh: str, en: str) -> str:
+        return zh if lang == "zh" else en
 
     config = _load(ctx)
     if not config.agent.journal_path.exists():
-        click.echo(f"no journal yet at {config.agent.journal_path} (the agent has not run)")
+        click.echo(say(f"尚无日志 {config.agent.journal_path}（代理从未运行）",
+                       f"no journal yet at {config.agent.journal_path} (the agent has not run)"))
         return
     try:
         journal = Journal(config.agent.journal_path)
@@ -359,17 +380,22 @@ def status(ctx: click.Context) -> None:
     except (JournalError, StatusFileError) as exc:
         fail(str(exc))
     if local is None:
-        click.echo("agent: no status reported yet (camera states unknown)")
+        click.echo(say("代理：尚未报告状态（摄像机状态未知）", "agent: no status reported yet (camera states unknown)"))
     else:
-        click.echo(f"agent: {'running' if local.running else 'NOT RUNNING'}, "
-                   f"last report {local.time:%Y-%m-%d %H:%M:%S} UTC")
+        reported = local.time.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(say(f"代理：{'运行中' if local.running else '未运行'}，最近报告 北京时间 {reported}",
+                       f"agent: {'running' if local.running else 'NOT RUNNING'}, last report {reported} "
+                       "Asia/Shanghai"))
         for code, detail in sorted(local.alarms.items()):
-            click.echo(f"ALARM {code}: {detail}")
+            click.echo(say(f"告警 {code}：{detail}", f"ALARM {code}: {detail}"))
     states = local.cameras if local and local.running else {}
     health = local.health if local else {}
     configured = {cam.id for cam in config.cameras}
-    click.echo(f"{'camera':<20} {'state':<12} {'last seq':>8} {'last stored':>11} {'pending':>7} {'pending MB':>10} "
-               f"{'rejected':>8}  health")
+    heads = say("摄像机|状态|最新序号|最新已存|待传|待传 MB|被拒|画面检查",
+                "camera|state|last seq|last stored|pending|pending MB|rejected|health").split("|")
+    widths = (-20, -12, 8, 11, 7, 10, 8)
+    click.echo(" ".join(_cell(head, width) for head, width in zip(heads[:-1], widths, strict=True))
+               + "  " + heads[-1])
     seen = set()
     for row in rows:
         seen.add(row.camera)
@@ -379,6 +405,23 @@ def status(ctx: click.Context) -> None:
                    f"{','.join(health.get(row.camera, [])) or '-'}")
     for cam in sorted(configured - seen):
         click.echo(f"{cam:<20} {states.get(cam, '-'):<12} {0:>8} {'-':>11} {0:>7} {0.0:>10.1f} {0:>8}  -")
+    # The cap as configured now and the backlog as journaled now; the measured rate only from a running agent.
+    running = local is not None and local.running and local.upload is not None
+    rate = local.upload.rate_kbps * 1000 / 8 if running and local and local.upload else 0.0
+    cap = CapSchedule(config.upload.max_kbps, config.upload.schedule).at(datetime.now(timezone.utc))
+    upload = UploadStatus.of(UploadRate(cap, rate), sum(r.pending for r in rows), sum(r.pending_bytes for r in rows))
+    if not running:
+        upload = dataclasses.replace(upload, backlog_eta_seconds=None)
+    click.echo(upload_line(upload, lang))
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` padded to `abs(width)` terminal columns (a CJK character takes two); negative: left-aligned."""
+    import unicodedata
+
+    columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    pad = " " * max(0, abs(width) - columns)
+    return text + pad if width < 0 else pad + text
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

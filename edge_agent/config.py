@@ -13,10 +13,15 @@ from exam_contract.mqtt import MqttSettings, parse_mqtt_table
 from exam_contract.redact import redact_source
 from exam_contract.tomlconfig import ConfigError
 
+from .ratecap import CapWindow, overlapping, parse_hhmm
+
 SEGMENT_SECONDS_DEFAULT = 60
 SEGMENT_SECONDS_RANGE = (10, 300)
 LOCAL_KEEP_DAYS_DEFAULT = 7
 MIN_FREE_MB_DEFAULT = 1024
+MAX_BATCH_FIRST_MINUTES_DEFAULT = 30
+MAX_BATCH_FIRST_MINUTES_RANGE = (1, 24 * 60)
+MAX_KBPS_LIMIT = 100_000_000   # 100 Gbit/s: anything above is a typo
 
 # Camera and agent ids end up in file names and MQTT topics: no '/', '+', '#', '@' or spaces.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,6 +81,18 @@ class RecordingConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    """[upload]: the cap on the bytes the uploader publishes, in kbit/s (0 = unlimited), and the daily windows
+    ([[upload.schedule]], Asia/Shanghai wall clock) with another cap."""
+
+    max_kbps: int = 0
+    schedule: tuple[CapWindow, ...] = ()
+    # Batch-first order (edge_agent/upload_order.py): footage of the collector's batch windows goes first, but
+    # the oldest other record gets the next free slot once it has been passed over this long.
+    max_batch_first_minutes: int = MAX_BATCH_FIRST_MINUTES_DEFAULT
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     id: str
     room: str
@@ -95,6 +112,7 @@ class EdgeConfig:
     recording: RecordingConfig
     cameras: tuple[CameraConfig, ...]
     health: HealthConfig = HealthConfig()
+    upload: UploadConfig = UploadConfig()
 
     def camera(self, camera_id: str) -> CameraConfig:
         for cam in self.cameras:
@@ -124,7 +142,7 @@ def load_config(path: Path | str) -> EdgeConfig:
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
-    toml.unknown_sections(raw, {"agent", "mqtt", "recording", "camera", "health"})
+    toml.unknown_sections(raw, {"agent", "mqtt", "recording", "camera", "health", "upload"})
     agent = _agent(_table(raw, "agent"), base_dir)
     mqtt = parse_mqtt_table(_table(raw, "mqtt"), base_dir, files_must_exist=True)
     recording = _recording(_table(raw, "recording", required=False))
@@ -140,7 +158,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> EdgeConfig:
         seen.add(cam.id)
         cameras.append(cam)
     return EdgeConfig(path=path, agent=agent, mqtt=mqtt, recording=recording, cameras=tuple(cameras),
-                      health=_health(_table(raw, "health", required=False)))
+                      health=_health(_table(raw, "health", required=False)),
+                      upload=_upload(_table(raw, "upload", required=False)))
 
 
 def _table(raw: dict[str, Any], name: str, required: bool = True) -> dict[str, Any]:
@@ -198,6 +217,53 @@ def _health(table: dict[str, Any]) -> HealthConfig:
     if not isinstance(enabled, bool):
         raise ConfigError(f"[health] enabled = {enabled!r} is not a boolean: write enabled = true or enabled = false")
     return HealthConfig(enabled=enabled)
+
+
+def _kbps(table: dict[str, Any], section: str, default: int | None) -> int:
+    if "max_kbps" not in table and default is None:
+        raise ConfigError(f"[{section}] max_kbps is missing: set max_kbps = N (kbit/s; 0 = unlimited) in the window")
+    value = table.get("max_kbps", default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_KBPS_LIMIT:
+        raise ConfigError(f"[{section}] max_kbps = {value!r} must be a whole number of kbit/s between 0 and "
+                          f"{MAX_KBPS_LIMIT} (0 = unlimited): fix it, e.g. max_kbps = 8000 for 8 Mbit/s")
+    return value
+
+
+def _upload(table: dict[str, Any]) -> UploadConfig:
+    _unknown_keys(table, "upload", {"max_kbps", "schedule", "max_batch_first_minutes"})
+    batch_first = toml.integer(table, "upload", "max_batch_first_minutes", MAX_BATCH_FIRST_MINUTES_DEFAULT,
+                               *MAX_BATCH_FIRST_MINUTES_RANGE)
+    max_kbps = _kbps(table, "upload", 0)
+    raw = table.get("schedule", [])
+    if not isinstance(raw, list):
+        raise ConfigError("[upload] schedule must be an array of tables: write each window as an "
+                          "[[upload.schedule]] table with from, to and max_kbps")
+    windows: list[CapWindow] = []
+    for index, entry in enumerate(raw):
+        section = f"upload.schedule #{index + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"[{section}] must be a table: write it as [[upload.schedule]] with from, to and "
+                              "max_kbps below it")
+        _unknown_keys(entry, section, {"from", "to", "max_kbps"})
+        bounds = []
+        for key in ("from", "to"):
+            text = entry.get(key)
+            parsed = parse_hhmm(text) if isinstance(text, str) else None
+            if parsed is None:
+                raise ConfigError(f"[{section}] {key} = {text!r} is not a time of day: write it as \"HH:MM\" "
+                                  "(00:00 to 23:59, Asia/Shanghai wall clock), e.g. from = \"22:00\"")
+            bounds.append(parsed)
+        if bounds[0] == bounds[1]:
+            raise ConfigError(f"[{section}] from and to are both {entry['from']!r}: a window needs two different "
+                              "times (to before from wraps past midnight); for the whole day set [upload] max_kbps")
+        windows.append(CapWindow(bounds[0], bounds[1], _kbps(entry, section, None)))
+    clash = overlapping(windows)
+    if clash is not None:
+        first, second = (windows[i] for i in clash)
+        raise ConfigError(f"[upload.schedule #{clash[0] + 1}] ({first.start:%H:%M}-{first.end:%H:%M}) and "
+                          f"[upload.schedule #{clash[1] + 1}] ({second.start:%H:%M}-{second.end:%H:%M}) overlap: "
+                          "change from/to so that no minute is in two windows")
+    return UploadConfig(max_kbps=max_kbps, schedule=tuple(windows), max_batch_first_minutes=batch_first)
 
 
 def _camera(table: Any, index: int, base_dir: Path) -> CameraConfig:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -29,12 +29,15 @@ from exam_contract.mqtt import (BrokerRefused, BrokerUnreachable, MqttSettings, 
 from exam_contract.protocol import (REASON_INIT_MISSING, RETRYABLE_REJECTIONS, ChainHeads, ChainRequest, ProtocolError,
                                     Reply, ReplyState, encode_fin)
 from exam_contract.redact import redact_values
+from exam_contract.schedule import Schedule, ScheduleError, ScheduleWindow
 from exam_contract.topics import (DEFAULT_CHUNK_SIZE, chain_request_topic, chain_topic, chunk_topic, fin_topic,
-                                  init_topic, reply_topic, status_topic)
+                                  init_topic, reply_topic, schedule_topic, status_topic)
 
-from .config import EdgeConfig
+from .config import SEGMENT_SECONDS_RANGE, EdgeConfig
 from .journal import Journal
+from .ratecap import CapSchedule, RateMeter, TokenBucket, UploadRate
 from .transfer import ClockEstimator, Transfer
+from .upload_order import UploadOrder
 
 log = logging.getLogger(__name__)
 UTC = timezone.utc
@@ -46,6 +49,7 @@ REPLY_TIMEOUT_CAP = 60.0
 SESSION_EXPIRY = 7 * 24 * 3600
 REQUEUE_INTERVAL = 5.0          # how often due retries of rejected records are looked for
 MAX_INFLIGHT_MESSAGES = 64
+LONGEST_SEGMENT = timedelta(seconds=2 * SEGMENT_SECONDS_RANGE[1])  # ffmpeg cuts at the keyframe after the length
 
 
 class Uploader:
@@ -62,6 +66,16 @@ class Uploader:
         self.max_active = max_active
         self.reply_timeout = reply_timeout
         self.clock = ClockEstimator()
+        # [upload] cap on the counted messages (init, chunks, fin): the send loop takes their bytes from the
+        # bucket, and while it is short _cap_wait holds how long until the next message may go (0: none waits).
+        self.caps = CapSchedule(config.upload.max_kbps, config.upload.schedule)
+        self._bucket = TokenBucket(min_burst=chunk_size)
+        self._cap_wait = 0.0
+        self.cap_holds = 0     # times the cap held a message back (each later step that finds it short counts again)
+        self._meter = RateMeter(time.monotonic())   # bytes of counted messages published; guarded by _lock
+        # Which pending records start next: batch first once the collector's schedule names windows.
+        self._order = UploadOrder(timedelta(minutes=config.upload.max_batch_first_minutes),
+                                  lambda: datetime.now(UTC))
         # (reply, when it arrived), from paho's network thread to the uploader's thread
         self._replies: queue.Queue[tuple[Reply, datetime]] = queue.Queue()
         self._active: dict[str, Transfer] = {}   # file id -> its transfer, at most max_active
@@ -134,7 +148,8 @@ class Uploader:
             log.error("MQTT broker %s refused the connection: %s", self.mqtt.address, reason_code)
             return
         log.info("connected to MQTT broker %s (session present: %s)", self.mqtt.address, flags.session_present)
-        client.subscribe([(reply_topic(self.agent), 1), (chain_topic(self.agent), 1)])
+        client.subscribe([(reply_topic(self.agent), 1), (chain_topic(self.agent), 1),
+                          (schedule_topic(self.agent), 1)])
         self._reconnected.set()
         self._connected.set()
         self._publish_status()
@@ -166,6 +181,9 @@ class Uploader:
         if message.topic == chain_topic(self.agent):
             self._on_chain_heads(message.payload)
             return
+        if message.topic == schedule_topic(self.agent):
+            self._on_schedule(message.payload)
+            return
         try:
             reply = Reply.decode(message.payload)
         except ProtocolError as exc:
@@ -183,17 +201,25 @@ class Uploader:
                     self._early_acks.discard(info.mid)
                 else:
                     self._uncounted.add(info.mid)
-            elif info.mid in self._early_acks:
-                self._early_acks.discard(info.mid)
             else:
-                self._inflight[info.mid] = size
-                self._inflight_bytes += size
-                self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
+                self._meter.add(size, time.monotonic())
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)
+                else:
+                    self._inflight[info.mid] = size
+                    self._inflight_bytes += size
+                    self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
 
     @property
     def inflight_bytes(self) -> int:
         with self._lock:
             return self._inflight_bytes
+
+    def upload_rate(self) -> UploadRate:
+        """The cap in force now (and its next change) and the bytes published per second over the last minute."""
+        with self._lock:
+            measured = self._meter.bytes_per_second(time.monotonic())
+        return UploadRate(cap=self.caps.at(datetime.now(UTC)), bytes_per_second=measured)
 
     @property
     def connected(self) -> bool:
@@ -221,7 +247,8 @@ class Uploader:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.25)
+            # A capped send waits here: replies, PUBACKs, wake() and stop() all set _wake and end the wait early.
+            self._wake.wait(min(self._cap_wait, 0.25) if self._cap_wait > 0 else 0.25)
             self._wake.clear()
             try:
                 self._step()
@@ -248,17 +275,33 @@ class Uploader:
             self._ask_again()
         self._fill()
         now = time.monotonic()
+        self._cap_wait = 0.0
         for transfer in list(self._active.values()):
-            if self.inflight_bytes >= self.max_inflight_bytes:
+            if self.inflight_bytes >= self.max_inflight_bytes or self._cap_wait > 0:
                 break
             self._advance(transfer, now)
+
+    def _cap_allows(self, size: int) -> bool:
+        """True when `size` bytes may be published now under the [upload] cap (and takes them from the bucket);
+        else sets _cap_wait to the wait and the caller leaves the message for a later step."""
+        self._cap_wait = self._bucket.take(size, time.monotonic(), self.caps.kbps_at(datetime.now(UTC)))
+        if self._cap_wait > 0:
+            self.cap_holds += 1
+        return self._cap_wait == 0
 
     def _fill(self) -> None:
         free = self.max_active - len(self._active)
         if free <= 0:
             return
         busy = {t.record.id for t in self._active.values()} | self._broken
-        for record in self.journal.pending(free, exclude=busy):
+        if self._order.active:
+            candidates = self.journal.pending_candidates(self._order.windows, free, exclude=busy,
+                                                         longest_record=LONGEST_SEGMENT)
+            picked = self._order.pick(candidates, free)
+            records = [self.journal.record(rowid) for rowid in picked]
+        else:
+            records = self.journal.pending(free, exclude=busy)
+        for record in records:
             transfer = Transfer.for_record(record, self.chunk_size)
             if transfer.chunks:
                 try:
@@ -274,11 +317,16 @@ class Uploader:
 
     def _advance(self, transfer: Transfer, now: float) -> None:
         if transfer.init_needed:
+            if not self._cap_allows(len(transfer.init_payload)):
+                return
             self._publish(init_topic(self.agent, transfer.file_id), transfer.init_payload)
             transfer.init_needed = False
         while transfer.to_send and self.inflight_bytes < self.max_inflight_bytes:
-            index = transfer.to_send.popleft()
+            index = transfer.to_send[0]
             offset, length = chunk_span(index, transfer.record.size, transfer.chunk_size)
+            if not self._cap_allows(length):
+                return
+            transfer.to_send.popleft()
             assert transfer.fd is not None
             data = os.pread(transfer.fd, length, offset)
             self._publish(chunk_topic(self.agent, transfer.file_id, index), data)
@@ -288,10 +336,13 @@ class Uploader:
             transfer.fin_at = None
             transfer.fin_needed = True
         if transfer.fin_needed or (transfer.deadline is not None and now >= transfer.deadline):
+            fin = encode_fin(transfer.record.record_hash)
+            if not self._cap_allows(len(fin)):
+                return
             if not transfer.fin_needed:
                 log.info("camera %s seq %s: no reply yet, asking again", transfer.record.camera,
                          transfer.record.seq)
-            self._publish(fin_topic(self.agent, transfer.file_id), encode_fin(transfer.record.record_hash))
+            self._publish(fin_topic(self.agent, transfer.file_id), fin)
             transfer.fin_needed = False
             if transfer.first_unanswered_fin is None:
                 transfer.first_unanswered_fin = datetime.now(UTC)
@@ -391,6 +442,25 @@ class Uploader:
                        f"{count} record(s) rejected by the collector, the oldest camera {oldest.camera} seq "
                        f"{oldest.seq}: {oldest.reason}; enrolment and quota rejections are retried with backoff, "
                        "the others after `exam-edge retry`; the files are kept")
+
+    # --- the collector's schedule (batch-first order) ---
+    def _on_schedule(self, payload: bytes) -> None:
+        if not payload:   # cleared: oldest first again
+            windows: tuple[ScheduleWindow, ...] = ()
+        else:
+            try:
+                schedule = Schedule.decode(payload)
+            except ScheduleError as exc:
+                log.warning("ignoring a malformed schedule: %s", exc)
+                return
+            if schedule.agent != self.agent:
+                log.warning("ignoring a schedule for agent %s (this is %s)", schedule.agent, self.agent)
+                return
+            windows = schedule.windows
+        if self._order.set_windows(windows):
+            log.info("schedule from the collector: %d batch window(s); their footage is uploaded first",
+                     len(windows))
+            self._wake.set()
 
     # --- chain heads (a journal started anew) ---
     def request_chain_heads(self, cameras: list[str], timeout: float) -> ChainHeads | None:

@@ -48,6 +48,11 @@ def chain_topic(agent: str) -> str:
     return f"{ROOT}/{agent}/chain"
 
 
+def schedule_topic(agent: str) -> str:
+    """Collector -> agent, retained: the windows of the exam batches at the agent's venue (exam_contract.schedule)."""
+    return f"{ROOT}/{agent}/schedule"
+
+
 def parse_chain_request_topic(topic: str) -> str | None:
     """The agent id of a chain request topic, or None when the topic is not one."""
     parts = topic.split("/")

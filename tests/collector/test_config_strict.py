@@ -51,8 +51,8 @@ def with_line(table: str, line: str) -> str:
     ("ingest", "max_segment = 10", ["users", "list"],
      "[ingest] max_segment is not a known key; did you mean max_segment_mb?"),
     ("collector", "colour = 1", ["summary"],
-     "[collector] colour is not a known key: remove it (known: data_dir, database_url, key_file, queue_size, "
-     "staging_ttl_hours, storage_dir, workers)"),
+     "[collector] colour is not a known key: remove it (known: data_dir, database_url, finishers, key_file, "
+     "queue_size, staging_ttl_hours, storage_dir, workers)"),
 ])
 def test_a_typo_in_each_table_exits_1_naming_the_nearest_key(tmp_path: Path, capsys, table: str, line: str,
                                                               command: list[str], expected: str) -> None:
@@ -84,7 +84,7 @@ def test_unknown_sections_and_top_level_keys_exit_1(tmp_path: Path, capsys, text
 def test_the_known_key_sets_are_what_the_loader_reads(tmp_path: Path) -> None:
     """Every key of every known set loads (none is refused as unknown): the sets and the loader agree."""
     values = {"data_dir": '"data"', "database_url": '"sqlite:///x.db"', "storage_dir": '"s"', "key_file": '"k"',
-              "workers": "2", "queue_size": "100", "staging_ttl_hours": "48",
+              "workers": "2", "finishers": "3", "queue_size": "100", "staging_ttl_hours": "48",
               "url": '"mqtts://h"', "username": '"u"', "password_file": '"p"', "ca_file": '"ca.pem"',
               "cert_file": '"c.pem"', "key_file@mqtt": '"k.pem"', "client_id": '"c"',
               "listen": '"127.0.0.1:1"', "export_keep_hours": "72", "cert_file@http": '"c.pem"',

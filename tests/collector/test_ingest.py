@@ -274,3 +274,54 @@ def test_two_instances_finishing_the_same_file(harness: Harness) -> None:
     assert "stored" in states and "rejected" not in states
     assert len(harness.records()) == 1 and len(harness.stored_files()) == 1
     assert harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash())).state == "stored"
+
+
+def counting_hash_file(monkeypatch) -> list:
+    """Count the fin-time reads of a claimed file (the fallback of the running digest)."""
+    import collector.ingest as ingest_module
+    calls: list = []
+    real = ingest_module.hash_file
+
+    def counted(path, fsync=False):
+        calls.append(path)
+        return real(path, fsync=fsync)
+
+    monkeypatch.setattr(ingest_module, "hash_file", counted)
+    return calls
+
+
+def test_chunks_in_order_are_hashed_as_they_arrive(harness: Harness, monkeypatch) -> None:
+    reads = counting_hash_file(monkeypatch)
+    data = payload_bytes(1, 9500)
+    m = harness.agent.manifest(1, data, None)
+    assert harness.send(m, data).state == "stored"
+    assert reads == []  # verified from the running digest, without reading the file again
+    assert (harness.storage / harness.records()[0].storage_path).read_bytes() == data
+    assert len(harness.ingest.running) == 0
+
+
+def test_out_of_order_chunks_fall_back_to_reading_the_file(harness: Harness, monkeypatch) -> None:
+    reads = counting_hash_file(monkeypatch)
+    data = payload_bytes(1, 3500)
+    m = harness.agent.manifest(1, data, None)
+    assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
+    for i in (0, 2, 1, 3):
+        harness.ingest.on_chunk(AGENT, m.file_id, i, data[i * 1000:(i + 1) * 1000])
+    assert harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash())).state == "stored"
+    assert len(reads) == 1
+    assert (harness.storage / harness.records()[0].storage_path).read_bytes() == data
+
+
+def test_a_chunk_rewritten_with_other_bytes_is_caught(harness: Harness) -> None:
+    """All chunks arrive in order with the signed bytes, then chunk 1 again with other bytes (a duplicate that
+    is not one): the file now differs from what was hashed on arrival, and must be refused, never stored."""
+    prev = store_chain(harness, 1)
+    data = payload_bytes(2, 3500)
+    m = harness.agent.manifest(2, data, prev)
+    assert harness.ingest.on_init(AGENT, m.file_id, harness.agent.init_payload(m)) is None
+    for i in range(4):
+        harness.ingest.on_chunk(AGENT, m.file_id, i, data[i * 1000:(i + 1) * 1000])
+    harness.ingest.on_chunk(AGENT, m.file_id, 1, b"\xff" * 1000)
+    reply = harness.ingest.on_fin(AGENT, m.file_id, encode_fin(m.record_hash()))
+    assert_rejected(harness, reply, P.REJECT_HASH_MISMATCH, 1)
+    assert_keeps_working(harness, prev, 2)

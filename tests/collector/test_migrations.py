@@ -24,11 +24,15 @@ def test_migration_matches_models(database_url: str) -> None:
             tables = set(inspect(conn).get_table_names())
             assert {"agent", "segment_record", "ingest_event", "alembic_version"} <= tables
             if engine.dialect.name == "postgresql":
+                # Only this test's own schema is looked at: what else lives on the server (another test's
+                # schema, a benchmark's, tables someone left in public) is none of this test's business.
                 schema = conn.execute(text("select current_schema()")).scalar_one()
                 assert schema.startswith("t_")  # the fixture's private schema, not public
-                found = conn.execute(text("select table_schema from information_schema.tables "
-                                          "where table_name = 'alembic_version'")).scalars().all()
-                assert schema in found and "public" not in found
+                # the connection sees no other schema, so no unqualified DDL of the migration can land in public
+                assert conn.execute(text("select current_schemas(false)")).scalar_one() == [schema]
+                own = conn.execute(text("select table_name from information_schema.tables where table_schema = :s"),
+                                   {"s": schema}).scalars().all()
+                assert set(own) == set(Base.metadata.tables) | {"alembic_version"}
             else:
                 assert conn.execute(text("pragma journal_mode")).scalar_one() == "wal"
                 # 2 = FULL: a commit the collector answered `stored` for survives a power cut

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -109,7 +110,8 @@ class ExplodingIngest(Ingest):
 @contextmanager
 def running_service(database_url: str, storage: Path, agent: SigningAgent, mosquitto,  # noqa: ANN001
                     ingest_class: type[Ingest] = Ingest,
-                    store: FootageStore | None = None) -> Iterator[tuple[CollectorService, Harness]]:
+                    store: FootageStore | None = None, workers: int = 2,
+                    finishers: int = 2) -> Iterator[tuple[CollectorService, Harness]]:
     """The service on a migrated database with the test agent enrolled, subscribed to the test broker."""
     engine = make_engine(database_url)
     upgrade(engine)
@@ -117,7 +119,7 @@ def running_service(database_url: str, storage: Path, agent: SigningAgent, mosqu
     ingest = ingest_class(engine, storage, limits=TEST_LIMITS, store=store)
     cfg = MqttConfig(url=mosquitto.url, host="127.0.0.1", port=mosquitto.port, tls=False,
                      client_id=f"collector-test-{uuid.uuid4().hex[:6]}")
-    service = CollectorService(cfg, ingest, workers=2, queue_size=100)
+    service = CollectorService(cfg, ingest, workers=workers, queue_size=100, finishers=finishers)
     service.start()
     try:
         assert service.connected.wait(10)
@@ -377,4 +379,108 @@ def test_a_full_store_gets_no_stored_reply_raises_storage_full_and_a_repeated_fi
             assert [(e.event, e.reason) for e in h.events() if e.event.startswith("alarm")] == [
                 ("alarm", STORAGE_FULL), ("alarm_cleared", STORAGE_FULL)]
         finally:
+            up.close()
+
+
+def _send_file(up: Uploader, agent: SigningAgent, manifest, data: bytes) -> None:  # noqa: ANN001
+    """Init, every chunk and the fin, as an agent sends them; no waiting for the reply."""
+    up.send(agent, manifest, data, range(chunk_count(len(data), DEFAULT_CHUNK_SIZE)), with_init=True)
+    up.client.publish(fin_topic(AGENT, manifest.file_id), encode_fin(manifest.record_hash()),
+                      qos=1).wait_for_publish(10)
+
+
+def _reply_about(up: Uploader, file_id: str, seconds: float = 20) -> Reply:
+    """The next reply about `file_id`, within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            reply = up.replies.get(timeout=left)
+        except queue.Empty:
+            break
+        if reply.file_id == file_id:
+            return reply
+    raise AssertionError(f"no reply about {file_id} within {seconds}s")
+
+
+def test_a_slow_store_on_one_file_holds_up_neither_the_chunks_nor_the_finish_of_another(
+        tmp_path: Path, test_agent: SigningAgent, mosquitto) -> None:
+    """One ingest worker, two finishers: while the store is still placing seq 1 (a slow object upload), seq 2 of
+    the same camera is received, finished and answered `stored`; seq 1 is stored once the store goes on."""
+    storage = tmp_path / "storage"
+    store = FaultyStore(FilesystemStore(storage))
+    with running_service(f"sqlite:///{tmp_path / 'c.db'}", storage, test_agent, mosquitto, store=store,
+                         workers=1, finishers=2) as (service, h):
+        up = Uploader(mosquitto.port)
+        try:
+            first_data = payload_bytes(1, 600_000)
+            first = test_agent.manifest(1, first_data, None)
+            second_data = payload_bytes(2, 300_000)
+            second = test_agent.manifest(2, second_data, first.record_hash())
+            store.hold("place", storage_relpath(first))
+            _send_file(up, test_agent, first, first_data)
+            assert store.holding.wait(20), "seq 1 never reached the store"
+
+            _send_file(up, test_agent, second, second_data)
+            reply = _reply_about(up, second.file_id)
+            assert reply.state == "stored" and reply.record == second.record_hash()
+            assert [r.seq for r in h.records()] == [2]   # seq 1 is still being placed
+            assert store.held == [("place", storage_relpath(first).as_posix())]
+
+            store.release()
+            reply = _reply_about(up, first.file_id)
+            assert reply.state == "stored" and reply.record == first.record_hash()
+            rows = h.records()
+            assert [(r.seq, r.record_hash, r.sha256) for r in rows] == [
+                (1, first.record_hash(), first.sha256), (2, second.record_hash(), second.sha256)]
+            # seq 2 was stored while seq 1 was still being placed: it is linked once seq 1 is in
+            assert [r.chain_status for r in rows] == ["first", "linked"]
+            assert [store.hash(r.storage_path) for r in rows] == [(first.sha256, len(first_data)),
+                                                                  (second.sha256, len(second_data))]
+        finally:
+            store.release()
+            up.close()
+
+
+def test_shutdown_lets_the_finishers_finish_the_fins_they_hold_and_stops_them(
+        tmp_path: Path, test_agent: SigningAgent, mosquitto) -> None:
+    """Shut down while seq 1 is being placed and seq 2's fin waits in the finishing queue: shutdown waits for
+    both to be stored and answered, then the finishing threads are gone."""
+    storage = tmp_path / "storage"
+    store = FaultyStore(FilesystemStore(storage))
+    with running_service(f"sqlite:///{tmp_path / 'c.db'}", storage, test_agent, mosquitto, store=store,
+                         workers=1, finishers=1) as (service, h):
+        finishing = [t for t in threading.enumerate() if t.name.startswith("finish-")]
+        assert finishing
+        up = Uploader(mosquitto.port)
+        try:
+            first_data = payload_bytes(1, 300_000)
+            first = test_agent.manifest(1, first_data, None)
+            second_data = payload_bytes(2, 300_000)
+            second = test_agent.manifest(2, second_data, first.record_hash())
+            store.hold("place", storage_relpath(first))
+            _send_file(up, test_agent, first, first_data)
+            assert store.holding.wait(20), "seq 1 never reached the store"
+            _send_file(up, test_agent, second, second_data)
+            deadline = time.monotonic() + 20
+            while service._finishing.qsize() < 1 and time.monotonic() < deadline:  # seq 2's fin, queued
+                time.sleep(0.05)
+            assert service._finishing.qsize() == 1
+
+            stopping = threading.Thread(target=service.shutdown, name="test-shutdown")
+            stopping.start()
+            deadline = time.monotonic() + 20
+            while any(t.name.startswith("ingest-") for t in threading.enumerate()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stopping.is_alive()   # waiting for the finisher
+            store.release()
+            stopping.join(30)
+            assert not stopping.is_alive()
+            assert not [t for t in finishing if t.is_alive()]
+            assert [(r.seq, r.record_hash) for r in h.records()] == [(1, first.record_hash()),
+                                                                     (2, second.record_hash())]
+            # answered before the disconnect, in the order they were finished
+            assert _reply_about(up, first.file_id).state == "stored"
+            assert _reply_about(up, second.file_id).state == "stored"
+        finally:
+            store.release()
             up.close()

@@ -164,3 +164,53 @@ def test_init_pubkey_and_refusal_to_overwrite(tmp_path: Path) -> None:
     assert_one_line_error(edge(*args), 1, "already exists")
     no_camera = edge("--config", str(config), "run")
     assert_one_line_error(no_camera, 1, "[[camera]]")
+
+
+UPLOAD = """
+[upload]
+max_kbps = 8000
+[[upload.schedule]]
+from = "22:00"   # Asia/Shanghai wall clock
+to = "06:00"
+max_kbps = 0
+[[upload.schedule]]
+from = "12:00"
+to = "13:00"
+max_kbps = 2000
+"""
+
+
+def test_upload_cap_and_schedule(tmp_path: Path) -> None:
+    from datetime import time
+
+    from edge_agent.ratecap import CapWindow
+
+    plain = load_config(write_config(tmp_path / "a"))
+    assert plain.upload.max_kbps == 0 and plain.upload.schedule == ()   # unlimited unless configured
+    path = write_config(tmp_path / "b")
+    path.write_text(path.read_text() + UPLOAD)
+    config = load_config(path)
+    assert config.upload.max_kbps == 8000
+    assert config.upload.schedule == (CapWindow(time(22, 0), time(6, 0), 0), CapWindow(time(12, 0), time(13, 0), 2000))
+
+
+@pytest.mark.parametrize("old,new,needles", [
+    ("max_kbps = 8000", "max_kbps = -1", ("[upload] max_kbps = -1", "between 0 and")),
+    ("max_kbps = 8000", 'max_kbps = "8M"', ("[upload] max_kbps = '8M'", "whole number of kbit/s")),
+    ('from = "22:00"', 'from = "22h"', ("[upload.schedule #1] from = '22h'", '"HH:MM"')),
+    ('to = "13:00"', 'to = "24:00"', ("[upload.schedule #2] to = '24:00'", '"HH:MM"')),
+    ("max_kbps = 2000", "max_kbps = -5", ("[upload.schedule #2] max_kbps = -5",)),
+    ("max_kbps = 2000", "", ("[upload.schedule #2] max_kbps is missing",)),
+    ('from = "12:00"', 'from = "05:00"', ("#1] (22:00-06:00) and [upload.schedule #2] (05:00-13:00) overlap",
+                                          "no minute is in two windows")),
+    ('to = "13:00"', 'to = "12:00"', ("from and to are both '12:00'",)),
+    ('to = "06:00"', 'to = "06:00"\nuntil = "07:00"', ("[upload.schedule #1] until is not a known key",)),
+])
+def test_bad_upload_config_names_the_key_and_the_fix(tmp_path: Path, old: str, new: str,
+                                                      needles: tuple[str, ...]) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text() + UPLOAD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for needle in needles:
+        assert needle in str(info.value)

@@ -53,13 +53,21 @@ def test_status_topic_and_cli_show_cameras_backlog_and_health(tmp_path: Path, mo
         assert body["spool"][CAM]["pending"] >= 1 and body["spool"][CAM]["last_stored_seq"] is None
         assert body["backlog"]["bytes"] > 0
         assert body["health"][CAM] == []  # testsrc2 is healthy
+        upload = body["upload"]   # no [upload] table: unlimited, never changing
+        assert upload["cap_kbps"] == 0 and upload["cap_changes_at"] is None and upload["backlog_records"] >= 1
+        assert {"rate_kbps", "backlog_bytes", "backlog_eta_seconds"} <= set(upload)
         shown = run_cli("exam-edge", "--config", str(config_path), "status").stdout.splitlines()
-        assert shown[0].startswith("agent: running, last report ")
+        assert shown[0].startswith("代理：运行中，最近报告 北京时间 ")
+        english = run_cli("exam-edge", "--config", str(config_path), "status", "--lang", "en").stdout.splitlines()
+        assert english[0].startswith("agent: running, last report ") and english[0].endswith(" Asia/Shanghai")
+        assert english[1].split() == ["camera", "state", "last", "seq", "last", "stored", "pending", "pending", "MB",
+                                      "rejected", "health"]
         row = next(line for line in shown if line.startswith(CAM)).split()
         assert row[1] == "recording" and int(row[4]) >= 1 and row[-1] == "-"
+        assert shown[-1].startswith("上传：限速 不限速；近 1 分钟实测 ")
     finally:
         agent.stop()
     assert retained_status(mosquitto.port)["state"] == "offline"
     shown = run_cli("exam-edge", "--config", str(config_path), "status").stdout.splitlines()
-    assert shown[0].startswith("agent: NOT RUNNING, last report ")
+    assert shown[0].startswith("代理：未运行，最近报告 北京时间 ")
     assert next(line for line in shown if line.startswith(CAM)).split()[1] == "-"

@@ -1,8 +1,9 @@
 """A footage store that fails on command, for "disk full" and "disk failing" tests without tmpfs or root.
 
 `FaultyStore` wraps the real `FilesystemStore`: every call goes through to it, except those of an operation told
-to fail, which raise `OSError(errno, ...)` before anything is touched. `open` stands for every read of stored
-bytes (open, read_range, local_path, hash). The one allowed test double of the project's house rules: it wraps
+to fail, which raise `OSError(errno, ...)` before anything is touched, and those of an operation told to hold, which
+wait until `release` (a slow volume or object upload). `open` stands for every read of stored bytes (open,
+read_range, local_path, hash). The one allowed test double of the project's house rules: it wraps
 the real store, and fails exactly as an OSError from the volume would.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -29,6 +31,10 @@ class FaultyStore:
         self.faults: dict[str, tuple[int, str | None]] = {}   # operation -> (errno, only this relpath or all)
         self.usage_reported: StoreUsage | None = None   # when set, what `usage` says instead of the volume
         self.failed: list[tuple[str, str]] = []           # (operation, relpath) of each injected failure
+        self.holds: dict[str, str | None] = {}            # operation -> only this relpath or all, until release
+        self.held: list[tuple[str, str]] = []             # (operation, relpath) of each call made to wait
+        self.holding = threading.Event()                  # set once a call is waiting on a hold
+        self._released = threading.Event()
 
     def __str__(self) -> str:
         return str(self.inner)
@@ -42,7 +48,33 @@ class FaultyStore:
     def heal(self) -> None:
         self.faults.clear()
 
+    def hold(self, operation: str, relpath: RelPath | None = None) -> None:
+        """Make `operation` wait until `release`: on every path, or on `relpath` only. `holding` is set when a
+        call waits."""
+        if operation not in OPERATIONS:
+            raise ValueError(f"no operation {operation!r} to hold: choose one of {', '.join(OPERATIONS)}")
+        self._released.clear()
+        self.holding.clear()
+        self.holds[operation] = None if relpath is None else PurePosixPath(relpath).as_posix()
+
+    def release(self) -> None:
+        """Let every held call go on (and hold no more)."""
+        self.holds.clear()
+        self._released.set()
+
+    def _hold(self, operation: str, relpath: RelPath | None) -> None:
+        try:
+            only = self.holds[operation]
+        except KeyError:   # not held (or just released)
+            return
+        if only is not None and PurePosixPath(str(relpath)).as_posix() != only:
+            return
+        self.held.append((operation, str(relpath)))
+        self.holding.set()
+        self._released.wait()
+
     def _check(self, operation: str, relpath: RelPath | None = None) -> None:
+        self._hold(operation, relpath)
         fault = self.faults.get(operation)
         if fault is None:
             return
