@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from exam_contract.canonical import format_time
 
 from .batch_parse import SHANGHAI
-from .coverage import (CAUSE_MISSING_SEQ, CAUSE_REJECTED, STATUS_COMPLETE, STATUS_GAPS, STATUS_NO_FOOTAGE,
-                       STATUS_PENDING, CameraCoverage, CameraInput, GapRecord, PartCoverage, SegmentSpan, SeqHole,
-                       Window, camera_coverage, part_coverage)
+from .coverage import (CAUSE_DELETED, CAUSE_MISSING_SEQ, CAUSE_REJECTED, STATUS_COMPLETE, STATUS_GAPS,
+                       STATUS_NO_FOOTAGE, STATUS_PENDING, CameraCoverage, CameraInput, GapRecord, PartCoverage,
+                       SegmentSpan, SeqHole, Window, camera_coverage, part_coverage)
 from .models import EVENT_REJECTED, Agent, ExamBatch, ExamBatchPart, IngestEvent, SegmentRecord
 
 # A segment is at most a few minutes long; records starting earlier than this before a window cannot overlap
@@ -122,7 +122,7 @@ _DRIVER_TIME = DateTime(timezone=True)
 _RECORD_COLUMNS = (SegmentRecord.seq, SegmentRecord.kind, SegmentRecord.room,
                    type_coerce(SegmentRecord.start_at, _DRIVER_TIME).label("start_at"),
                    type_coerce(SegmentRecord.end_at, _DRIVER_TIME).label("end_at"), SegmentRecord.manifest,
-                   SegmentRecord.clock_suspect)
+                   SegmentRecord.clock_suspect, SegmentRecord.deleted_at)
 
 
 def camera_input(session: Session, venue: str, room: str | None, camera: str, window: Window,
@@ -163,12 +163,15 @@ def camera_input(session: Session, venue: str, room: str | None, camera: str, wi
     run_start: datetime | None = None
     run_end: datetime | None = None
     for records in (((before,) if before is not None else ()), rows, ((after,) if after is not None else ())):
-        for seq, kind, r_room, start, end, manifest, suspect in records:
+        for seq, kind, r_room, start, end, manifest, suspect, deleted_at in records:
             chain.append((seq, start, end))
             if (room is not None and r_room != room) or end <= w_start or start >= w_end:
                 continue
             health, synced, cause = _fast_flags(manifest)
-            if kind == "gap":
+            if kind == "segment" and deleted_at is not None:
+                # removed by retention (its floor had passed and no hold applied): no longer footage
+                gaps.append(GapRecord(utc(start), utc(end), CAUSE_DELETED))
+            elif kind == "gap":
                 gaps.append(GapRecord(utc(start), utc(end), cause or "unknown"))
             elif health or not synced or suspect:
                 segments.append(SegmentSpan(utc(start), utc(end), health, synced, bool(suspect)))

@@ -20,6 +20,7 @@ CAUSE_REJECTED = "rejected_upload"
 CAUSE_CLOCK_UNSYNCED = "clock_unsynced"
 CAUSE_CLOCK_SUSPECT = "clock_suspect"
 CAUSE_UNKNOWN = "unknown"
+CAUSE_DELETED = "deleted_by_retention"
 HEALTH_PREFIX = "health_"
 DISQUALIFYING_HEALTH: frozenset[str] = frozenset({"black", "frozen", "obstructed"})
 

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 CAUSES_ZH = {
     "camera_unreachable": "摄像头无法连接", "recorder_crashed": "录像进程崩溃", "corrupt_segment": "片段损坏",
     "disk_full": "磁盘已满", "agent_stopped": "采集端已停止", "missing_seq": "片段序号缺失",
-    "rejected_upload": "上传被拒收", "clock_unsynced": "时钟未同步", "clock_suspect": "时钟可疑",
+    "rejected_upload": "上传被拒收", "deleted_by_retention": "保存期满已删除", "clock_unsynced": "时钟未同步",
+    "clock_suspect": "时钟可疑",
     "health_black": "黑屏", "health_frozen": "画面冻结", "health_obstructed": "画面遮挡", "unknown": "原因不明",
 }
 STATUS_ZH = {"complete": "完整", "gaps": "有缺口", "no_footage": "无录像", "pending": "待定（未结束或上传中）"}

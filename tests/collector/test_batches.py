@@ -216,6 +216,30 @@ def test_linking_holds_in_either_order_and_report_names_causes(harness: Harness)
             (timedelta(seconds=40), timedelta(seconds=60)), (timedelta(seconds=80), timedelta(seconds=90))]
 
 
+def test_footage_removed_by_retention_is_a_gap_not_coverage(harness: Harness) -> None:
+    """A stored segment whose bytes retention removed (its row kept with deleted_at) covers nothing any more:
+    the batch report, its JSON and the period audit show a gap named deleted_by_retention."""
+    sessions = session_factory(harness.engine)
+    store_run(harness, range(1, 4))
+    do_import(sessions, batch_csv(BASE, BASE + timedelta(seconds=30), batch="B1"))
+    later = BASE + timedelta(days=400)
+    with sessions() as s:
+        assert batch_report(s, "B1", now=later).status == "complete"
+    with sessions.begin() as s:
+        s.execute(update(SegmentRecord).where(SegmentRecord.seq == 2).values(deleted_at=later))
+    with sessions() as s:
+        report = batch_report(s, "B1", now=later)
+        assert report.status == "gaps"
+        (cam,) = report.parts[0].coverage.cameras
+        assert [(g.start - BASE, g.end - BASE, g.causes) for g in cam.gaps] == [
+            (timedelta(seconds=10), timedelta(seconds=20), ("deleted_by_retention",))]
+        assert cam.covered_seconds == pytest.approx(20)
+        assert report_json(report)["parts"][0]["cameras"][0]["gaps"][0]["causes"] == ["deleted_by_retention"]
+        assert "保存期满已删除" in render_report(report, "zh")
+        (period,) = audit_period(s, BASE, BASE + timedelta(seconds=30), now=later)
+        assert [(g.start - BASE, g.causes) for g in period.gaps] == [(timedelta(seconds=10), ("deleted_by_retention",))]
+
+
 def _skip_hash(harness: Harness, prev: str, missing_seq: int) -> str:
     """The hash a never-arriving record `missing_seq` would have had, so the next one chains after it."""
     m = harness.agent.manifest(missing_seq, payload_bytes(missing_seq), prev)
