@@ -3,12 +3,14 @@ camera vanishing mid-recording and coming back."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
+from edge_agent.recorder import BACKOFF_CAP
 from edge_agent.spool import Journal, probe_segment
 from exam_contract.manifest import Manifest
 from exam_contract.signing import load_private_key
@@ -55,13 +57,19 @@ def test_rtsp_camera_recorded_by_stream_copy_survives_the_camera_vanishing(tmp_p
         assert "-rtsp_transport" in cmd and cmd[cmd.index("-rtsp_transport") + 1] == "tcp"
         wait_until(lambda: len(agent.journal.records(CAM)) >= 1, 40, what="first segment")
         camera.stop()  # a power cut a few seconds into the second segment
-        # ffmpeg notices, exits, and restarts fail while the camera is away
-        wait_until(lambda: recorder.restarts >= 2, 60, what="restart attempts while the camera is away")
+        # ffmpeg notices, exits, and restarts fail while the camera is away: long enough for the backoff to
+        # reach its cap (1 + 2 + 4 + 5 + 5 s)
+        wait_until(lambda: recorder.restarts >= 6, 90, what="restart attempts while the camera is away")
         camera.start()
+        back = datetime.now(timezone.utc)
         wait_until(lambda: any(r.kind == "gap" for r in agent.journal.records(CAM)), 60, what="the gap record")
         gap_seq = next(r.seq for r in agent.journal.records(CAM) if r.kind == "gap")
         wait_until(lambda: sum(r.kind == "segment" and r.seq > gap_seq for r in agent.journal.records(CAM)) >= 1,
                    60, what="a segment after the camera came back")
+        resumed = Manifest.from_dict(agent.journal.records(CAM)[gap_seq].manifest_raw).start
+        # Retried at least every BACKOFF_CAP: recording resumes within that of the camera's return, plus the
+        # time an RTSP session and ffmpeg take to start (a 30 s cap left a 22 s wait here).
+        assert resumed - back < timedelta(seconds=BACKOFF_CAP + 5), (back, resumed)
     finally:
         agent.stop()
 
