@@ -84,7 +84,7 @@ class Agent:
         self.status = StatusReporter(config, self.journal, self.recorders.states, self.uploader.set_status,
                                      alarms=lambda: dict(self.alarms),
                                      health=(lambda: dict(health.last_flags)) if health else dict,
-                                     upload=self.uploader.upload_rate)
+                                     upload=self.uploader.upload_rate, batch_backlog=self.uploader.batch_backlog)
         self._started = False
 
     def _alarm(self, code: AlarmCode, detail: str | None) -> None:

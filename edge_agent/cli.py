@@ -409,7 +409,10 @@ def status(ctx: click.Context, lang: str) -> None:
     running = local is not None and local.running and local.upload is not None
     rate = local.upload.rate_kbps * 1000 / 8 if running and local and local.upload else 0.0
     cap = CapSchedule(config.upload.max_kbps, config.upload.schedule).at(datetime.now(timezone.utc))
-    upload = UploadStatus.of(UploadRate(cap, rate), sum(r.pending for r in rows), sum(r.pending_bytes for r in rows))
+    batch = (local.upload.batch_backlog_records, local.upload.batch_backlog_bytes) \
+        if running and local and local.upload else (0, 0)   # the windows are known only to the running agent
+    upload = UploadStatus.of(UploadRate(cap, rate), sum(r.pending for r in rows), sum(r.pending_bytes for r in rows),
+                             batch)
     if not running:
         upload = dataclasses.replace(upload, backlog_eta_seconds=None)
     click.echo(upload_line(upload, lang))

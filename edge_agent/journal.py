@@ -275,6 +275,21 @@ class Journal:
                 after = rows[-1][0]
         return sorted((c for c in found.values() if c.id not in exclude), key=lambda c: c.id)
 
+    def window_backlog(self, windows: Sequence[ScheduleWindow], longest_record: timedelta) -> tuple[int, int]:
+        """(records, bytes) pending whose room and time fall in one of `windows` (through the same index)."""
+        sizes: dict[int, int] = {}
+        with self._lock:
+            for window in windows:
+                for room in window.rooms:
+                    for rowid, size in self._db.execute(
+                            "select id, size from records where state = 'pending' "
+                            "and json_extract(manifest, '$.room') = ? and json_extract(manifest, '$.start') >= ? "
+                            "and json_extract(manifest, '$.start') < ? and json_extract(manifest, '$.end') > ?",
+                            (room, format_time(window.start - longest_record), format_time(window.end),
+                             format_time(window.start))):
+                        sizes[rowid] = size
+        return len(sizes), sum(sizes.values())
+
     def pending_count(self) -> int:
         with self._lock:
             return self._db.execute("select count(*) from records where state = 'pending'").fetchone()[0]

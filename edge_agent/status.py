@@ -51,20 +51,30 @@ class UploadStatus:
     backlog_records: int
     backlog_bytes: int
     backlog_eta_seconds: float | None
+    batch_backlog_records: int = 0      # of the backlog, footage of the collector's batch windows (sent first)
+    batch_backlog_bytes: int = 0
+    batch_backlog_eta_seconds: float | None = None
 
     @classmethod
-    def of(cls, rate: UploadRate, backlog_records: int, backlog_bytes: int) -> UploadStatus:
+    def of(cls, rate: UploadRate, backlog_records: int, backlog_bytes: int,
+           batch_backlog: tuple[int, int] = (0, 0)) -> UploadStatus:
         eta = drain_seconds(backlog_bytes, rate.bytes_per_second, rate.cap.kbps)
+        # batch footage goes first, so it drains at the whole rate
+        batch_eta = drain_seconds(batch_backlog[1], rate.bytes_per_second, rate.cap.kbps) if batch_backlog[0] else None
         return cls(cap_kbps=rate.cap.kbps, cap_changes_at=rate.cap.changes_at, cap_next_kbps=rate.cap.next_kbps,
                    rate_kbps=round(rate.bytes_per_second * 8 / 1000, 1), backlog_records=backlog_records,
-                   backlog_bytes=backlog_bytes, backlog_eta_seconds=None if eta is None else round(eta))
+                   backlog_bytes=backlog_bytes, backlog_eta_seconds=None if eta is None else round(eta),
+                   batch_backlog_records=batch_backlog[0], batch_backlog_bytes=batch_backlog[1],
+                   batch_backlog_eta_seconds=None if batch_eta is None else round(batch_eta))
 
     def to_json(self) -> dict[str, Any]:
         return {"cap_kbps": self.cap_kbps,
                 "cap_changes_at": None if self.cap_changes_at is None else format_time(self.cap_changes_at),
                 "cap_next_kbps": self.cap_next_kbps, "rate_kbps": self.rate_kbps,
                 "backlog_records": self.backlog_records, "backlog_bytes": self.backlog_bytes,
-                "backlog_eta_seconds": self.backlog_eta_seconds}
+                "backlog_eta_seconds": self.backlog_eta_seconds, "batch_backlog_records": self.batch_backlog_records,
+                "batch_backlog_bytes": self.batch_backlog_bytes,
+                "batch_backlog_eta_seconds": self.batch_backlog_eta_seconds}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> UploadStatus:
@@ -72,7 +82,10 @@ class UploadStatus:
         return cls(cap_kbps=int(raw["cap_kbps"]), cap_changes_at=None if changes is None else parse_time(changes),
                    cap_next_kbps=raw.get("cap_next_kbps"), rate_kbps=float(raw["rate_kbps"]),
                    backlog_records=int(raw["backlog_records"]), backlog_bytes=int(raw["backlog_bytes"]),
-                   backlog_eta_seconds=raw.get("backlog_eta_seconds"))
+                   backlog_eta_seconds=raw.get("backlog_eta_seconds"),
+                   batch_backlog_records=int(raw.get("batch_backlog_records") or 0),
+                   batch_backlog_bytes=int(raw.get("batch_backlog_bytes") or 0),
+                   batch_backlog_eta_seconds=raw.get("batch_backlog_eta_seconds"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,8 @@ class StatusReporter:
     def __init__(self, config: EdgeConfig, journal: Journal, camera_states: Callable[[], Mapping[str, str]],
                  publish: Callable[..., None], alarms: Callable[[], dict[AlarmCode, str]] = dict,
                  health: Callable[[], dict[str, tuple[str, ...]]] = dict, interval: float = STATUS_INTERVAL,
-                 upload: Callable[[], UploadRate] | None = None):
+                 upload: Callable[[], UploadRate] | None = None,
+                 batch_backlog: Callable[[], tuple[int, int]] = lambda: (0, 0)):
         self.config = config
         self.journal = journal
         self._camera_states = camera_states
@@ -122,6 +136,7 @@ class StatusReporter:
         self._alarms = alarms
         self._health = health
         self._upload = upload
+        self._batch_backlog = batch_backlog
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,7 +151,7 @@ class StatusReporter:
         fields: dict[str, Any] = {"backlog": {"records": records, "bytes": size}, "spool": spool,
                                   "health": {cam: list(flags) for cam, flags in self._health().items()}}
         if self._upload is not None:
-            fields["upload"] = UploadStatus.of(self._upload(), records, size).to_json()
+            fields["upload"] = UploadStatus.of(self._upload(), records, size, self._batch_backlog()).to_json()
         return fields
 
     def report(self) -> None:
@@ -210,8 +225,20 @@ def upload_line(upload: UploadStatus, lang: str = "zh") -> str:
     else:
         took = _duration_text(upload.backlog_eta_seconds, lang)
         eta = f"预计 {took} 传完" if lang == "zh" else f"drains in about {took}"
+    batch = ""
+    if upload.batch_backlog_records:
+        batch_size = f"{upload.batch_backlog_bytes / 1e6:.1f} MB"
+        if upload.batch_backlog_eta_seconds is None:
+            batch = (f"；其中考试批次录像 {upload.batch_backlog_records} 条、{batch_size}（优先上传）" if lang == "zh"
+                     else f"; of it, exam batch footage {upload.batch_backlog_records} record(s), {batch_size} "
+                          "(sent first)")
+        else:
+            took = _duration_text(upload.batch_backlog_eta_seconds, lang)
+            batch = (f"；其中考试批次录像 {upload.batch_backlog_records} 条、{batch_size}（优先上传，预计 {took} 传完）"
+                     if lang == "zh" else f"; of it, exam batch footage {upload.batch_backlog_records} record(s), "
+                                          f"{batch_size} (sent first, drains in about {took})")
     if lang == "zh":
         return (f"上传：限速 {cap}；近 1 分钟实测 {upload.rate_kbps:.1f} kbit/s；积压 {upload.backlog_records} 条记录、"
-                f"{size}；{eta}")
+                f"{size}；{eta}{batch}")
     return (f"upload: cap {cap}; measured {upload.rate_kbps:.1f} kbit/s over the last minute; backlog "
-            f"{upload.backlog_records} record(s), {size}; {eta}")
+            f"{upload.backlog_records} record(s), {size}; {eta}{batch}")

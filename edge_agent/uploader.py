@@ -215,6 +215,13 @@ class Uploader:
         with self._lock:
             return self._inflight_bytes
 
+    def batch_backlog(self) -> tuple[int, int]:
+        """(records, bytes) pending that lie in the collector's batch windows: what goes first."""
+        windows = self._order.windows
+        if not windows:
+            return 0, 0
+        return self.journal.window_backlog(windows, LONGEST_SEGMENT)
+
     def upload_rate(self) -> UploadRate:
         """The cap in force now (and its next change) and the bytes published per second over the last minute."""
         with self._lock:

@@ -26,11 +26,22 @@ def test_fields_round_trip_and_the_drain_estimate() -> None:
     body = json.loads(json.dumps(capped.to_json()))
     assert body == {"cap_kbps": 8000, "cap_changes_at": "2026-12-02T14:00:00.000Z", "cap_next_kbps": 0,
                     "rate_kbps": 0.0, "backlog_records": 12, "backlog_bytes": 360_000_000,
-                    "backlog_eta_seconds": 360}
+                    "backlog_eta_seconds": 360, "batch_backlog_records": 0, "batch_backlog_bytes": 0,
+                    "batch_backlog_eta_seconds": None}
     assert UploadStatus.from_json(body) == capped
     measured = UploadStatus.of(UploadRate(CapState(0), 500_000.0), 3, 90_000_000)
     assert measured.rate_kbps == 4000.0 and measured.backlog_eta_seconds == 180 and measured.cap_changes_at is None
     assert UploadStatus.of(UploadRate(CapState(0), 0.0), 3, 1).backlog_eta_seconds is None
+
+
+def test_batch_footage_in_the_backlog_drains_first_at_the_whole_rate() -> None:
+    status = UploadStatus.of(UploadRate(CapState(8000), 0.0), 12, 360_000_000, (2, 30_000_000))
+    assert (status.batch_backlog_records, status.batch_backlog_bytes) == (2, 30_000_000)
+    assert status.batch_backlog_eta_seconds == 30 and status.backlog_eta_seconds == 360
+    assert UploadStatus.from_json(json.loads(json.dumps(status.to_json()))) == status
+    assert upload_line(status).endswith("；其中考试批次录像 2 条、30.0 MB（优先上传，预计 30 秒 传完）")
+    assert upload_line(status, "en").endswith("; of it, exam batch footage 2 record(s), 30.0 MB (sent first, drains "
+                                              "in about 30 s)")
 
 
 def test_the_human_line_in_chinese_and_english() -> None:
@@ -61,7 +72,8 @@ def test_reporter_writes_the_upload_fields(tmp_path: Path) -> None:
         journal.close()
     assert published["upload"] == {"cap_kbps": 2000, "cap_changes_at": "2026-12-02T14:00:00.000Z",
                                    "cap_next_kbps": 0, "rate_kbps": 2000.0, "backlog_records": 0,
-                                   "backlog_bytes": 0, "backlog_eta_seconds": 0}
+                                   "backlog_bytes": 0, "backlog_eta_seconds": 0, "batch_backlog_records": 0,
+                                   "batch_backlog_bytes": 0, "batch_backlog_eta_seconds": None}
     local = read_local_status(config)
     assert isinstance(local, LocalStatus) and local.upload == UploadStatus.from_json(published["upload"])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import parse_config
-from edge_agent.upload_order import Candidate, UploadOrder, batch_first
+from edge_agent.upload_order import Candidate, UploadOrder, batch_first, window_index
 from exam_contract.schedule import ScheduleWindow
 from exam_contract.tomlconfig import ConfigError
 
@@ -163,6 +163,8 @@ def test_the_journal_offers_what_the_order_would_pick_from_the_whole_backlog(tmp
             offered = journal.pending_candidates(windows, free, exclude=exclude)
             assert len(offered) < len(everything) // 4
             assert UploadOrder(timedelta(minutes=30), Clock()).pick(offered, free) == expected, (windows, free)
+        in_windows = [c for c in everything if window_index(c, windows) is not None]
+        assert journal.window_backlog(windows, timedelta(hours=1)) == (len(in_windows), len(in_windows))  # 1 B each
     plan = journal._db.execute(
         "explain query plan select id from records where state = 'pending' and moved = 1 "
         "and json_extract(manifest, '$.room') = ? and json_extract(manifest, '$.start') >= ? "
