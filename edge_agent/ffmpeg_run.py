@@ -127,6 +127,7 @@ class FfmpegRun:
     proc: subprocess.Popen
     journal: Journal
     started: float = field(default_factory=time.monotonic)
+    launched_at: datetime = field(default_factory=lambda: datetime.now(UTC))   # its footage cannot start earlier
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=20))
     _samples: int = 0
     _best: datetime | None = None

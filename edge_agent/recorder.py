@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 
@@ -154,9 +154,11 @@ class CameraRecorder:
                 delay = BACKOFF_START
                 continue
             self._set_state(RecorderState.STARTING)
+            tried_at = datetime.now(timezone.utc)   # a camera with no record yet has been dark since then
             run = self._launch()
             if run is None:
-                self.sealer.submit_outage(self.camera.id, GapCause.CAMERA_UNREACHABLE, f"cannot start {self.binary}")
+                self.sealer.submit_outage(self.camera.id, GapCause.CAMERA_UNREACHABLE, f"cannot start {self.binary}",
+                                          since=tried_at)
             else:
                 # Sleeps until ffmpeg's first output or exit, a hold or a stop wakes it (poll_interval is
                 # only a safety net): eight cameras polling five times a second cost more CPU than hashing.
@@ -185,7 +187,7 @@ class CameraRecorder:
                     detail = f"the camera ended the stream (ffmpeg's last message: {detail})"
                 log.error("camera %s: ffmpeg run %s exited with code %s (%s): %s", self.camera.id, run.run_id,
                           run.proc.returncode, cause, detail)
-                self.sealer.submit_outage(self.camera.id, cause, detail)
+                self.sealer.submit_outage(self.camera.id, cause, detail, since=tried_at)
                 if run.produced and time.monotonic() - run.started > BACKOFF_RESET_AFTER:
                     delay = BACKOFF_START
             self.restarts += 1
@@ -238,6 +240,11 @@ class Recorders:
     def video(self, camera: str, run_id: str) -> VideoInfo | None:
         run = self._current(camera, run_id)
         return run.video if run is not None else None
+
+    def live_since(self, camera: str) -> datetime | None:
+        recorder = self.by_camera.get(camera)
+        run = recorder.current_run() if recorder else None
+        return run.launched_at if run is not None and run.is_alive() else None
 
     def start(self) -> None:
         for recorder in self.by_camera.values():

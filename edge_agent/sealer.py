@@ -43,6 +43,11 @@ class RunInfo(Protocol):
         """The stream the run writes, as ffmpeg reported it (None when unknown)."""
         ...
 
+    def live_since(self, camera: str) -> datetime | None:
+        """When the camera's running ffmpeg was launched (its footage, if any comes, starts no earlier); None when
+        none runs."""
+        ...
+
 
 class JournalRuns:
     """RunInfo from the journal only (no live recorders, e.g. at startup)."""
@@ -57,6 +62,9 @@ class JournalRuns:
         return False
 
     def video(self, camera: str, run_id: str) -> VideoInfo | None:
+        return None
+
+    def live_since(self, camera: str) -> datetime | None:
         return None
 
 
@@ -80,11 +88,13 @@ class SealRun:
 
 @dataclass(frozen=True)
 class NoteOutage:
-    """The camera stopped recording, for `cause`."""
+    """The camera stopped recording, for `cause`; `since`: when it was last tried, the start of the gap for a
+    camera that has no record yet."""
 
     camera: str
     cause: GapCause
     detail: str | None
+    since: datetime | None = None
 
 
 SealerCommand = SealSegment | SealRun | NoteOutage
@@ -99,7 +109,8 @@ class Sealer:
 
     def __init__(self, config: EdgeConfig, journal: Journal, key: Ed25519PrivateKey,
                  clock: Callable[[], ClockInfo] = ClockInfo, runs: RunInfo | None = None,
-                 on_sealed: Callable[[Record], None] | None = None, list_wait: float = 3.0):
+                 on_sealed: Callable[[Record], None] | None = None, list_wait: float = 3.0,
+                 outage_interval: float | None = None):
         self.config = config
         self.journal = journal
         self._key = key
@@ -117,6 +128,9 @@ class Sealer:
         self._run_video: dict[tuple[str, str], VideoInfo] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # how often open outages are stated as gap records while they last (each at least a segment long)
+        self.outage_interval = outage_interval or config.recording.segment_seconds / 2
+        self._outages_stated_at = time.monotonic()
         for cam in config.cameras:
             (config.agent.spool_dir / cam.id).mkdir(parents=True, exist_ok=True)
             (config.agent.recording_dir / cam.id).mkdir(parents=True, exist_ok=True)
@@ -133,9 +147,9 @@ class Sealer:
         """ffmpeg of this run has exited: seal whatever of it is left (its partial last segment)."""
         self._queue.put(SealRun(camera, run_id))
 
-    def submit_outage(self, camera: str, cause: GapCause, detail: str | None) -> None:
-        """The camera stopped recording; a gap record up to its next segment's start follows."""
-        self._queue.put(NoteOutage(camera, cause, detail))
+    def submit_outage(self, camera: str, cause: GapCause, detail: str | None, since: datetime | None = None) -> None:
+        """The camera stopped recording; gap records follow while it lasts and up to its next segment's start."""
+        self._queue.put(NoteOutage(camera, cause, detail, since))
 
     def stop(self, timeout: float = 60) -> None:
         """Finish the queued work, then stop the thread."""
@@ -146,11 +160,24 @@ class Sealer:
         self._thread = None
 
     def _run(self) -> None:
-        while (command := self._queue.get()) is not None:
+        while True:
             try:
-                self._do(command)
-            except Exception:  # the sealer thread must survive one bad file
-                log.exception("sealer: %r failed", command)
+                command = self._queue.get(timeout=self.outage_interval)
+            except queue.Empty:
+                command = None
+            else:
+                if command is None:
+                    return
+                try:
+                    self._do(command)
+                except Exception:  # the sealer thread must survive one bad file
+                    log.exception("sealer: %r failed", command)
+            if time.monotonic() - self._outages_stated_at >= self.outage_interval:
+                self._outages_stated_at = time.monotonic()
+                try:
+                    self.state_open_outages()
+                except Exception:
+                    log.exception("sealer: stating open outages failed")
 
     def _do(self, command: SealerCommand) -> None:
         match command:
@@ -158,16 +185,17 @@ class Sealer:
                 self.seal_file(camera, path)
             case SealRun(camera, run_id):
                 self.seal_run(camera, run_id)
-            case NoteOutage(camera, cause, detail):
-                self.note_outage(camera, cause, detail)
+            case NoteOutage(camera, cause, detail, since):
+                self.note_outage(camera, cause, detail, since)
             case _:
                 log.error("sealer: unknown command %r (a bug)", command)
 
     # --- synchronous work (sealer thread, or startup before the thread runs) ---
-    def note_outage(self, camera: str, cause: GapCause, detail: str | None) -> None:
+    def note_outage(self, camera: str, cause: GapCause, detail: str | None, since: datetime | None = None) -> None:
         with self._lock:
             if camera not in self._outages:  # the first cause of an outage names it
-                self._outages[camera] = NoteOutage(camera, cause, detail)
+                self._outages[camera] = NoteOutage(camera, cause, detail,
+                                                   truncate_to_millis(since or datetime.now(UTC)))
                 log.warning("camera %s: recording interrupted (%s): %s", camera, cause, detail or "")
 
     def pending_outage(self, camera: str) -> GapCause | None:
@@ -181,9 +209,29 @@ class Sealer:
         with self._lock:
             outages, self._outages = dict(self._outages), {}
         for camera, outage in outages.items():
-            state = self.journal.camera_state(camera)
-            if state.last_end is not None and end > state.last_end:
-                self._append_gap(self._camera(camera), state.last_end, end, outage.cause, outage.detail)
+            start = self.journal.camera_state(camera).last_end or outage.since
+            if start is not None and end > start:
+                self._append_gap(self._camera(camera), start, end, outage.cause, outage.detail)
+
+    def state_open_outages(self, now: datetime | None = None) -> int:
+        """While a camera cannot record, state its outage so far as a gap record (continuing its chain), once
+        it is at least a segment long: coverage at the collector then follows an outage as it goes, instead of
+        learning of it when the camera comes back. While an ffmpeg of the camera runs (trying to connect, or
+        recording again) the gap is stated only up to that ffmpeg's launch, so it never overlaps footage; the
+        next segment closes the outage exactly. Returns the gap records written."""
+        now = truncate_to_millis(now or datetime.now(UTC))
+        least = timedelta(seconds=self.config.recording.segment_seconds)
+        with self._lock:
+            outages = dict(self._outages)
+        written = 0
+        for camera, outage in outages.items():
+            live = self.runs.live_since(camera)
+            end = now if live is None else min(now, truncate_to_millis(live))
+            start = self.journal.camera_state(camera).last_end or outage.since
+            if start is not None and end - start >= least:
+                self._append_gap(self._camera(camera), start, end, outage.cause, outage.detail)
+                written += 1
+        return written
 
     def recover(self) -> None:
         """At startup: finish interrupted moves, seal leftovers in recording/ and unjournaled files in spool/.
@@ -319,9 +367,9 @@ class Sealer:
             outage = self._outages.pop(cam.id, None)
         if outage is None:
             return
-        state = self.journal.camera_state(cam.id)
-        if state.last_end is not None and start > state.last_end:
-            self._append_gap(cam, state.last_end, start, outage.cause, outage.detail)
+        since = self.journal.camera_state(cam.id).last_end or outage.since
+        if since is not None and start > since:
+            self._append_gap(cam, since, start, outage.cause, outage.detail)
 
     def _base(self, cam: CameraConfig) -> dict[str, Any]:
         agent = self.config.agent
