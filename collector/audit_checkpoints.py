@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -21,6 +20,7 @@ from exam_contract.canonical import canonical_bytes, format_time, parse_time, sh
 from exam_contract.signing import key_fingerprint, load_private_key, public_key_b64, sign, verify
 
 from .audit_entries import ACTION_KEY_ROTATE, AuditError, lock_head, parse_detail, record
+from .loops import BackgroundLoop
 from .models import AuditCheckpoint, AuditEntry, AuditHead
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def checkpoint_payload(cp: AuditCheckpoint) -> bytes:
     return json.dumps(checkpoint_document(cp), ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
-class CheckpointLoop:
+class CheckpointLoop(BackgroundLoop):
     """Signs a checkpoint every `interval` seconds while the collector serves: when the log grew, and also
     when it did not but the newest checkpoint is older than half the interval, so that a running collector
     always has a recent checkpoint (verify_log's staleness rule relies on it). `publish`, when given,
@@ -145,16 +145,7 @@ class CheckpointLoop:
         self.key = key
         self.interval = interval
         self.publish = publish
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="audit-checkpoint", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().__init__("audit-checkpoint")
 
     def _tick(self, occasion: str) -> None:
         made = None

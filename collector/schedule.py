@@ -8,7 +8,6 @@ whenever an agent's windows changed since it last published them, and every agen
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from exam_contract.schedule import (MAX_SCHEDULE_BYTES, MAX_SCHEDULE_WINDOWS, MA
                                     ScheduleWindow, is_batch_id)
 from exam_contract.topics import schedule_topic
 
+from .loops import BackgroundLoop
 from .models import Agent, ExamBatchPart
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def parts_near(session: Session, venues: Iterable[str], now: datetime, horizon: 
     return [PartSpan(p.batch_id, p.venue, p.room, p.start_at, p.end_at) for p in rows]
 
 
-class ScheduleLoop:
+class ScheduleLoop(BackgroundLoop):
     """Every `interval` seconds, computes each enrolled agent's windows and publishes its schedule (retained,
     QoS 1) when they changed since its last publish; every agent's once at start. An agent revoked or removed
     after a publish has its retained schedule cleared. `publish(topic, payload)` returns whether the client
@@ -114,16 +114,7 @@ class ScheduleLoop:
         self.interval = interval
         self.clock = clock
         self._published: dict[str, bytes] = {}    # agent -> the windows it was last sent (Schedule.windows_bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="schedule", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().__init__("schedule")
 
     def tick(self) -> int:
         """One check; returns how many schedules were published."""
