@@ -406,14 +406,14 @@ def status(ctx: click.Context, lang: str) -> None:
     for cam in sorted(configured - seen):
         click.echo(f"{cam:<20} {states.get(cam, '-'):<12} {0:>8} {'-':>11} {0:>7} {0.0:>10.1f} {0:>8}  -")
     # The cap as configured now and the backlog as journaled now; the measured rate only from a running agent.
-    running = local is not None and local.running and local.upload is not None
-    rate = local.upload.rate_kbps * 1000 / 8 if running and local and local.upload else 0.0
+    agent_upload = local.upload if local is not None and local.running else None
+    rate = agent_upload.rate_kbps * 1000 / 8 if agent_upload else 0.0
     cap = CapSchedule(config.upload.max_kbps, config.upload.schedule).at(datetime.now(timezone.utc))
-    batch = (local.upload.batch_backlog_records, local.upload.batch_backlog_bytes) \
-        if running and local and local.upload else (0, 0)   # the windows are known only to the running agent
+    # the batch windows are known only to the running agent
+    batch = (agent_upload.batch_backlog_records, agent_upload.batch_backlog_bytes) if agent_upload else (0, 0)
     upload = UploadStatus.of(UploadRate(cap, rate), sum(r.pending for r in rows), sum(r.pending_bytes for r in rows),
                              batch)
-    if not running:
+    if agent_upload is None:
         upload = dataclasses.replace(upload, backlog_eta_seconds=None)
     click.echo(upload_line(upload, lang))
 
