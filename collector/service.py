@@ -4,7 +4,8 @@ paho's network thread only parses topics and queues work; staging, fsync and dat
 worker threads. Messages of one file always go to the same worker, so a file's init, chunks and fin
 are handled in order. A worker hands each `fin` (after committing the receipts of the chunks before it) to
 the finishing threads, which verify, store and record the file and reply: a store's latency (an object
-upload) then holds up only other finishes, never the chunks of other files. Queues are bounded: when they
+upload) then holds up only other finishes, never the chunks of other files. A file's fins are finished one at a
+time, in arrival order (`FinishingFiles`). Queues are bounded: when they
 are full the network thread waits, which pushes back on the broker instead of holding unbounded payloads
 in memory.
 """
@@ -17,8 +18,10 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from datetime import datetime, timedelta, timezone
 
 import paho.mqtt.client as mqtt
@@ -109,21 +112,57 @@ class _Worker(threading.Thread):
                 self.service.flush_receipts()
 
 
+class FinishingFiles:
+    """The files being finished, each with the fins of it that arrived meanwhile: the finisher that holds a file
+    handles them after its own, in arrival order, so one file's fins never run at once or out of order (a repeat
+    of `fin` may be answered from what the one before it did)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, deque[Work]] = {}
+
+    def take(self, key: str, work: Work) -> bool:
+        """True when the caller now holds the file; else the fin waits for the holder."""
+        with self._lock:
+            if key in self._waiting:
+                self._waiting[key].append(work)
+                return False
+            self._waiting[key] = deque()
+            return True
+
+    def next(self, key: str) -> Work | None:
+        """The holder's next fin of the file, or None (and the file is let go)."""
+        with self._lock:
+            waiting = self._waiting[key]
+            if waiting:
+                return waiting.popleft()
+            del self._waiting[key]
+            return None
+
+
 class _Finisher(threading.Thread):
     """One finishing thread: takes `fin` work from the shared finishing queue until it gets None."""
 
-    def __init__(self, index: int, service: "CollectorService", work: "queue.Queue[Work | None]") -> None:
+    def __init__(self, index: int, service: "CollectorService", work: "queue.Queue[Work | None]",
+                 files: FinishingFiles) -> None:
         super().__init__(name=f"finish-{index}", daemon=True)
         self.work = work
         self.service = service
+        self.files = files
 
     def run(self) -> None:
         while True:
             work = self.work.get()
             if work is None:
                 return
-            self.service.handle(work)
-            self.service.flush_receipts()  # receipts of early chunks folded in at fin
+            key = f"{work.topic.agent}/{work.topic.file_id}"
+            if not self.files.take(key, work):
+                continue
+            next_work: Work | None = work
+            while next_work is not None:
+                self.service.handle(next_work)
+                self.service.flush_receipts()  # receipts of early chunks folded in at fin
+                next_work = self.files.next(key)
 
 
 class StagingSweeper:
@@ -155,6 +194,21 @@ class StagingSweeper:
                 log.info("staging sweep removed %s abandoned transfer(s)", removed)
 
 
+_T = TypeVar("_T", bound=threading.Thread)
+
+
+def _drain(threads: Sequence[_T], put_stop: Callable[[_T], None], timeout: float) -> None:
+    """Queue the stop marker for each live thread (`put_stop`), then wait for them all."""
+    for thread in threads:
+        if thread.is_alive():
+            try:
+                put_stop(thread)
+            except queue.Full:
+                log.warning("%s did not drain in %ss", thread.name, timeout)
+    for thread in threads:
+        thread.join(timeout)
+
+
 class CollectorService:
     """Runs MQTT ingest until `stop()` (or the duration given to `run`)."""
 
@@ -169,7 +223,8 @@ class CollectorService:
         self.sweeper = StagingSweeper(ingest, self.alarms, self._stop, staging_ttl, sweep_interval)
         self._workers = [_Worker(i, self, max(1, queue_size // max(1, workers))) for i in range(max(1, workers))]
         self._finishing: queue.Queue[Work | None] = queue.Queue(maxsize=FINISH_QUEUE_PER_FINISHER * max(1, finishers))
-        self._finishers = [_Finisher(i, self, self._finishing) for i in range(max(1, finishers))]
+        files = FinishingFiles()
+        self._finishers = [_Finisher(i, self, self._finishing, files) for i in range(max(1, finishers))]
         self.connected = threading.Event()
         self.connect_count = 0
         self._counting = threading.Lock()  # workers and finishers count
@@ -387,22 +442,9 @@ class CollectorService:
     def shutdown(self, timeout: float = 30.0, before_disconnect: Callable[[], None] | None = None) -> None:
         """Drain the workers, run `before_disconnect` (still connected), then disconnect."""
         self._stop.set()
-        for worker in self._workers:
-            if worker.is_alive():
-                try:
-                    worker.queue.put(None, timeout=timeout)
-                except queue.Full:
-                    log.warning("worker %s did not drain in %ss", worker.name, timeout)
-        for worker in self._workers:
-            worker.join(timeout)
-        for finisher in self._finishers:  # after the workers: they hand fins on until they stop
-            if finisher.is_alive():
-                try:
-                    self._finishing.put(None, timeout=timeout)
-                except queue.Full:
-                    log.warning("finisher %s did not drain in %ss", finisher.name, timeout)
-        for finisher in self._finishers:
-            finisher.join(timeout)
+        _drain(self._workers, lambda worker: worker.queue.put(None, timeout=timeout), timeout)
+        # after the workers: they hand fins on until they stop
+        _drain(self._finishers, lambda _: self._finishing.put(None, timeout=timeout), timeout)
         try:
             if before_disconnect is not None:
                 before_disconnect()

@@ -402,6 +402,18 @@ def _reply_about(up: Uploader, file_id: str, seconds: float = 20) -> Reply:
     raise AssertionError(f"no reply about {file_id} within {seconds}s")
 
 
+def _first_held_in_place(up, test_agent: SigningAgent, store: FaultyStore, first_size: int):  # noqa: ANN001, ANN202
+    """Seq 1 (`first_size` bytes) sent and held inside the store's `place`; seq 2 made, not sent."""
+    first_data = payload_bytes(1, first_size)
+    first = test_agent.manifest(1, first_data, None)
+    second_data = payload_bytes(2, 300_000)
+    second = test_agent.manifest(2, second_data, first.record_hash())
+    store.hold("place", storage_relpath(first))
+    _send_file(up, test_agent, first, first_data)
+    assert store.holding.wait(20), "seq 1 never reached the store"
+    return first, first_data, second, second_data
+
+
 def test_a_slow_store_on_one_file_holds_up_neither_the_chunks_nor_the_finish_of_another(
         tmp_path: Path, test_agent: SigningAgent, mosquitto) -> None:
     """One ingest worker, two finishers: while the store is still placing seq 1 (a slow object upload), seq 2 of
@@ -412,13 +424,7 @@ def test_a_slow_store_on_one_file_holds_up_neither_the_chunks_nor_the_finish_of_
                          workers=1, finishers=2) as (service, h):
         up = Uploader(mosquitto.port)
         try:
-            first_data = payload_bytes(1, 600_000)
-            first = test_agent.manifest(1, first_data, None)
-            second_data = payload_bytes(2, 300_000)
-            second = test_agent.manifest(2, second_data, first.record_hash())
-            store.hold("place", storage_relpath(first))
-            _send_file(up, test_agent, first, first_data)
-            assert store.holding.wait(20), "seq 1 never reached the store"
+            first, first_data, second, second_data = _first_held_in_place(up, test_agent, store, 600_000)
 
             _send_file(up, test_agent, second, second_data)
             reply = _reply_about(up, second.file_id)
@@ -453,13 +459,7 @@ def test_shutdown_lets_the_finishers_finish_the_fins_they_hold_and_stops_them(
         assert finishing
         up = Uploader(mosquitto.port)
         try:
-            first_data = payload_bytes(1, 300_000)
-            first = test_agent.manifest(1, first_data, None)
-            second_data = payload_bytes(2, 300_000)
-            second = test_agent.manifest(2, second_data, first.record_hash())
-            store.hold("place", storage_relpath(first))
-            _send_file(up, test_agent, first, first_data)
-            assert store.holding.wait(20), "seq 1 never reached the store"
+            first, first_data, second, second_data = _first_held_in_place(up, test_agent, store, 300_000)
             _send_file(up, test_agent, second, second_data)
             deadline = time.monotonic() + 20
             while service._finishing.qsize() < 1 and time.monotonic() < deadline:  # seq 2's fin, queued
@@ -484,3 +484,23 @@ def test_shutdown_lets_the_finishers_finish_the_fins_they_hold_and_stops_them(
         finally:
             store.release()
             up.close()
+
+
+def test_one_files_fins_are_finished_one_at_a_time_in_arrival_order() -> None:
+    """A repeated fin that reaches a second finisher while the first still finishes the file waits for it, and
+    the file's fins run in the order they came; other files are not held up."""
+    from collector.service import FinishingFiles, Work
+    from exam_contract.topics import parse_segment_topic
+
+    def fin(file_id: str, n: int) -> Work:
+        return Work(parse_segment_topic(f"exam/v1/{AGENT}/seg/{file_id}/fin"), str(n).encode())
+
+    files = FinishingFiles()
+    first, repeat, again = fin("cam-1", 1), fin("cam-1", 2), fin("cam-1", 3)
+    assert files.take("a/cam-1", first)                   # this finisher holds the file
+    assert not files.take("a/cam-1", repeat)              # another finisher: it waits behind the holder
+    assert files.take("a/cam-2", fin("cam-2", 1))          # another file goes at once
+    assert not files.take("a/cam-1", again)
+    assert files.next("a/cam-1") is repeat and files.next("a/cam-1") is again
+    assert files.next("a/cam-1") is None                  # let go
+    assert files.take("a/cam-1", fin("cam-1", 4))
